@@ -1,0 +1,105 @@
+"""The `posttrain` command. Thin: composes, validates and hands over; no torch at start-up.
+
+    posttrain run recipe=tiny
+    posttrain plan recipe=tulu3 model=llama3_1_8b stages.dpo.beta=5
+    posttrain recipes
+    posttrain status runs/tiny
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from posttrain_cli.errors import StageFailed, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Post-train LLMs with one recipe of ordered stages (SFT, RM, DPO, RL, merge, distill) on DeepSpeed.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+OVERRIDES = typer.Argument(
+    None, help="recipe=<name | path.yaml> and Hydra overrides: key=value, group=option, +key=value, ~key",
+    show_default=False,
+)
+
+
+def _fail(e: Exception) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    raise typer.Exit(getattr(e, "exit_code", 1))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Run a recipe: every stage that is not already done."""
+    from posttrain_cli.config.compose import compose
+    from posttrain_cli.pipeline import runner
+    from posttrain_cli.ui import console, stage_table
+
+    try:
+        cfg, recipe_path = compose(list(overrides or []))
+        steps = runner.execute(cfg, recipe_path, say=lambda m: console.print(m, markup=False, highlight=False))
+    except (UserError, StageFailed) as e:
+        _fail(e)
+    console.print()
+    console.print(stage_table(Path(cfg["run_dir"]), [s.node.name for s in steps],
+                              {s.node.name: s.action for s in steps}, title=f"posttrain {cfg['name']}: {cfg['run_dir']}"))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Show the stages in order with their key settings, batch arithmetic and whether each would run."""
+    from posttrain_cli.config.compose import compose
+    from posttrain_cli.pipeline import runner
+    from posttrain_cli.ui import print_plan
+
+    try:
+        cfg, _ = compose(list(overrides or []))
+        steps = runner.plan(cfg)
+    except UserError as e:
+        _fail(e)
+    print_plan(cfg, steps)
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes shipped with posttrain."""
+    import yaml
+
+    from posttrain_cli.config.compose import RECIPES_DIR, recipe_names
+    from posttrain_cli.ui import console
+
+    for name in recipe_names():
+        try:
+            desc = (yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) or {}).get("description", "")
+        except yaml.YAMLError:
+            desc = "(unreadable YAML)"
+        console.print(f"[bold]{name:<14}[/] {desc}")
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/tiny")) -> None:
+    """Print the stage table of a run from its manifests."""
+    import yaml
+
+    from posttrain_cli.ui import console, stage_table
+
+    resolved = run_dir / "resolved.yaml"
+    if not resolved.is_file():
+        _fail(UserError(f"{run_dir}: not a posttrain run directory (no resolved.yaml)"))
+    cfg = yaml.safe_load(resolved.read_text())
+    names = list((cfg or {}).get("stages") or {})
+    console.print(stage_table(run_dir, names, title=f"posttrain {cfg.get('name', '')}: {run_dir}"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

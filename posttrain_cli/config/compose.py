@@ -1,0 +1,182 @@
+"""Compose a recipe with the shell's overrides (Hydra compose API).
+
+Group selections (`model=tiny`, `deepspeed=zero3`) go to Hydra. Key overrides
+(`stages.sft.lr=1e-4`) are applied after composition, so a key the recipe left
+at its default can still be overridden; a key no schema knows is an error that
+names it. Only hydra and omegaconf are imported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from posttrain_cli.config import schema
+from posttrain_cli.config.validate import _suggest, check_run
+from posttrain_cli.errors import UserError
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+CONF_DIR = (PACKAGE_DIR / "_conf").resolve()
+RECIPES_DIR = (PACKAGE_DIR / "_recipes").resolve()
+GROUPS = ("model", "deepspeed", "cluster", "logging")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def find_recipe(value: str) -> Path:
+    if value.endswith((".yaml", ".yml")) or "/" in value:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UserError(f"recipe={value}: file not found")
+        return path.resolve()
+    path = RECIPES_DIR / f"{value}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(value, recipe_names(), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(
+            f"recipe={value}: no such recipe (known: {', '.join(recipe_names())}){hint}"
+        )
+    return path
+
+
+def split_overrides(args: list[str]) -> tuple[str | None, list, list]:
+    """-> (recipe, group overrides for Hydra, parsed key overrides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    recipe, rest = None, []
+    for arg in args:
+        if arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    try:
+        parsed = OverridesParser.create().parse_overrides(rest)
+    except OverrideParseException as e:
+        raise UserError(f"cannot parse override: {str(e).splitlines()[0]}") from None
+    groups, keys = [], []
+    for ov in parsed:
+        if ov.key_or_group in GROUPS and not ov.is_delete() and not ov.is_add():
+            groups.append(ov.input_line)
+        else:
+            keys.append(ov)
+    return recipe, groups, keys
+
+
+def _spec_for(cfg, parts: list[str]):
+    """The schema table that governs the key at `parts`, or None (free-form)."""
+    head = parts[0]
+    if len(parts) == 1:
+        return schema.TOP
+    if head in schema.SECTIONS:
+        if len(parts) == 2:
+            return schema.SECTIONS[head]
+        return None  # model.tiny.*, deepspeed.config.*
+    if head == "stages" and len(parts) >= 3:
+        stage = cfg.get("stages", {}).get(parts[1])
+        kind = stage.get("kind") if stage is not None else None
+        spec = schema.KINDS.get(kind)
+        if spec is None:
+            return None
+        if len(parts) == 3:
+            return spec
+        if parts[2] == "eval" and len(parts) == 4:
+            return schema.EVAL
+        if parts[2] == "resources" and len(parts) == 4:
+            return schema.RESOURCES
+        if parts[2] == "deepspeed" and len(parts) == 4:
+            return schema.SECTIONS["deepspeed"]
+    return None
+
+
+def apply_overrides(cfg, overrides) -> None:
+    from omegaconf import OmegaConf, open_dict
+
+    for ov in overrides:
+        key = ov.key_or_group
+        parts = key.split(".")
+        if ov.is_delete():
+            parent = OmegaConf.select(cfg, ".".join(parts[:-1])) if len(parts) > 1 else cfg
+            if parent is None or parts[-1] not in parent:
+                raise UserError(f"~{key}: no such key to delete")
+            with open_dict(parent):
+                del parent[parts[-1]]
+            continue
+        value = ov.value()
+        exists = OmegaConf.select(cfg, key, default="__missing__") != "__missing__"
+        if not exists and not ov.is_add() and not ov.is_force_add():
+            if parts[0] == "stages" and len(parts) >= 2 and parts[1] not in cfg.get("stages", {}):
+                stages = list(cfg.get("stages", {}))
+                raise UserError(
+                    f"unknown stage '{parts[1]}' in override {ov.input_line!r} "
+                    f"(stages: {', '.join(stages)}); add one with '+stages.{parts[1]}={{kind: ...}}'"
+                )
+            spec = _spec_for(cfg, parts)
+            if spec is not None and parts[-1] not in spec:
+                prefix = ".".join(parts[:-1])
+                where = f"'{key}'" if prefix else f"'{key}'"
+                raise UserError(f"unknown key {where}{_suggest(parts[-1], spec)}")
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+
+
+def compose(args: list[str], default_recipe: str | None = None) -> tuple[dict, Path]:
+    """Compose, override, resolve and validate. -> (run config, recipe file)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    recipe, groups, keys = split_overrides(args)
+    recipe = recipe or default_recipe
+    if recipe is None:
+        raise UserError("name a recipe: recipe=<name | path/to/recipe.yaml> (see `posttrain recipes`)")
+    path = find_recipe(recipe)
+    _check_yaml(path)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base=None):
+            cfg = hydra_compose(
+                path.stem, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *groups]
+            )
+    except Exception as e:  # Hydra raises many types; all are the user's input here
+        raise UserError(f"recipe {path.name}: {_first_line(e)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    try:
+        with open_dict(cfg):
+            if "name" not in cfg:
+                cfg.name = path.stem
+            cfg.pop("hydra", None)
+            cfg.pop("defaults", None)
+        apply_overrides(cfg, keys)
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise UserError(f"recipe {path.name}: {_first_line(e)}") from None
+    return check_run(plain), path
+
+
+def _check_yaml(path: Path) -> None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or _first_line(e)
+        raise UserError(f"{path}:{where} malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping (name, stages, ...)")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    # OmegaConf appends "full_key: ..., object_type=..." lines; keep the gist.
+    return lines[0]

@@ -1,0 +1,145 @@
+"""The keys a recipe may set, their types and defaults.
+
+Plain tables, not dataclasses: a stage key is called `from`, and a table gives
+the error messages we want ("unknown key stages.sft.lrr; did you mean lr?").
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# A key spec is (type, default). Types: "str", "int", "float", "bool", "list",
+# "dict", "any"; "?x" allows null; a tuple of strings is a choice.
+REQUIRED = object()
+
+TOP = {
+    "name": ("str", REQUIRED),
+    "description": ("str", ""),
+    "run_dir": ("str", REQUIRED),
+    "seed": ("int", 0),
+    "model": ("section", None),
+    "deepspeed": ("section", None),
+    "cluster": ("section", None),
+    "logging": ("section", None),
+    "stages": ("stages", None),
+}
+
+SECTIONS = {
+    "model": {
+        # A hub id, a local Hugging Face directory, or `tiny` (built locally).
+        "path": ("str", REQUIRED),
+        "revision": ("?str", None),
+        "trust_remote_code": ("bool", False),
+        # auto: bf16 on GPUs, fp32 on CPU.
+        "dtype": (("auto", "float32", "bfloat16", "float16"), "auto"),
+        # null: flash_attention_2 if installed on GPU, else sdpa.
+        "attn_implementation": ("?str", None),
+        # Architecture of the tiny model (only with path: tiny).
+        "tiny": ("?dict", None),
+    },
+    "deepspeed": {
+        "zero_stage": ((0, 1, 2, 3), 2),
+        "offload_optimizer": ("bool", False),
+        "offload_param": ("bool", False),
+        # auto: bf16 on GPUs, fp32 on CPU.
+        "precision": (("auto", "fp32", "bf16", "fp16"), "auto"),
+        # Raw DeepSpeed config keys merged last, for what the keys above miss.
+        "config": ("dict", {}),
+    },
+    "cluster": {
+        "launcher": (("local",), "local"),
+        "nproc_per_node": ("int", 1),
+        "nnodes": ("int", 1),
+        "master_port": ("?int", None),
+    },
+    "logging": {
+        "progress": (("auto", "always", "never"), "auto"),
+        "log_every": ("int", 1),
+    },
+}
+
+SOURCE = {
+    "path": ("?str", None),
+    "from": ("?str", None),
+    "split": ("str", "train"),
+    "name": ("?str", None),
+    "weight": ("float", 1.0),
+}
+
+RESOURCES = {
+    "nodes": ("?int", None),
+    "gpus_per_node": ("?int", None),
+    "time": ("?str", None),
+    "partition": ("?str", None),
+}
+
+EVAL = {
+    "data": ("list", REQUIRED),
+    # A verifier from posttrain_cli.rewards (exact, number, ...).
+    "verifier": ("str", "number"),
+    # Also evaluate the stage's input model, for a before/after pair.
+    "before": ("bool", False),
+    "max_new_tokens": ("int", 32),
+    # Prompts per rank per generate call.
+    "batch_size": ("int", 64),
+    # 0 is greedy.
+    "temperature": ("float", 0.0),
+    "top_p": ("float", 1.0),
+    # Evaluate only the first N prompts.
+    "limit": ("?int", None),
+}
+
+COMMON = {
+    "kind": ("str", REQUIRED),
+    "from": ("?str", None),
+    "data": ("list", []),
+    "eval": ("?eval", None),
+    "resources": ("?resources", None),
+    # Per-stage override of the deepspeed section.
+    "deepspeed": ("?dict", None),
+}
+
+TRAINING = {
+    "lr": ("float", 1.0e-5),
+    "epochs": ("?float", 1.0),
+    # When set, wins over epochs.
+    "max_steps": ("?int", None),
+    "global_batch_size": ("int", 64),
+    "micro_batch_size": ("int", 8),
+    "max_seq_len": ("int", 2048),
+    "schedule": (("constant", "linear", "cosine"), "linear"),
+    "warmup_ratio": ("float", 0.03),
+    # Cosine decays to this fraction of lr.
+    "min_lr_ratio": ("float", 0.0),
+    "weight_decay": ("float", 0.0),
+    "adam_betas": ("list", [0.9, 0.999]),
+    "adam_eps": ("float", 1.0e-8),
+    "grad_clip": ("?float", 1.0),
+}
+
+KINDS: dict[str, dict[str, Any]] = {
+    "sft": {
+        **COMMON,
+        **TRAINING,
+        # Pack several sequences per row with attention kept inside each sequence.
+        "packing": ("bool", True),
+        # Over max_seq_len: truncate (keep the start) or drop the row.
+        "truncation": (("truncate", "drop"), "truncate"),
+    },
+    "eval": {
+        **COMMON,
+        **{k: v for k, v in EVAL.items() if k not in ("before",)},
+    },
+}
+
+# Kinds whose output is a model that a later stage's `from` may name.
+MODEL_PRODUCING = {"sft"}
+DATASET_PRODUCING: set[str] = set()
+TRAINING_KINDS = {"sft"}
+
+# Where each kind's `run(ctx)` lives; imported only inside the stage worker.
+KIND_MODULES = {
+    "sft": "posttrain_cli.stages.sft",
+    "eval": "posttrain_cli.stages.eval",
+}

@@ -1,0 +1,199 @@
+"""Fill defaults, check types and names, and do the batch arithmetic.
+
+Every failure is a UserError whose one line names the key (`stages.sft.lr`)
+and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from posttrain_cli.config import schema
+from posttrain_cli.errors import UserError
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _coerce(path: str, value: Any, typ) -> Any:
+    if isinstance(typ, tuple):
+        if value in typ:
+            return value
+        choices = ", ".join(str(c) for c in typ)
+        raise UserError(f"{path}={value!r} is not one of: {choices}")
+    optional = typ.startswith("?")
+    base = typ.lstrip("?")
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{path} must be set (a {base})")
+    if base == "any":
+        return value
+    if base == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base == "bool":
+        if isinstance(value, bool):
+            return value
+    elif base == "list":
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif base == "dict":
+        if isinstance(value, dict):
+            return dict(value)
+    elif base == "eval":
+        return check_table(path, value, schema.EVAL)
+    elif base == "resources":
+        return check_table(path, value, schema.RESOURCES)
+    else:  # pragma: no cover - a schema typo, not user input
+        raise AssertionError(f"unknown schema type {typ}")
+    raise UserError(f"{path}={value!r} is not a {base}")
+
+
+def check_table(path: str, given: Any, spec: dict) -> dict:
+    if not isinstance(given, dict):
+        raise UserError(f"{path} must be a mapping of keys, got {given!r}")
+    out = {}
+    for key in given:
+        if key not in spec:
+            raise UserError(f"unknown key '{path}.{key}'{_suggest(key, spec)}")
+    for key, (typ, default) in spec.items():
+        if key in given:
+            out[key] = _coerce(f"{path}.{key}", given[key], typ)
+        elif default is schema.REQUIRED:
+            raise UserError(f"{path}.{key} is required")
+        else:
+            out[key] = default.copy() if isinstance(default, (list, dict)) else default
+    return out
+
+
+def check_sources(path: str, sources: list) -> list:
+    out = []
+    for i, src in enumerate(sources):
+        if isinstance(src, str):
+            src = {"path": src}
+        src = check_table(f"{path}[{i}]", src, schema.SOURCE)
+        if (src["path"] is None) == (src["from"] is None):
+            raise UserError(f"{path}[{i}] needs exactly one of 'path' or 'from'")
+        if src["weight"] <= 0:
+            raise UserError(f"{path}[{i}].weight={src['weight']} must be > 0")
+        out.append(src)
+    return out
+
+
+def check_stage(name: str, given: Any) -> dict:
+    path = f"stages.{name}"
+    if not isinstance(given, dict):
+        raise UserError(f"{path} must be a mapping with at least 'kind', got {given!r}")
+    kind = given.get("kind")
+    if kind is None:
+        raise UserError(f"{path}.kind is required (one of: {', '.join(sorted(schema.KINDS))})")
+    if kind not in schema.KINDS:
+        close = difflib.get_close_matches(str(kind), list(schema.KINDS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(
+            f"{path}.kind: unknown stage kind '{kind}' (known: {', '.join(sorted(schema.KINDS))}){hint}"
+        )
+    stage = check_table(path, given, schema.KINDS[kind])
+    stage["data"] = check_sources(f"{path}.data", stage["data"])
+    if stage.get("eval"):
+        stage["eval"]["data"] = check_sources(f"{path}.eval.data", stage["eval"]["data"])
+        if not stage["eval"]["data"]:
+            raise UserError(f"{path}.eval.data is empty: name at least one source of prompts")
+    if kind == "eval" and not stage["data"]:
+        raise UserError(f"{path}.data is empty: an eval stage needs prompts")
+    if kind in schema.TRAINING_KINDS:
+        _check_training(path, stage)
+    if stage["deepspeed"] is not None:
+        stage["deepspeed"] = check_table(
+            f"{path}.deepspeed", stage["deepspeed"], _partial(schema.SECTIONS["deepspeed"])
+        )
+    return stage
+
+
+def _partial(spec: dict) -> dict:
+    return {k: ("?any" if not isinstance(t, tuple) else t + (None,), None) for k, (t, _) in spec.items()}
+
+
+def _check_training(path: str, stage: dict) -> None:
+    if not stage["data"]:
+        raise UserError(f"{path}.data is empty: a {stage['kind']} stage needs at least one source")
+    for key in ("lr", "global_batch_size", "micro_batch_size", "max_seq_len"):
+        if stage[key] <= 0:
+            raise UserError(f"{path}.{key}={stage[key]} must be > 0")
+    if stage["max_steps"] is None and (stage["epochs"] is None or stage["epochs"] <= 0):
+        raise UserError(f"{path}: set epochs > 0 or max_steps")
+    if stage["max_steps"] is not None and stage["max_steps"] <= 0:
+        raise UserError(f"{path}.max_steps={stage['max_steps']} must be > 0")
+    if not 0 <= stage["warmup_ratio"] < 1:
+        raise UserError(f"{path}.warmup_ratio={stage['warmup_ratio']} must be in [0, 1)")
+
+
+def batch_arithmetic(path: str, stage: dict, world_size: int) -> dict:
+    """global = micro x ranks x accumulation, or a UserError showing the numbers."""
+    g, m = stage["global_batch_size"], stage["micro_batch_size"]
+    per_pass = m * world_size
+    if g % per_pass:
+        lower = max(per_pass, g - g % per_pass)
+        raise UserError(
+            f"{path}.global_batch_size={g} does not divide into micro_batch_size {m} x {world_size} "
+            f"rank(s) = {per_pass} sequences per pass ({g} / {per_pass} = {g / per_pass:.3g}); "
+            f"use a multiple of {per_pass}, e.g. {lower} or {lower + per_pass}"
+        )
+    return {
+        "global_batch_size": g,
+        "micro_batch_size": m,
+        "world_size": world_size,
+        "grad_accum": g // per_pass,
+        "max_tokens_per_step": g * stage["max_seq_len"],
+    }
+
+
+def check_run(cfg: dict) -> dict:
+    """Validate a composed recipe (plain dict) and fill every default."""
+    for key in cfg:
+        if key not in schema.TOP:
+            raise UserError(f"unknown key '{key}'{_suggest(key, schema.TOP)}")
+    out = {}
+    for key, (typ, default) in schema.TOP.items():
+        if typ == "section":
+            out[key] = check_table(key, cfg.get(key) or {}, schema.SECTIONS[key])
+        elif typ == "stages":
+            stages = cfg.get("stages")
+            if not stages:
+                raise UserError("the recipe has no stages: add at least one under 'stages:'")
+            if not isinstance(stages, dict):
+                raise UserError("'stages' must be a mapping of stage name to stage")
+            out[key] = {str(n): check_stage(str(n), s) for n, s in stages.items()}
+        elif key in cfg:
+            out[key] = _coerce(key, cfg[key], typ)
+        elif default is schema.REQUIRED:
+            raise UserError(f"'{key}' is required at the top of the recipe")
+        else:
+            out[key] = default
+    for key in ("nproc_per_node", "nnodes"):
+        if out["cluster"][key] < 1:
+            raise UserError(f"cluster.{key}={out['cluster'][key]} must be >= 1")
+    if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
+        out["model"]["tiny"] = None
+    return out
+
+
+def world_size(cfg: dict) -> int:
+    return cfg["cluster"]["nproc_per_node"] * cfg["cluster"]["nnodes"]

@@ -1,0 +1,168 @@
+"""DeepSpeed ZeRO 0-3 around a Hugging Face model: config, optimizer, schedule, save.
+
+Stages hand in hyperparameters; this module owns every DeepSpeed detail, so a
+stage module never builds a DeepSpeed config itself.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from posttrain_cli.engine import dist
+
+# HfDeepSpeedConfig must stay alive while a ZeRO-3 model loads so that
+# from_pretrained partitions weights as it reads them.
+_hf_ds_config = None
+
+
+def resolve_precision(ds: dict) -> str:
+    if ds["precision"] != "auto":
+        return ds["precision"]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ds_config(ds: dict, *, micro_batch_size: int, grad_accum: int, grad_clip: float | None) -> dict:
+    precision = resolve_precision(ds)
+    zero = {"stage": ds["zero_stage"]}
+    if ds["zero_stage"] >= 2:
+        zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True)
+    if ds["zero_stage"] == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    if ds["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds["offload_param"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * dist.world(),
+        "gradient_clipping": float(grad_clip or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # We pass torch's AdamW: DeepSpeed's fused CPU Adam needs compiled ops.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, ds.get("config") or {})
+
+
+def attn_implementation(model_cfg: dict) -> str:
+    if model_cfg.get("attn_implementation"):
+        return model_cfg["attn_implementation"]
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_causal_lm(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool):
+    """Load a causal LM; under ZeRO-3 it is partitioned while it loads."""
+    global _hf_ds_config
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    _hf_ds_config = HfDeepSpeedConfig(ds_cfg) if ds_cfg["zero_optimization"]["stage"] == 3 else None
+    if train or not torch.cuda.is_available():
+        dtype = torch.float32  # DeepSpeed keeps fp32 masters and casts for bf16
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            "bf16" if ds_cfg["bf16"]["enabled"] else "fp16" if ds_cfg["fp16"]["enabled"] else "", torch.float32)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation(model_cfg),
+                  trust_remote_code=model_cfg.get("trust_remote_code", False))
+    if model_cfg.get("revision") and not Path(path).exists():
+        kwargs["revision"] = model_cfg["revision"]
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, progress)
+        if schedule == "linear":
+            return 1.0 - progress * (1.0 - min_ratio)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm gains (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def initialize(model, ds_cfg: dict, train_cfg: dict | None = None, total_steps: int = 0):
+    """-> DeepSpeed engine; with train_cfg an AdamW + schedule, without it inference only."""
+    import deepspeed
+
+    if train_cfg is None:
+        engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
+        engine.eval()
+        return engine
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train_cfg["weight_decay"]),
+        lr=train_cfg["lr"],
+        betas=tuple(train_cfg["adam_betas"]),
+        eps=train_cfg["adam_eps"],
+    )
+    warmup = math.ceil(train_cfg["warmup_ratio"] * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(train_cfg["schedule"], total_steps, warmup, train_cfg["min_lr_ratio"])
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    return engine
+
+
+def save_hf(engine, tokenizer, out_dir: Path) -> None:
+    """Write a Hugging Face directory; ZeRO-3 shards are gathered first (all ranks call)."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if dist.is_main() else None
+    if dist.is_main():
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    dist.barrier()
+
+
+def gathered_params(engine):
+    """Context manager: full parameters on every rank (a no-op below ZeRO-3)."""
+    import contextlib
+
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)

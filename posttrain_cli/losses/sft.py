@@ -1,0 +1,33 @@
+"""Token-level cross-entropy for SFT, as a sum plus a count.
+
+Returning the sum (not the mean) lets the trainer divide by the number of
+loss tokens in the whole global batch, across accumulation steps and ranks,
+so 1 rank x 8 micro-steps and 8 ranks x 1 give the same gradient, and long
+and short sequences weigh by their tokens (open-instruct's "sum" reduction
+normalised per batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from posttrain_cli.losses import register
+
+IGNORE = -100
+
+
+@register("sft")
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] predicting targets [N] (already shifted); IGNORE targets count nothing.
+
+    -> (sum of -log p(target) over counted tokens, number of counted tokens)
+    """
+    keep = targets != IGNORE
+    loss = F.cross_entropy(logits.float(), targets.masked_fill(~keep, 0), reduction="none")
+    return (loss * keep).sum(), keep.sum()
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1; the last position of a row predicts nothing."""
+    return torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE)], dim=-1)

@@ -1,0 +1,107 @@
+"""What a stage's `run(ctx)` gets: its config, inputs, output folder, logging, progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain_cli.engine import dist
+
+
+@dataclass
+class StageContext:
+    spec: dict
+    stage_dir: Path
+    work_dir: Path
+    log: logging.Logger = field(repr=False, default=None)
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.spec["kind"]
+
+    @property
+    def cfg(self) -> dict:
+        return self.spec["stage"]
+
+    @property
+    def run(self) -> dict:
+        return self.spec["run"]
+
+    @property
+    def seed(self) -> int:
+        return self.run["seed"]
+
+    @property
+    def input_model(self) -> str | None:
+        return self.spec["inputs"].get("model")
+
+    @property
+    def datasets(self) -> dict:
+        """Dataset artifacts of earlier stages this stage reads, by stage name."""
+        return self.spec["inputs"].get("datasets", {})
+
+    @property
+    def arith(self) -> dict:
+        return self.spec["batch"]
+
+    def where(self, key: str = "") -> str:
+        return f"stages.{self.name}" + (f".{key}" if key else "")
+
+    def info(self, msg: str) -> None:
+        """A line for the user (rank 0) and the stage log (every rank)."""
+        self.log.info(msg)
+        if dist.is_main():
+            print(f"[{self.name}] {msg}", flush=True)
+
+    def log_metrics(self, row: dict) -> None:
+        if dist.is_main():
+            with (self.stage_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def progress(self, total: int, what: str) -> "Progress":
+        return Progress(self, total, what)
+
+
+class Progress:
+    """Rich progress bar on rank 0 (loss, tokens/s, ETA); plain lines off a terminal."""
+
+    def __init__(self, ctx: StageContext, total: int, what: str):
+        self.ctx, self.total, self.what = ctx, total, what
+        mode = ctx.run["logging"]["progress"]
+        self.live = dist.is_main() and (mode == "always" or (mode == "auto" and sys.stdout.isatty()))
+        self.plain = dist.is_main() and not self.live and mode != "never"
+        self.start = time.perf_counter()
+        self.next_plain = 0
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = RichProgress(
+                TextColumn(f"[bold]{ctx.name}[/] {what}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task(what, total=total, stats="")
+            self.bar.start()
+
+    def update(self, step: int, stats: dict) -> None:
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        if self.live:
+            self.bar.update(self.task, completed=step, stats=text)
+        elif self.plain and (step >= self.next_plain or step == self.total):
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / max(step, 1) * (self.total - step)
+            print(f"[{self.ctx.name}] {self.what} {step}/{self.total}  {text}  eta {eta:.0f}s", flush=True)
+            self.next_plain = step + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.live:
+            self.bar.stop()

@@ -1,0 +1,184 @@
+"""Walk the stages in order: skip what is done, launch the rest, report.
+
+A stage is skipped when its manifest says completed under the same
+fingerprint (its training config + its inputs' fingerprints) and its outputs
+exist; when only its eval block changed, only the eval re-runs. A change
+upstream changes every fingerprint downstream, so exactly the affected stages
+run again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from posttrain_cli.config import schema
+from posttrain_cli.config.validate import batch_arithmetic, world_size
+from posttrain_cli.data import schemas
+from posttrain_cli.data.sources import load_source
+from posttrain_cli.errors import StageFailed, UserError
+from posttrain_cli.pipeline import graph, manifest
+from posttrain_cli.pipeline.graph import Node
+
+
+@dataclass
+class Step:
+    node: Node
+    fingerprint: str
+    eval_fingerprint: str | None
+    action: str  # run | eval | skip
+    batch: dict
+    stage_dir: Path
+
+
+def plan(run: dict) -> list[Step]:
+    """Validate the graph and the batch arithmetic; decide each stage's action (no torch)."""
+    if run["cluster"]["launcher"] == "local" and run["cluster"]["nnodes"] != 1:
+        raise UserError(f"cluster.nnodes={run['cluster']['nnodes']}: cluster=local runs on one node")
+    nodes = graph.build(run)
+    fps = graph.fingerprints(run, nodes)
+    ws = world_size(run)
+    steps = []
+    for node in nodes:
+        fp = fps[node.name]
+        sdir = graph.stage_dir(run, node.name)
+        batch = (batch_arithmetic(f"stages.{node.name}", node.cfg, ws)
+                 if node.kind in schema.TRAINING_KINDS else {"world_size": ws})
+        if manifest.is_done(sdir, fp["fingerprint"]):
+            same_eval = manifest.read(sdir).get("eval_fingerprint") == fp["eval_fingerprint"]
+            action = "skip" if same_eval or fp["eval_fingerprint"] is None else "eval"
+        else:
+            action = "run"
+        steps.append(Step(node, fp["fingerprint"], fp["eval_fingerprint"], action, batch, sdir))
+    return steps
+
+
+def preflight(run: dict, steps: list[Step]) -> None:
+    """Every local data file of every stage that will run exists and every row parses.
+
+    Done before anything trains, so a bad row in the last stage costs seconds, not hours.
+    """
+    for step in steps:
+        if step.action == "skip":
+            continue
+        node = step.node
+        for where, src in graph.local_source_files(run, node):
+            parse = schemas.prompt_row if (".eval." in where or node.kind == "eval") else schemas.sft_messages
+            load_source(src, where, parse)
+        kind, value = node.model_input
+        if kind == "path" and (value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()):
+            raise UserError(f"stages.{node.name}.from: model directory not found: {value}")
+
+
+def base_model_path(run: dict, arch: dict) -> Path:
+    from posttrain_cli.models import tiny
+    from posttrain_cli.pipeline.worker import quiet_libraries
+
+    quiet_libraries()
+    out = Path(run["run_dir"]) / "_base" / f"tiny-{tiny.arch_key(arch)}"
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + f".tmp-{uuid.uuid4().hex[:6]}")
+        tiny.build_tiny(tmp, arch)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    return out.resolve()
+
+
+def _model_input(run: dict, step: Step) -> str:
+    kind, value = step.node.model_input
+    if kind == "stage":
+        return str((graph.stage_dir(run, value) / "model").resolve())
+    if kind == "tiny":
+        return str(base_model_path(run, value))
+    local = Path(value).expanduser()
+    return str(local.resolve()) if local.exists() else value
+
+
+def write_spec(run: dict, step: Step, eval_only: bool) -> Path:
+    node = step.node
+    spec = {
+        "name": node.name,
+        "kind": node.kind,
+        "attempt": f"{int(time.time())}-{uuid.uuid4().hex[:6]}",
+        "fingerprint": step.fingerprint,
+        "eval_fingerprint": step.eval_fingerprint,
+        "eval_only": eval_only,
+        "stage": node.cfg,
+        "run": {"seed": run["seed"], "run_dir": str(Path(run["run_dir"]).resolve()), "model": run["model"],
+                "deepspeed": graph.effective_deepspeed(run, node), "logging": run["logging"],
+                "cluster": run["cluster"]},
+        "inputs": {"model": _model_input(run, step),
+                   "datasets": {s["from"]: str((graph.stage_dir(run, s["from"]) / "data.jsonl").resolve())
+                                for s in node.cfg["data"] if s["from"]}},
+        "batch": step.batch,
+    }
+    step.stage_dir.mkdir(parents=True, exist_ok=True)
+    path = step.stage_dir / "stage.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def write_resolved(run: dict, recipe_path: Path) -> Path:
+    run_dir = Path(run["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "resolved.yaml"
+    header = f"# posttrain: resolved from {recipe_path}\n"
+    out.write_text(header + yaml.safe_dump(run, sort_keys=False))
+    return out
+
+
+def _worker_error(stage_dir: Path) -> tuple[str, int] | None:
+    found = sorted(stage_dir.glob("error.json.rank*"))
+    for f in found:
+        data = json.loads(f.read_text())
+        if data["exit_code"] == 2:
+            return data["message"], 2
+    if found:
+        data = json.loads(found[0].read_text())
+        return data["message"], data["exit_code"]
+    return None
+
+
+def execute(run: dict, recipe_path: Path, say=print) -> list[Step]:
+    """Run every stage that is not done. Raises UserError (exit 2) or StageFailed (exit 1)."""
+    from posttrain_cli.launch.local import launch
+
+    steps = plan(run)
+    preflight(run, steps)
+    write_resolved(run, recipe_path)
+    for step in steps:
+        name = step.node.name
+        if step.action == "skip":
+            say(f"[{name}] skipped: completed with the same fingerprint {step.fingerprint}")
+            continue
+        eval_only = step.action == "eval"
+        if eval_only:
+            say(f"[{name}] model up to date; only its eval changed, re-running the eval")
+        for f in step.stage_dir.glob("error.json.rank*"):
+            f.unlink()
+        for f in step.stage_dir.glob(".work-*"):
+            shutil.rmtree(f, ignore_errors=True)
+        spec = write_spec(run, step, eval_only)
+        if not eval_only:
+            (step.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+            manifest.write(step.stage_dir, {"status": "running", "kind": step.node.kind,
+                                            "fingerprint": step.fingerprint, "started": time.time()})
+        code = launch(spec, run["cluster"])
+        if code == 0 and (manifest.read(step.stage_dir) or {}).get("status") == "completed":
+            continue
+        err = _worker_error(step.stage_dir)
+        message, exit_code = err if err else (f"worker exited with code {code}", 1)
+        log = step.stage_dir / "logs" / "rank0.log"
+        if not eval_only:
+            manifest.update(step.stage_dir, status="failed", error=message, log=str(log), finished=time.time())
+        if exit_code == 2:
+            raise UserError(message if f"stages.{name}" in message else f"stage '{name}': {message}")
+        raise StageFailed(f"stage '{name}' failed: {message} (log: {log})")
+    return steps

@@ -1,0 +1,195 @@
+"""The stage worker: reads RUN_DIR/<stage>/stage.yaml, runs the stage kind, publishes.
+
+    python -m posttrain_cli.pipeline.worker runs/tiny/sft/stage.yaml     # what launchers call
+
+Outputs are written into RUN_DIR/<stage>/.work-<attempt>/ and renamed into place
+only when the stage (and its eval) finished; manifest.json is written last.
+A failure leaves the previous outputs untouched-or-absent, never half-written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ERROR_FILE = "error.json"
+
+
+def _setup_logging(stage_dir: Path, rank: int) -> logging.Logger:
+    log_dir = stage_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger(f"posttrain.stage.{stage_dir.name}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handler = logging.FileHandler(log_dir / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return log
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, accelerator notices) off the user's screen."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _publish(stage_dir: Path, work_dir: Path, outputs: dict) -> None:
+    for rel in outputs.values():
+        src, dst = work_dir / rel, stage_dir / rel
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.replace(src, dst)
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def run_stage(spec_path: str | Path) -> int:
+    """Run one stage; returns the exit code (0 ok, 2 user input, 1 crash)."""
+    import yaml
+
+    spec_path = Path(spec_path).resolve()
+    spec = yaml.safe_load(spec_path.read_text())
+    stage_dir = spec_path.parent
+    quiet_libraries()
+    from posttrain_cli.engine import dist
+
+    dist.init()
+    rank = dist.rank()
+    log = _setup_logging(stage_dir, rank)
+    from posttrain_cli.errors import UserError
+    from posttrain_cli.pipeline import manifest
+    from posttrain_cli.pipeline.context import StageContext
+
+    work_dir = stage_dir / f".work-{spec['attempt']}"
+    ctx = StageContext(spec, stage_dir, work_dir, log)
+    started = time.time()
+    try:
+        _seed(spec["run"]["seed"])
+        if rank == 0:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        result = _execute(ctx, spec)
+        dist.barrier()
+        if rank == 0:
+            if not spec.get("eval_only"):
+                _publish(stage_dir, work_dir, result["outputs"])
+            shutil.rmtree(work_dir, ignore_errors=True)
+            old = manifest.read(stage_dir) or {}
+            manifest.write(stage_dir, {
+                **old,
+                "status": "completed",
+                "kind": spec["kind"],
+                "fingerprint": spec["fingerprint"],
+                "eval_fingerprint": spec["eval_fingerprint"],
+                "inputs": spec["inputs"],
+                "outputs": result["outputs"] if not spec.get("eval_only") else old.get("outputs", {}),
+                "metrics": result["metrics"],
+                "batch": spec["batch"],
+                "timings": {**(old.get("timings") or {}), "started": started, "finished": time.time(),
+                            "seconds": round(time.time() - started, 2)},
+                "versions": manifest.versions(),
+                "log": str(stage_dir / "logs" / "rank0.log"),
+            })
+        dist.barrier()
+        return 0
+    except UserError as e:
+        log.error("input error: %s", e)
+        _write_error(stage_dir, rank, str(e), 2)
+        return 2
+    except BaseException as e:  # noqa: BLE001 - recorded, then the launcher reports it
+        log.error("stage crashed:\n%s", traceback.format_exc())
+        _write_error(stage_dir, rank, f"{type(e).__name__}: {e}", 1)
+        return 1
+
+
+def _execute(ctx, spec: dict) -> dict:
+    ecfg = spec["stage"].get("eval")
+    evals = {}
+    if spec.get("eval_only"):
+        from posttrain_cli.stages.eval import evaluate
+
+        from posttrain_cli.pipeline import manifest
+
+        old = manifest.read(ctx.stage_dir) or {}
+        metrics = dict(old.get("metrics") or {})
+        if ecfg.get("before"):
+            evals["before"] = evaluate(ctx, ctx.input_model, ecfg, ctx.where("eval"))
+        evals["after"] = evaluate(ctx, str(ctx.stage_dir / "model"), ecfg, ctx.where("eval"))
+        metrics["eval"] = evals
+        _report_eval(ctx, evals)
+        return {"metrics": metrics, "outputs": {}}
+    from posttrain_cli.config.schema import KIND_MODULES
+
+    module = importlib.import_module(KIND_MODULES[spec["kind"]])
+    if ecfg and ecfg.get("before"):
+        from posttrain_cli.stages.eval import evaluate
+
+        evals["before"] = evaluate(ctx, ctx.input_model, ecfg, ctx.where("eval"))
+        ctx.info(f"eval before: accuracy {evals['before']['accuracy']:.1%}")
+    result = module.run(ctx)
+    if ecfg and "model" in result["outputs"]:
+        from posttrain_cli.stages.eval import evaluate
+
+        evals["after"] = evaluate(ctx, str(ctx.work_dir / result["outputs"]["model"]), ecfg, ctx.where("eval"))
+        _report_eval(ctx, evals)
+    if evals:
+        result["metrics"]["eval"] = {**evals, **result["metrics"].get("eval", {})}
+    return result
+
+
+def _report_eval(ctx, evals: dict) -> None:
+    parts = [f"{k} {v['accuracy']:.1%}" for k, v in evals.items()]
+    ctx.info(f"eval ({evals['after']['verifier']}, {evals['after']['n']} prompts): " + ", ".join(parts))
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _write_error(stage_dir: Path, rank: int, message: str, code: int) -> None:
+    try:
+        (stage_dir / f"{ERROR_FILE}.rank{rank}").write_text(json.dumps({"message": message, "exit_code": code}))
+    except OSError:
+        pass
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        print("usage: python -m posttrain_cli.pipeline.worker RUN_DIR/<stage>/stage.yaml", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run_stage(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()

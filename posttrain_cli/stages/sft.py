@@ -1,0 +1,159 @@
+"""Supervised fine-tuning: cross-entropy on assistant tokens, sequences packed.
+
+    posttrain run recipe=tiny stages.sft.lr=1e-3
+
+- Loss on every assistant turn (and the end-of-turn token after it), never on
+  system/user turns; turn boundaries come from the model's own chat template.
+- Packing (default): each micro-batch is one padding-free row, attention kept
+  inside each sequence. `packing: false` pads rows instead.
+- The loss is the token sum over the global batch divided by its loss-token
+  count (open-instruct's "sum" mode normalised per batch; Tulu 3 used a plain
+  sum with its lr), so rank count and accumulation do not change the gradient.
+- Departures from the papers: none of the recipes' SFT settings are changed
+  here; residual dropout (InstructGPT) is the model config's business.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from posttrain_cli.data import packing
+from posttrain_cli.data.chat import apply_truncation, tokenize_chat
+from posttrain_cli.data.schemas import sft_messages
+from posttrain_cli.data.sources import load_mixture
+from posttrain_cli.engine import deepspeed_engine as eng
+from posttrain_cli.engine import dist
+from posttrain_cli.engine.loop import train
+from posttrain_cli.errors import UserError
+from posttrain_cli.losses import LOSSES
+from posttrain_cli.losses.sft import shifted_targets
+
+
+def tokenize_rows(ctx, tokenizer, rows: list) -> tuple[list, dict]:
+    """Tokenize on rank 0 once, cache in the stage folder, share with every rank."""
+    cache = ctx.stage_dir / "cache" / f"sft-{ctx.spec['fingerprint']}.pt"
+    if dist.is_main() and not cache.exists():
+        cfg = ctx.cfg
+        examples, truncated, dropped = [], 0, 0
+        for messages in rows:
+            tok = apply_truncation(tokenize_chat(tokenizer, messages), cfg["max_seq_len"], cfg["truncation"])
+            if tok is None:
+                dropped += 1
+                continue
+            truncated += tok.truncated
+            examples.append((tok.input_ids, tok.loss_mask))
+        stats = {"rows": len(rows), "truncated": truncated, "dropped": dropped, "examples": len(examples),
+                 "tokens": sum(len(i) for i, _ in examples),
+                 "loss_tokens": sum(sum(m) for _, m in examples)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"examples": examples, "stats": stats}, tmp)
+        tmp.replace(cache)
+    dist.barrier()
+    blob = torch.load(cache)
+    return blob["examples"], blob["stats"]
+
+
+class StepPlan:
+    """Which examples each optimizer step sees: seeded epoch shuffles, global_batch_size per step.
+
+    Step s takes the next global_batch_size examples; they split into micro-batches
+    dealt round-robin to ranks, so every rank count sees the same examples per step.
+    """
+
+    def __init__(self, n: int, batch: dict, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def step(self, s: int) -> list[int]:
+        g = self.batch["global_batch_size"]
+        return [self._order(i // self.n)[i % self.n] for i in range(s * g, (s + 1) * g)]
+
+    def micro_indices(self, s: int, rank: int, world: int) -> list[list[int]]:
+        idx, m = self.step(s), self.batch["micro_batch_size"]
+        chunks = [idx[i:i + m] for i in range(0, len(idx), m)]
+        return chunks[rank::world]
+
+
+def total_steps(cfg: dict, n: int, where: str) -> int:
+    if cfg["max_steps"] is not None:
+        return cfg["max_steps"]
+    steps = int(cfg["epochs"] * n // cfg["global_batch_size"])
+    if steps < 1:
+        raise UserError(f"{where}: {n} examples make no optimizer step of global_batch_size "
+                        f"{cfg['global_batch_size']} in {cfg['epochs']} epoch(s); lower the batch or set max_steps")
+    return steps
+
+
+def run(ctx) -> dict:
+    from transformers import AutoTokenizer
+
+    cfg = ctx.cfg
+    model_cfg = ctx.run["model"]
+    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"])
+    rows = load_mixture(cfg["data"], ctx.where("data"), sft_messages, ctx.seed, resolved_from=ctx.datasets)
+    examples, stats = tokenize_rows(ctx, tokenizer, rows)
+    if not examples:
+        raise UserError(f"{ctx.where('data')}: every row was dropped by truncation={cfg['truncation']} "
+                        f"at max_seq_len={cfg['max_seq_len']}")
+    ctx.info(f"{stats['rows']} rows -> {stats['examples']} examples, {stats['truncated']} truncated, "
+             f"{stats['dropped']} dropped (max_seq_len {cfg['max_seq_len']}, {cfg['truncation']}); "
+             f"{stats['loss_tokens']}/{stats['tokens']} tokens carry loss")
+
+    steps = total_steps(cfg, len(examples), ctx.where())
+    batch = ctx.arith
+    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=batch["micro_batch_size"],
+                           grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
+    model = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
+    engine = eng.initialize(model, ds_cfg, cfg, steps)
+    attn = eng.attn_implementation(model_cfg)
+    block_mask = attn != "flash_attention_2"
+    mask_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(eng.resolve_precision(ctx.run["deepspeed"]),
+                                                                     torch.float32)
+    dev = engine.device
+    plan = StepPlan(len(examples), batch, ctx.seed)
+    loss = LOSSES["sft"]
+
+    def micro_batches(step: int) -> list[dict]:
+        out = []
+        for idx in plan.micro_indices(step, dist.rank(), dist.world()):
+            seqs = [examples[i] for i in idx]
+            if cfg["packing"]:
+                b = packing.pack(seqs, block_mask, mask_dtype)
+            else:
+                b = packing.pad(seqs, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+            targets = shifted_targets(b.pop("labels"))
+            keep = targets != packing.IGNORE
+            out.append({"inputs": {k: v.to(dev) for k, v in b.items()}, "targets": targets.to(dev),
+                        "keep": keep, "weight": float(keep.sum()), "tokens": float(sum(len(s) for s, _ in seqs))})
+        return out
+
+    def loss_fn(module, micro) -> tuple:
+        keep = micro["keep"]
+        if keep.shape[0] == 1:
+            # Packed: one row; compute logits only where a target counts.
+            positions = keep[0].nonzero().squeeze(-1).to(micro["targets"].device)
+            logits = module(**micro["inputs"], logits_to_keep=positions, use_cache=False).logits[0]
+            targets = micro["targets"][0, positions]
+        else:
+            logits = module(**micro["inputs"], use_cache=False).logits
+            logits, targets = logits.flatten(0, 1), micro["targets"].flatten()
+        loss_sum, _ = loss(logits, targets)
+        return loss_sum, {}
+
+    ctx.info(f"{steps} steps x {batch['global_batch_size']} sequences "
+             f"({batch['micro_batch_size']} micro x {batch['world_size']} rank(s) x {batch['grad_accum']} accumulation), "
+             f"ZeRO-{ctx.run['deepspeed']['zero_stage']}")
+    metrics = train(ctx, engine, total_steps=steps, micro_batches=micro_batches, loss_fn=loss_fn)
+    eng.save_hf(engine, tokenizer, ctx.work_dir / "model")
+    del engine, model
+    return {"metrics": {**metrics, "data": stats}, "outputs": {"model": "model"}}

@@ -1,0 +1,83 @@
+"""Tables and plans for the terminal (rich only; no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from posttrain_cli.pipeline import manifest
+
+console = Console(highlight=False)
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if pct:
+        return f"{100 * v:.1f}%"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None = None,
+                title: str | None = None) -> Table:
+    table = Table(title=title or f"posttrain: {run_dir}", title_justify="left")
+    for col, just in [("stage", "left"), ("kind", "left"), ("status", "left"), ("steps", "right"),
+                      ("loss", "right"), ("tokens/s", "right"), ("eval before", "right"),
+                      ("eval after", "right"), ("time", "right")]:
+        table.add_column(col, justify=just)
+    for name in names:
+        m = manifest.read(Path(run_dir) / name) or {}
+        metrics = m.get("metrics") or {}
+        ev = metrics.get("eval") or {}
+        status = m.get("status", "not run")
+        if actions and name in actions and status == "completed":
+            status = {"skip": "skipped (done)", "eval": "completed (eval re-run)"}.get(actions[name], "completed")
+        style = {"failed": "red", "running": "yellow"}.get(m.get("status"), "")
+        acc_before = (ev.get("before") or {}).get("accuracy")
+        acc_after = (ev.get("after") or {}).get("accuracy")
+        secs = (m.get("timings") or {}).get("seconds")
+        table.add_row(name, m.get("kind", "-"), f"[{style}]{status}[/]" if style else status,
+                      _fmt(metrics.get("steps")), _fmt(metrics.get("loss")),
+                      _fmt(round(metrics["tokens_per_s"]) if metrics.get("tokens_per_s") else None),
+                      _fmt(acc_before, pct=True), _fmt(acc_after, pct=True),
+                      f"{secs:.0f}s" if secs is not None else "-")
+    return table
+
+
+def print_plan(run: dict, steps) -> None:
+    console.print(f"[bold]recipe[/] {run['name']}  [bold]run_dir[/] {run['run_dir']}  "
+                  f"[bold]model[/] {run['model']['path']}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
+                  f"{' +offload' if run['deepspeed']['offload_optimizer'] or run['deepspeed']['offload_param'] else ''}"
+                  f"  [bold]ranks[/] {run['cluster']['nproc_per_node']} x {run['cluster']['nnodes']} node(s)")
+    for i, step in enumerate(steps, 1):
+        node, cfg = step.node, step.node.cfg
+        action = {"run": "[green]will run[/]", "skip": "[dim]skip (done, same fingerprint)[/]",
+                  "eval": "[yellow]eval only (model done)[/]"}[step.action]
+        kind, value = node.model_input
+        src = {"stage": f"stage {value}", "tiny": "tiny model (built locally)", "path": value}[kind]
+        console.print(f"\n[bold]{i}. {node.name}[/] ({node.kind})  {action}  fingerprint {step.fingerprint}")
+        console.print(f"   from: {src}")
+        if "lr" in cfg:
+            length = f"max_steps {cfg['max_steps']}" if cfg["max_steps"] else f"epochs {cfg['epochs']:g}"
+            console.print(f"   lr {cfg['lr']:g} ({cfg['schedule']}, warmup_ratio {cfg['warmup_ratio']:g}), {length}, "
+                          f"weight_decay {cfg['weight_decay']:g}, grad_clip {cfg['grad_clip']}, "
+                          f"max_seq_len {cfg['max_seq_len']}"
+                          + (f", packing {cfg['packing']}, truncation {cfg['truncation']}" if "packing" in cfg else ""))
+            b = step.batch
+            console.print(f"   batch: global {b['global_batch_size']} = micro {b['micro_batch_size']} x "
+                          f"{b['world_size']} rank(s) x {b['grad_accum']} accumulation; "
+                          f"<= {b['max_tokens_per_step']:,} tokens/step")
+        for s in cfg["data"]:
+            name = s["path"] if s["path"] else f"output of stage {s['from']}"
+            console.print(f"   data: {name} (split {s['split']}, weight {s['weight']:g})")
+        if cfg.get("eval"):
+            e = cfg["eval"]
+            srcs = ", ".join(s["path"] or f"stage {s['from']}" for s in e["data"])
+            console.print(f"   eval: {e['verifier']} on {srcs}, max_new_tokens {e['max_new_tokens']}"
+                          f"{', before and after' if e['before'] else ''}")
+        outs = "model/" if node.produces_model else "metrics only"
+        console.print(f"   out: {step.stage_dir}/{outs}")
