@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -9,7 +10,8 @@ from rich.table import Table
 
 from posttrain_cli.pipeline import manifest
 
-console = Console(highlight=False)
+# Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables need more.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
 
 
 def _fmt(v, pct: bool = False) -> str:

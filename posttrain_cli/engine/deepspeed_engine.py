@@ -135,9 +135,13 @@ def initialize(model, ds_cfg: dict, train_cfg: dict | None = None, total_steps: 
         eps=train_cfg["adam_eps"],
     )
     warmup = math.ceil(train_cfg["warmup_ratio"] * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(train_cfg["schedule"], total_steps, warmup, train_cfg["min_lr_ratio"])
-    )
+    factor = lr_lambda(train_cfg["schedule"], total_steps, warmup, train_cfg["min_lr_ratio"])
+
+    # A factory, not an instance: ZeRO wraps the optimizer and regroups its
+    # parameters, so the schedule must bind to the optimizer DeepSpeed hands back.
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine
 

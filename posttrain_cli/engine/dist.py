@@ -31,8 +31,13 @@ def init() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               verbose=False)
+    import contextlib
+    import io
+
+    # DeepSpeed prints a line when it builds its CPU shared-memory collective op.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
 
 
 def rank() -> int:
