@@ -109,3 +109,30 @@ def test_status_table_from_manifests(tmp_path):
     row = next(l for l in r.stdout.splitlines() if " sft " in l)
     assert "completed" in row and "75.0%" in row and "0.0%" in row and "12s" in row
     assert "not run" in r.stdout
+
+
+@pytest.mark.slow
+def test_eval_stage_kind(tmp_path):
+    from tests.conftest import mini_recipe
+
+    rec = mini_recipe(tmp_path, stages=f"""
+      sft:
+        kind: sft
+        data: [{{path: {tmp_path}/train.jsonl}}]
+        lr: 1.0e-3
+        max_steps: 2
+        global_batch_size: 16
+        micro_batch_size: 8
+        max_seq_len: 64
+      heldout:
+        kind: eval
+        data: [{{path: {tmp_path}/eval.jsonl}}]
+        verifier: exact
+        max_new_tokens: 4
+    """)
+    r = posttrain("run", f"recipe={rec}", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = _manifest(tmp_path / "runs" / "mini", "heldout")
+    assert m["status"] == "completed" and m["outputs"] == {}
+    assert m["inputs"]["model"].endswith("sft/model")
+    assert m["metrics"]["eval"]["after"]["n"] == 16 and m["metrics"]["eval"]["after"]["verifier"] == "exact"
