@@ -41,7 +41,8 @@ def runs(tmp_path_factory):
         micro_batch_size: 8
         max_seq_len: 64
         warmup_ratio: 0.0
-    """ % (tmp / "train.jsonl"))
+        eval: {data: [{path: %s}], max_new_tokens: 4, batch_size: 3, before: true}
+    """ % (tmp / "train.jsonl", tmp / "eval.jsonl"))
     setups = {
         "1rank": ["deepspeed=zero2"],
         "1rank_accum": ["deepspeed=zero2", "stages.sft.micro_batch_size=2"],
@@ -83,6 +84,14 @@ def test_every_parameter_changed(runs, setup):
     assert before.keys() == after.keys()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
+
+
+@pytest.mark.parametrize("setup", ["1rank", "2rank_zero2", "2rank_zero3"])
+def test_eval_block_covers_every_prompt(runs, setup):
+    """Prompts split over ranks (ZeRO-3: lock-step generation) and every one is scored once."""
+    m = json.loads((runs[setup] / "sft" / "manifest.json").read_text())
+    for when in ("before", "after"):
+        assert m["metrics"]["eval"][when]["n"] == 16
 
 
 def test_checkpoint_is_a_hugging_face_model(runs):

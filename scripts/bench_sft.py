@@ -1,0 +1,540 @@
+"""SFT training throughput: posttrain vs TRL's SFTTrainer vs a bare PyTorch loop, on CPU.
+
+    python scripts/bench_sft.py                 # default: 3 interleaved repeats, ~8-10 min on 2 cores
+    python scripts/bench_sft.py --quick         # smoke run: tiny model, few steps, 1 repeat
+    python scripts/bench_sft.py --steps 40 --repeats 3 --skip 2
+
+Run it on a quiet machine: the script prints the load average before it starts
+and waits (up to --wait-quiet seconds) for the 1-minute load to drop below
+--max-load; ratios measured while something else trains are meaningless.
+
+What every contestant gets (all the same, all fp32, 1 process, OMP/torch threads = --threads):
+
+* Model: one tiny Llama (hidden 256, 4 layers, 4 heads, intermediate 768, ~3.5M
+  parameters, character tokenizer, vocab 107) built once with
+  ``posttrain_cli.models.tiny.build_tiny`` into a temp dir; every contestant loads it
+  from that directory (``model.path=/abs/dir`` for posttrain).
+* Data: a seeded synthetic chat set (4000 rows): prompt and answer lengths are
+  log-normal, clipped to 20..400 characters (= tokens: the tokenizer is char-level),
+  20% of rows have 2-3 user/assistant turns, 10% a system prompt. No row exceeds
+  --max-seq-len, so no contestant truncates or drops anything.
+* Batches: --global-batch sequences per optimizer step (default 32) as
+  --micro-batch (8) x accumulation (4), --steps optimizer steps (40), AdamW
+  (betas 0.9/0.999, eps 1e-8, weight decay 0), lr 1e-4 linear decay, no warmup,
+  grad-norm clip 1.0. The SAME sequences in the same micro-batches at every step:
+  the order is posttrain's own ``StepPlan`` (seed 0); TRL gets the rows in that
+  order with ``train_sampling_strategy="sequential"``, the bare loop indexes the
+  plan directly. The script checks that all contestants report the same
+  non-padding token count per step.
+* Loss: cross-entropy on every assistant turn incl. its end-of-turn token, never
+  on system/user tokens (posttrain's rule). TRL gets the data as conversational
+  ``messages`` with ``assistant_only_loss=True`` and a copy of the tiny chat
+  template with ``{% generation %}`` markers around each assistant turn + EOS (it
+  renders byte-identically); the worker asserts that TRL's tokenized
+  ``input_ids`` and loss positions (``labels`` != -100) equal posttrain's ``tokenize_chat`` output for
+  every row. (Prompt/completion rows with completion_only_loss would train only
+  the last assistant turn of multi-turn rows, i.e. different tokens.)
+
+Contestants (each run in its own fresh subprocess, so all start equally cold):
+
+1. ``posttrain``: the real CLI, ``posttrain run recipe=<generated yaml> run_dir=...``
+   (1 rank, DeepSpeed ZeRO-2 default, fp32, packing default). Per-step time comes
+   from RUN_DIR/sft/metrics.jsonl and the loop total from manifest ``train_seconds``.
+2. ``trl``: ``trl.SFTTrainer`` with ``padding_free=True`` (primary TRL number). TRL
+   1.16 documents padding-free as FlashAttention-only, but with transformers 5.x
+   the SDPA/eager mask builder detects packed ``position_ids`` (when no
+   attention_mask and no cache are passed; SFTTrainer passes ``use_cache=False``)
+   and builds a block-diagonal causal mask, so it is correct on CPU: checked
+   numerically (logits of a padding-free row == per-sequence logits, max |diff|
+   ~1e-7; with the model's default use_cache=True they are NOT equal). This is
+   the same per-micro-batch scheme as posttrain's packing (one padding-free row of
+   8 sequences) and keeps the sequences per step identical. TRL's ``packing=True``
+   (BFD) was not used: it re-bins sequences into max_length blocks, so the number
+   of sequences per step would no longer match.
+3. ``trl_padded`` (``--trl padded`` or ``both``): TRL's out-of-the-box data path,
+   right-padded micro-batches. Padding tokens are not counted as work.
+4. ``bare``: plain PyTorch, no DeepSpeed/Trainer: the same packed batches posttrain
+   builds (``posttrain_cli.data.packing.pack`` with the block-causal SDPA mask, the
+   targets/``logits_to_keep`` trick of posttrain's SFT loss, token-sum loss divided
+   by the step's loss tokens), backward per micro-batch, clip_grad_norm_(1.0),
+   ``torch.optim.AdamW`` (defaults), zero_grad. The floor of framework overhead.
+
+TRL settings: TRL defaults kept except what matches the batch/steps/lr/precision
+and turns off extras: per_device_train_batch_size/gradient_accumulation_steps/
+max_steps/learning_rate, ``bf16=False`` (TRL defaults to bf16; everyone runs
+fp32), ``use_cpu=True``, ``report_to="none"``, ``save_strategy="no"``,
+``train_sampling_strategy="sequential"`` (same batches, see above),
+``max_grad_norm=1.0`` and ``weight_decay=0`` (already TRL's defaults), optimizer
+left at its default (``adamw_torch_fused``), logging_steps left at 10, tqdm on.
+``gradient_checkpointing=False``: TRL defaults it to True, which recomputes every
+forward pass (~20-30% slower) to save memory that a 3.5M-parameter model does not
+need; posttrain and the bare loop do not recompute, so leaving it on would inflate
+the posttrain/TRL ratio with work that has nothing to do with framework overhead.
+``--trl-gc`` turns TRL's default back on for reference.
+
+Throughput = non-padding tokens / seconds, over the steady-state part of the
+loop: the first --skip steps (warm-up: allocator, thread pools, first-call
+overheads) are dropped from every contestant alike: time runs from the end of
+step --skip to the end of the last step. The "all steps" column includes
+warm-up for every contestant. Medians over --repeats interleaved rounds (the
+contestant order rotates each round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=1024, seed=0)
+QUICK_ARCH = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=1024, seed=0)
+
+# The tiny chat template with generation markers around each assistant turn and its EOS,
+# so TRL's assistant_only_loss masks exactly what posttrain's tokenize_chat masks.
+TRL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+WORDS = None
+
+
+# --------------------------------------------------------------------------- data
+
+def _text(rng: random.Random, n: int) -> str:
+    global WORDS
+    if WORDS is None:
+        wr = random.Random(1234)
+        letters = string.ascii_lowercase
+        WORDS = ["".join(wr.choice(letters) for _ in range(wr.randint(1, 9))) for _ in range(2000)]
+    out, size = [], 0
+    while size < n:
+        w = rng.choice(WORDS)
+        if rng.random() < 0.08:
+            w = w.capitalize()
+        if rng.random() < 0.06:
+            w += rng.choice(".,;:?!")
+        if rng.random() < 0.03:
+            w = str(rng.randint(0, 9999))
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)[:n]
+
+
+def _len(rng: random.Random, median: float, sigma: float) -> int:
+    return int(min(400, max(20, round(math.exp(rng.gauss(math.log(median), sigma))))))
+
+
+def make_rows(n: int, seed: int, max_seq_len: int) -> list[dict]:
+    """Seeded synthetic chats; rendered length (1 char = 1 token, +1 BOS, +2 per turn) <= max_seq_len."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        msgs = []
+        if rng.random() < 0.10:
+            msgs.append({"role": "system", "content": _text(rng, _len(rng, 60, 0.6))})
+        turns = 1 if rng.random() < 0.8 else rng.choice([2, 2, 3])
+        for _ in range(turns):
+            msgs.append({"role": "user", "content": _text(rng, _len(rng, 70, 0.8))})
+            msgs.append({"role": "assistant", "content": _text(rng, _len(rng, 140, 0.7))})
+        if 1 + sum(len(m["content"]) + 2 for m in msgs) <= max_seq_len:
+            rows.append({"messages": msgs})
+    return rows
+
+
+def tokenize_all(model_dir: str, rows: list[dict]) -> list[tuple[list[int], list[bool]]]:
+    from transformers import AutoTokenizer
+
+    from posttrain_cli.data.chat import tokenize_chat
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for r in rows:
+        t = tokenize_chat(tok, r["messages"])
+        out.append((t.input_ids, t.loss_mask))
+    return out
+
+
+def step_order(n: int, spec: dict) -> list[list[int]]:
+    """posttrain's own plan: the example indices of each optimizer step."""
+    from posttrain_cli.stages.sft import StepPlan
+
+    plan = StepPlan(n, {"global_batch_size": spec["global_batch"], "micro_batch_size": spec["micro_batch"]},
+                    spec["seed"])
+    return [plan.step(s) for s in range(spec["steps"])]
+
+
+# --------------------------------------------------------------------------- workers
+
+def worker_bare(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from posttrain_cli.data import packing
+    from posttrain_cli.losses.sft import shifted_targets, token_cross_entropy
+
+    torch.manual_seed(spec["seed"])
+    rows = json.loads(Path(spec["data"]).read_text())
+    examples = tokenize_all(spec["model"], rows)
+    steps = step_order(len(examples), spec)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / spec["steps"]))
+    m = spec["micro_batch"]
+    t_start = time.perf_counter()
+    ends, toks, losses = [], [], []
+    for idx in steps:
+        micros = []
+        for i in range(0, len(idx), m):
+            seqs = [examples[j] for j in idx[i:i + m]]
+            b = packing.pack(seqs, True, torch.float32)
+            targets = shifted_targets(b.pop("labels"))
+            keep = targets != packing.IGNORE
+            micros.append((b, targets, keep, sum(len(s) for s, _ in seqs)))
+        weight = float(sum(int(k.sum()) for _, _, k, _ in micros))
+        total = 0.0
+        for b, targets, keep, _ in micros:
+            positions = keep[0].nonzero().squeeze(-1)
+            logits = model(**b, logits_to_keep=positions, use_cache=False).logits[0]
+            loss_sum, _ = token_cross_entropy(logits, targets[0, positions])
+            (loss_sum / weight).backward()
+            total += float(loss_sum.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter())
+        toks.append(sum(t for *_, t in micros))
+        losses.append(total / weight)
+    return {"t_start": t_start, "ends": ends, "tokens": toks, "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def worker_trl(spec: dict, padding_free: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows = json.loads(Path(spec["data"]).read_text())
+    examples = tokenize_all(spec["model"], rows)
+    order = [i for step in step_order(len(rows), spec) for i in step]
+    ds = Dataset.from_list([rows[i] for i in order])
+
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    tok.chat_template = TRL_TEMPLATE
+    out_dir = tempfile.mkdtemp(prefix="bench-trl-", dir=spec["tmp"])
+    args = SFTConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["global_batch"] // spec["micro_batch"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=spec["trl_gc"],
+        report_to="none",
+        save_strategy="no",
+        train_sampling_strategy="sequential",
+        assistant_only_loss=True,
+        padding_free=padding_free,
+        # padding-free without packing requires max_length=None (no row exceeds max_seq_len anyway)
+        max_length=None if padding_free else spec["max_seq_len"],
+        seed=spec["seed"],
+    )
+    trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=ds, processing_class=tok)
+    model = trainer.model
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+
+    # Same tokens, same loss positions as posttrain, row for row.
+    tds = trainer.train_dataset
+    for k, i in enumerate(order):
+        ids, mask = examples[i]
+        got = tds[k]
+        assert list(got["input_ids"]) == ids, f"row {i}: TRL input_ids differ from posttrain's"
+        assert [x != -100 for x in got["labels"]] == mask, f"row {i}: TRL loss positions differ"
+
+    counted = {"tokens": 0}
+
+    def count(_module, args_, kwargs):
+        am = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids")
+        counted["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t_start, self.ends, self.tokens = None, [], []
+
+        def on_train_begin(self, *a, **k):
+            self.t_start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.ends.append(time.perf_counter())
+            self.tokens.append(counted["tokens"])
+            counted["tokens"] = 0
+
+    clock = Clock()
+    trainer.add_callback(clock)
+    result = trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"t_start": clock.t_start, "ends": clock.ends, "tokens": clock.tokens,
+            "loss_first": logs[0]["loss"] if logs else None, "loss_last": logs[-1]["loss"] if logs else None,
+            "train_runtime": result.metrics.get("train_runtime")}
+
+
+def run_worker(kind: str, spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if kind == "bare":
+        return worker_bare(spec)
+    if kind == "trl":
+        return worker_trl(spec, padding_free=True)
+    if kind == "trl_padded":
+        return worker_trl(spec, padding_free=False)
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------- driver
+
+def child_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def run_in_subprocess(kind: str, spec: dict, tmp: Path, rnd: int) -> dict:
+    spec_path = tmp / f"spec-{kind}-{rnd}.json"
+    out_path = tmp / f"out-{kind}-{rnd}.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path), "--out", str(out_path)]
+    p = subprocess.run(cmd, env=child_env(spec["threads"]), capture_output=True, text=True, cwd=REPO)
+    if p.returncode != 0:
+        raise SystemExit(f"{kind} worker failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return json.loads(out_path.read_text())
+
+
+def write_recipe(tmp: Path, spec: dict) -> Path:
+    recipe = tmp / "bench.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        defaults: [base, _self_]
+        name: bench
+        model:
+          path: {spec['model']}
+        stages:
+          sft:
+            kind: sft
+            data: [{{path: {spec['data_jsonl']}}}]
+            lr: {spec['lr']}
+            schedule: linear
+            warmup_ratio: 0.0
+            weight_decay: 0.0
+            grad_clip: 1.0
+            max_steps: {spec['steps']}
+            global_batch_size: {spec['global_batch']}
+            micro_batch_size: {spec['micro_batch']}
+            max_seq_len: {spec['max_seq_len']}
+        """))
+    return recipe
+
+
+def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
+    run_dir = tmp / f"pt-run-{rnd}"
+    exe = Path(sys.executable).parent / "posttrain"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "posttrain_cli.cli"]
+    cmd += ["run", f"recipe={spec['recipe']}", f"run_dir={run_dir}", "deepspeed.precision=fp32"]
+    p = subprocess.run(cmd, env=child_env(spec["threads"]), capture_output=True, text=True, cwd=tmp)
+    if p.returncode != 0:
+        raise SystemExit(f"posttrain failed (rc {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    stage = run_dir / "sft"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    m = manifest.get("metrics", manifest)
+    rows = [json.loads(l) for l in (stage / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    assert len(rows) == spec["steps"], f"posttrain logged {len(rows)} steps, expected {spec['steps']}"
+    dts = [r["tokens"] / r["tokens_per_s"] for r in rows]
+    # Rebuild a timeline on the same clock as the workers: the loop's total wall time
+    # (manifest train_seconds) ends at the last step; per-step durations from metrics.jsonl.
+    total = m["train_seconds"]
+    ends, t = [], 0.0
+    for dt in dts:
+        t += dt
+        ends.append(t)
+    gap = total - ends[-1]  # loop time outside the timed step bodies (logging, progress, setup)
+    # Spread the gap over the steps so that "time since end of step k" keeps it.
+    ends = [e + gap * (k + 1) / len(ends) for k, e in enumerate(ends)]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"t_start": 0.0, "ends": ends, "tokens": [int(r["tokens"]) for r in rows],
+            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
+            "manifest_tokens_per_s": m["tokens_per_s"], "manifest_tokens": m["tokens"]}
+
+
+def throughput(res: dict, skip: int) -> tuple[float, float]:
+    ends, toks = res["ends"], res["tokens"]
+    steady = sum(toks[skip:]) / (ends[-1] - ends[skip - 1]) if skip > 0 else sum(toks) / (ends[-1] - res["t_start"])
+    allsteps = sum(toks) / (ends[-1] - res["t_start"])
+    return steady, allsteps
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def wait_quiet(max_load: float, limit: float) -> None:
+    t0 = time.time()
+    while loadavg() > max_load and time.time() - t0 < limit:
+        print(f"  load average {loadavg():.2f} > {max_load}: waiting for a quiet machine ...", flush=True)
+        time.sleep(15)
+    if loadavg() > max_load:
+        print(f"  WARNING: load average still {loadavg():.2f}; results are not trustworthy", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the steady-state time")
+    ap.add_argument("--global-batch", type=int, default=32)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--rows", type=int, default=4000)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trl", choices=["padding_free", "padded", "both"], default="padding_free",
+                    help="TRL data path(s) to measure (default padding_free; see the docstring)")
+    ap.add_argument("--trl-gc", action="store_true", help="keep TRL's default gradient_checkpointing=True")
+    ap.add_argument("--only", default=None, help="comma list of contestants to run (posttrain,trl,trl_padded,bare)")
+    ap.add_argument("--max-load", type=float, default=1.0)
+    ap.add_argument("--wait-quiet", type=float, default=300, help="seconds to wait for load < --max-load")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small model, 6 steps, 1 repeat")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.worker:
+        spec = json.loads(Path(a.spec).read_text())
+        Path(a.out).write_text(json.dumps(run_worker(a.worker, spec)))
+        return
+
+    if a.quick:
+        a.steps, a.repeats, a.skip = min(a.steps, 6), 1, min(a.skip, 1)
+        a.rows, a.wait_quiet = min(a.rows, 600), 0
+    if a.global_batch % a.micro_batch:
+        ap.error("--global-batch must be a multiple of --micro-batch")
+    if not 0 <= a.skip < a.steps:
+        ap.error("--skip must be in [0, steps)")
+
+    contestants = ["posttrain", "trl", "bare"]
+    if a.trl == "padded":
+        contestants = ["posttrain", "trl_padded", "bare"]
+    elif a.trl == "both":
+        contestants = ["posttrain", "trl", "trl_padded", "bare"]
+    if a.only:
+        contestants = [c for c in a.only.split(",") if c]
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from posttrain_cli.models.tiny import build_tiny
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    try:
+        arch = QUICK_ARCH if a.quick else ARCH
+        model_dir = build_tiny(tmp / "model", arch)
+        n_params = sum(p.numel() for p in
+                       __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+        rows = make_rows(a.rows, 0, a.max_seq_len)
+        (tmp / "data.json").write_text(json.dumps(rows))
+        (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        spec = {"model": str(model_dir), "data": str(tmp / "data.json"), "data_jsonl": str(tmp / "data.jsonl"),
+                "steps": a.steps, "global_batch": a.global_batch, "micro_batch": a.micro_batch,
+                "max_seq_len": a.max_seq_len, "lr": a.lr, "seed": 0, "threads": a.threads,
+                "trl_gc": a.trl_gc, "tmp": str(tmp)}
+        spec["recipe"] = str(write_recipe(tmp, spec))
+
+        examples = tokenize_all(str(model_dir), rows)
+        lens = sorted(len(i) for i, _ in examples)
+        plan = step_order(len(examples), spec)
+        per_step = [sum(len(examples[i][0]) for i in s) for s in plan]
+        print(f"model: tiny Llama {arch} -> {n_params / 1e6:.2f}M params, fp32, sdpa")
+        print(f"data: {len(rows)} rows, tokens/row median {lens[len(lens) // 2]}, p10 {lens[len(lens) // 10]}, "
+              f"p90 {lens[9 * len(lens) // 10]}, max {lens[-1]}; "
+              f"{sum(1 for r in rows if sum(m['role'] == 'assistant' for m in r['messages']) > 1)} multi-turn")
+        print(f"batch: {a.steps} steps x {a.global_batch} seqs ({a.micro_batch} micro x "
+              f"{a.global_batch // a.micro_batch} accum), ~{statistics.mean(per_step):.0f} tokens/step; "
+              f"threads {a.threads}; warm-up steps skipped: {a.skip}")
+        print(f"contestants: {', '.join(contestants)}; TRL gradient_checkpointing={a.trl_gc}")
+        print(f"load average now: {os.getloadavg()}")
+
+        results: dict[str, list] = {c: [] for c in contestants}
+        for rnd in range(a.repeats):
+            order = contestants[rnd % len(contestants):] + contestants[:rnd % len(contestants)]
+            for c in order:
+                if a.wait_quiet:
+                    wait_quiet(a.max_load, a.wait_quiet)
+                load0 = loadavg()
+                t0 = time.perf_counter()
+                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else run_in_subprocess(c, spec, tmp, rnd)
+                wall = time.perf_counter() - t0
+                if res["tokens"] != per_step:
+                    raise SystemExit(f"{c}: per-step tokens {res['tokens'][:5]}... differ from the plan's "
+                                     f"{per_step[:5]}...: not the same batches")
+                steady, allsteps = throughput(res, a.skip)
+                results[c].append((steady, allsteps))
+                print(f"  round {rnd + 1} {c:>10}: {steady:8.0f} tok/s steady, {allsteps:8.0f} all steps; "
+                      f"loss {_f(res['loss_first'])} -> {_f(res['loss_last'])}; process {wall:5.1f}s; "
+                      f"load {load0:.2f}", flush=True)
+
+        med = {c: (statistics.median(s for s, _ in v), statistics.median(x for _, x in v))
+               for c, v in results.items()}
+        print("\nmedian non-padding tokens/s (steady = after warm-up steps; all = every step)")
+        for c in contestants:
+            print(f"  {c:>10}: steady {med[c][0]:8.0f}   all {med[c][1]:8.0f}   "
+                  f"runs: {', '.join(f'{s:.0f}' for s, _ in results[c])}")
+        if "posttrain" in med:
+            for other, target in (("trl", 1.5), ("trl_padded", 1.5), ("bare", 0.9)):
+                if other in med:
+                    r = med["posttrain"][0] / med[other][0]
+                    r_all = med["posttrain"][1] / med[other][1]
+                    print(f"  posttrain/{other}: {r:.2f}x steady ({r_all:.2f}x all steps); target >= {target}x: "
+                          f"{'met' if r >= target else 'NOT met'}")
+    finally:
+        if a.keep:
+            print(f"temp dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
