@@ -26,18 +26,21 @@ def _fmt(v, pct: bool = False) -> str:
 
 def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None = None,
                 title: str | None = None) -> Table:
-    table = Table(title=title or f"posttrain: {run_dir}", title_justify="left")
+    from rich import box
+
+    table = Table(title=title or f"posttrain: {run_dir}", title_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False, collapse_padding=True)
     for col, just in [("stage", "left"), ("kind", "left"), ("status", "left"), ("steps", "right"),
-                      ("loss", "right"), ("tokens/s", "right"), ("eval before", "right"),
-                      ("eval after", "right"), ("time", "right")]:
-        table.add_column(col, justify=just)
+                      ("loss", "right"), ("tok/s", "right"), ("acc before", "right"),
+                      ("acc after", "right"), ("time", "right")]:
+        table.add_column(col, justify=just, no_wrap=True)
     for name in names:
         m = manifest.read(Path(run_dir) / name) or {}
         metrics = m.get("metrics") or {}
         ev = metrics.get("eval") or {}
         status = m.get("status", "not run")
         if actions and name in actions and status == "completed":
-            status = {"skip": "skipped (done)", "eval": "completed (eval re-run)"}.get(actions[name], "completed")
+            status = {"skip": "skipped", "eval": "eval re-run"}.get(actions[name], "completed")
         style = {"failed": "red", "running": "yellow"}.get(m.get("status"), "")
         acc_before = (ev.get("before") or {}).get("accuracy")
         acc_after = (ev.get("after") or {}).get("accuracy")

@@ -32,7 +32,7 @@ def test_run_rerun_and_downstream_override(mini, tmp_path):
     ev = _manifest(run_dir, "sft")["metrics"]["eval"]["after"]
     assert ev["n"] == 16 and 0.0 <= ev["accuracy"] <= 1.0
     # The final table names every stage.
-    assert "sft2" in first.stdout and "eval after" in first.stdout
+    assert "sft2" in first.stdout and "acc after" in first.stdout
 
     stamps = {s: _manifest(run_dir, s)["timings"]["finished"] for s in ("sft", "sft2")}
     again = posttrain("run", f"recipe={mini}", cwd=tmp_path)

@@ -21,7 +21,7 @@ def test_tiny_recipe_lifts_accuracy_and_reruns_as_a_skip(tmp_path):
     print(f"tiny: before {ev['before']['accuracy']:.1%} after {ev['after']['accuracy']:.1%} "
           f"in {m['timings']['seconds']:.0f}s")
     assert lift >= 0.5, ev
-    assert "eval after" in r.stdout and "sft" in r.stdout
+    assert "acc after" in r.stdout and "sft" in r.stdout
     assert (run_dir / "resolved.yaml").exists()
 
     from transformers import AutoModelForCausalLM
