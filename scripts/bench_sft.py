@@ -18,8 +18,8 @@ What every contestant gets (all the same, all fp32, 1 process, OMP/torch threads
   log-normal, clipped to 20..400 characters (= tokens: the tokenizer is char-level),
   20% of rows have 2-3 user/assistant turns, 10% a system prompt. No row exceeds
   --max-seq-len, so no contestant truncates or drops anything.
-* Batches: --global-batch sequences per optimizer step (default 32) as
-  --micro-batch (8) x accumulation (4), --steps optimizer steps (40), AdamW
+* Batches: --global-batch sequences per optimizer step (default 8) as
+  --micro-batch (4) x accumulation (2), --steps optimizer steps (30), AdamW
   (betas 0.9/0.999, eps 1e-8, weight decay 0), lr 1e-4 linear decay, no warmup,
   grad-norm clip 1.0. The SAME sequences in the same micro-batches at every step:
   the order is posttrain's own ``StepPlan`` (seed 0); TRL gets the rows in that
@@ -47,8 +47,8 @@ Contestants (each run in its own fresh subprocess, so all start equally cold):
    and builds a block-diagonal causal mask, so it is correct on CPU: checked
    numerically (logits of a padding-free row == per-sequence logits, max |diff|
    ~1e-7; with the model's default use_cache=True they are NOT equal). This is
-   the same per-micro-batch scheme as posttrain's packing (one padding-free row of
-   8 sequences) and keeps the sequences per step identical. TRL's ``packing=True``
+   the same per-micro-batch scheme as posttrain's packing (one padding-free row per
+   micro-batch) and keeps the sequences per step identical. TRL's ``packing=True``
    (BFD) was not used: it re-bins sequences into max_length blocks, so the number
    of sequences per step would no longer match.
 3. ``trl_padded`` (``--trl padded`` or ``both``): TRL's out-of-the-box data path,
@@ -420,11 +420,11 @@ def wait_quiet(max_load: float, limit: float) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     ap.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the steady-state time")
-    ap.add_argument("--global-batch", type=int, default=32)
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step (default 8)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch (default 4)")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--lr", type=float, default=1e-4)

@@ -115,9 +115,7 @@ def apply_overrides(cfg, overrides) -> None:
                 )
             spec = _spec_for(cfg, parts)
             if spec is not None and parts[-1] not in spec:
-                prefix = ".".join(parts[:-1])
-                where = f"'{key}'" if prefix else f"'{key}'"
-                raise UserError(f"unknown key {where}{_suggest(parts[-1], spec)}")
+                raise UserError(f"unknown key '{key}'{_suggest(parts[-1], spec)}")
         with open_dict(cfg):
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
 

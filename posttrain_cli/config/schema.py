@@ -138,6 +138,9 @@ MODEL_PRODUCING = {"sft"}
 DATASET_PRODUCING: set[str] = set()
 TRAINING_KINDS = {"sft"}
 
+# The row schema (posttrain_cli.data.schemas.ROW_SCHEMAS) of each kind's `data`.
+DATA_ROWS = {"sft": "sft", "eval": "prompt"}
+
 # Where each kind's `run(ctx)` lives; imported only inside the stage worker.
 KIND_MODULES = {
     "sft": "posttrain_cli.stages.sft",

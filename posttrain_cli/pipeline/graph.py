@@ -191,8 +191,7 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
     fps: dict[str, str] = {}
     out = {}
     for node in nodes:
-        ds = dict(run["deepspeed"])
-        ds.update({k: v for k, v in (node.cfg["deepspeed"] or {}).items() if v is not None})
+        ds = effective_deepspeed(run, node)
         payload = {
             "kind": node.kind,
             "cfg": {**training_part(node.cfg), "data": [source_key(s, fps) for s in node.cfg["data"]]},
@@ -221,16 +220,16 @@ def stage_dir(run: dict, name: str) -> Path:
     return Path(run["run_dir"]) / name
 
 
-def local_source_files(run: dict, node: Node) -> list[tuple[str, dict]]:
-    """(where, source) for every local file source, for the pre-flight check."""
+def local_source_files(node: Node) -> list[tuple[str, dict, str]]:
+    """(where, source, row schema) for every local file source, for the pre-flight check."""
     out = []
     for i, src in enumerate(node.cfg["data"]):
         if src["path"] is not None and is_local(src["path"]):
-            out.append((f"stages.{node.name}.data[{i}]", src))
+            out.append((f"stages.{node.name}.data[{i}]", src, schema.DATA_ROWS[node.kind]))
     if node.cfg.get("eval"):
         for i, src in enumerate(node.cfg["eval"]["data"]):
             if src["path"] is not None and is_local(src["path"]):
-                out.append((f"stages.{node.name}.eval.data[{i}]", src))
+                out.append((f"stages.{node.name}.eval.data[{i}]", src, "prompt"))
     return out
 
 

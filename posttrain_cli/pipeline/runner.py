@@ -68,9 +68,8 @@ def preflight(run: dict, steps: list[Step]) -> None:
         if step.action == "skip":
             continue
         node = step.node
-        for where, src in graph.local_source_files(run, node):
-            parse = schemas.prompt_row if (".eval." in where or node.kind == "eval") else schemas.sft_messages
-            load_source(src, where, parse)
+        for where, src, rows in graph.local_source_files(node):
+            load_source(src, where, schemas.ROW_SCHEMAS[rows])
         kind, value = node.model_input
         if kind == "path" and (value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()):
             raise UserError(f"stages.{node.name}.from: model directory not found: {value}")
