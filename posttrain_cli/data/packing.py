@@ -2,8 +2,9 @@
 
 Packed: a micro-batch of sequences becomes one row with no padding at all;
 position ids restart at every sequence, and attention stays inside each
-sequence: flash-attention reads the boundaries from the position ids, SDPA
-and eager get a block-diagonal causal mask.
+sequence: flash-attention and posttrain's varlen SDPA (engine/attention.py)
+read the boundaries from `cu_seq_lens_*`; plain SDPA and eager get a dense
+block-diagonal causal mask.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ def _labels(ids: list[int], mask: list[bool]) -> list[int]:
     return [t if m else IGNORE for t, m in zip(ids, mask)]
 
 
-def pack(seqs: list[tuple[list[int], list[bool]]], block_mask: bool, dtype=torch.float32) -> dict:
+def pack(seqs: list[tuple[list[int], list[bool]]], boundaries: str = "varlen", dtype=torch.float32) -> dict:
+    """boundaries: "varlen" (cu_seq_lens kwargs), "mask" (dense block mask) or "none"."""
     ids, labels, pos, lens = [], [], [], []
     for s_ids, s_mask in seqs:
         ids.extend(s_ids)
@@ -29,7 +31,11 @@ def pack(seqs: list[tuple[list[int], list[bool]]], block_mask: bool, dtype=torch
         "labels": torch.tensor([labels]),
         "position_ids": torch.tensor([pos]),
     }
-    if block_mask:
+    if boundaries == "varlen":
+        from posttrain_cli.engine.attention import varlen_kwargs
+
+        batch.update(varlen_kwargs(lens))
+    elif boundaries == "mask":
         batch["attention_mask"] = block_causal_mask(lens, dtype)
     return batch
 

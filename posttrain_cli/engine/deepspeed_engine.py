@@ -62,6 +62,7 @@ def ds_config(ds: dict, *, micro_batch_size: int, grad_accum: int, grad_clip: fl
 
 
 def attn_implementation(model_cfg: dict) -> str:
+    """flash_attention_2 where installed on GPUs, else posttrain's varlen SDPA."""
     if model_cfg.get("attn_implementation"):
         return model_cfg["attn_implementation"]
     if torch.cuda.is_available():
@@ -71,7 +72,16 @@ def attn_implementation(model_cfg: dict) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    from posttrain_cli.engine import attention
+
+    return attention.register()
+
+
+def packed_boundaries(attn: str) -> str:
+    """How a packed row tells this attention where sequences end (data/packing.py)."""
+    from posttrain_cli.engine import attention
+
+    return "varlen" if attn.startswith("flash_attention") or attn == attention.NAME else "mask"
 
 
 def load_causal_lm(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool):

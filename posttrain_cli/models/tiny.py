@@ -31,7 +31,7 @@ DEFAULT_ARCH = dict(
 )
 
 
-def build_tokenizer():
+def build_tokenizer(max_length: int = DEFAULT_ARCH["max_position_embeddings"]):
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -49,7 +49,7 @@ def build_tokenizer():
         pad_token="<pad>",
         unk_token="<unk>",
         clean_up_tokenization_spaces=False,
-        model_max_length=DEFAULT_ARCH["max_position_embeddings"],
+        model_max_length=max_length,
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -67,7 +67,7 @@ def build_tiny(out_dir: str | Path, arch: dict | None = None) -> Path:
 
     arch = {**DEFAULT_ARCH, **(arch or {})}
     out_dir = Path(out_dir)
-    tok = build_tokenizer()
+    tok = build_tokenizer(arch["max_position_embeddings"])
     heads = arch["num_attention_heads"]
     config = LlamaConfig(
         vocab_size=len(tok),

@@ -115,8 +115,7 @@ def run(ctx) -> dict:
                            grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
     model = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
     engine = eng.initialize(model, ds_cfg, cfg, steps)
-    attn = eng.attn_implementation(model_cfg)
-    block_mask = attn != "flash_attention_2"
+    boundaries = eng.packed_boundaries(eng.attn_implementation(model_cfg))
     mask_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(eng.resolve_precision(ctx.run["deepspeed"]),
                                                                      torch.float32)
     dev = engine.device
@@ -128,12 +127,13 @@ def run(ctx) -> dict:
         for idx in plan.micro_indices(step, dist.rank(), dist.world()):
             seqs = [examples[i] for i in idx]
             if cfg["packing"]:
-                b = packing.pack(seqs, block_mask, mask_dtype)
+                b = packing.pack(seqs, boundaries, mask_dtype)
             else:
                 b = packing.pad(seqs, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
             targets = shifted_targets(b.pop("labels"))
             keep = targets != packing.IGNORE
-            out.append({"inputs": {k: v.to(dev) for k, v in b.items()}, "targets": targets.to(dev),
+            inputs = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+            out.append({"inputs": inputs, "targets": targets.to(dev),
                         "keep": keep, "weight": float(keep.sum()), "tokens": float(sum(len(s) for s, _ in seqs))})
         return out
 

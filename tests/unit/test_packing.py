@@ -17,10 +17,11 @@ def test_block_causal_mask_by_hand():
 
 
 def test_pack_positions_and_labels():
-    b = pack([([1, 2, 3], [False, True, True]), ([4, 5], [False, True])], block_mask=False)
+    b = pack([([1, 2, 3], [False, True, True]), ([4, 5], [False, True])], "varlen")
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert b["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, 5]]
+    assert b["cu_seq_lens_q"].tolist() == [0, 3, 5] and b["max_length_q"] == 3
     assert "attention_mask" not in b
 
 
@@ -31,21 +32,25 @@ def test_pad_rows():
     assert b["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_packed_logits_equal_separate(impl, tmp_path):
+@pytest.mark.parametrize("impl,boundaries", [("sdpa", "mask"), ("eager", "mask"), ("posttrain_sdpa", "varlen")])
+def test_packed_logits_and_grads_equal_separate(impl, boundaries, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from posttrain_cli.engine.attention import register
     from posttrain_cli.models.tiny import build_tiny
 
+    register()
     path = build_tiny(tmp_path / "m", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                        "num_attention_heads": 2, "max_position_embeddings": 64})
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
-    a, b = [1, 20, 30, 40, 50, 2], [1, 60, 61, 2]
-    with torch.no_grad():
-        sep_a = model(torch.tensor([a])).logits[0]
-        sep_b = model(torch.tensor([b])).logits[0]
-        batch = pack([(a, [True] * 6), (b, [True] * 4)], block_mask=True)
-        batch.pop("labels")
-        packed = model(**batch).logits[0]
-    torch.testing.assert_close(packed[:6], sep_a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed[6:], sep_b, atol=1e-5, rtol=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl)
+    ref = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    seqs = [[1, 20, 30, 40, 50, 2], [1, 60, 61, 2], [1, 9]]
+    sep = [ref(torch.tensor([s]), use_cache=False).logits[0] for s in seqs]
+    sum(x.sum() for x in sep).backward()
+    batch = pack([(s, [True] * len(s)) for s in seqs], boundaries)
+    batch.pop("labels")
+    packed = model(**batch, use_cache=False).logits[0]
+    packed.sum().backward()
+    torch.testing.assert_close(packed, torch.cat(sep), atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
