@@ -109,8 +109,10 @@ def run_stage(spec_path: str | Path) -> int:
                 "outputs": result["outputs"] if not spec.get("eval_only") else old.get("outputs", {}),
                 "metrics": result["metrics"],
                 "batch": spec["batch"],
-                "timings": {**(old.get("timings") or {}), "started": started, "finished": time.time(),
-                            "seconds": round(time.time() - started, 2)},
+                # An eval-only re-run keeps the training timings and adds its own.
+                "timings": {**(old.get("timings") or {}), "eval_seconds": round(time.time() - started, 2)}
+                if spec.get("eval_only") else
+                {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 2)},
                 "versions": manifest.versions(),
                 "log": str(stage_dir / "logs" / "rank0.log"),
             })
@@ -130,9 +132,8 @@ def _execute(ctx, spec: dict) -> dict:
     ecfg = spec["stage"].get("eval")
     evals = {}
     if spec.get("eval_only"):
-        from posttrain_cli.stages.eval import evaluate
-
         from posttrain_cli.pipeline import manifest
+        from posttrain_cli.stages.eval import evaluate
 
         old = manifest.read(ctx.stage_dir) or {}
         metrics = dict(old.get("metrics") or {})

@@ -52,6 +52,9 @@ def test_run_rerun_and_downstream_override(mini, tmp_path):
                         cwd=tmp_path)
     assert ev_only.returncode == 0, ev_only.stderr
     assert "only its eval changed" in ev_only.stdout and "[sft2] skipped" in ev_only.stdout
+    sft = _manifest(run_dir, "sft")
+    assert sft["timings"]["finished"] == stamps["sft"] and "eval_seconds" in sft["timings"]
+    assert sft["metrics"]["eval"]["after"]["n"] == 16 and sft["metrics"]["steps"] == 3
 
     # An upstream hyperparameter: both train again.
     up = posttrain("run", f"recipe={mini}", "stages.sft.lr=5e-4", "stages.sft2.lr=5e-4", cwd=tmp_path)
