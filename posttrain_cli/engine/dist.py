@@ -78,12 +78,3 @@ def all_sum(values: list[float]) -> list[float]:
         dist.all_reduce(t)
     return t.tolist()
 
-
-def broadcast_object(obj):
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

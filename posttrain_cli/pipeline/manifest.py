@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -61,6 +60,3 @@ def versions() -> dict:
             out[pkg] = None
     return out
 
-
-def now() -> float:
-    return round(time.time(), 3)
