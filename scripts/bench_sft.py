@@ -504,7 +504,7 @@ def main() -> None:
         lens = sorted(len(i) for i, _ in examples)
         plan = step_order(len(examples), spec)
         per_step = [sum(len(examples[i][0]) for i in s) for s in plan]
-        print(f"model: tiny Llama {arch} -> {n_params / 1e6:.2f}M params, fp32, sdpa")
+        print(f"model: tiny Llama {arch} -> {n_params / 1e6:.2f}M params, fp32; attention: posttrain + bare use posttrain_sdpa (varlen), TRL uses sdpa")
         print(f"data: {len(rows)} rows, tokens/row median {lens[len(lens) // 2]}, p10 {lens[len(lens) // 10]}, "
               f"p90 {lens[9 * len(lens) // 10]}, max {lens[-1]}; "
               f"{sum(1 for r in rows if sum(m['role'] == 'assistant' for m in r['messages']) > 1)} multi-turn")
