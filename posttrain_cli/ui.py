@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from posttrain_cli.config import schema
 from posttrain_cli.pipeline import manifest
 
 # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables need more.
@@ -26,31 +27,47 @@ def _fmt(v, pct: bool = False) -> str:
 
 def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None = None,
                 title: str | None = None) -> Table:
+    """One row per stage from its manifest. The `pref` columns (held-out preference pairs ranked
+    chosen-first) appear when a stage measured them."""
     from rich import box
 
-    table = Table(title=title or f"posttrain: {run_dir}", title_justify="left", box=box.SIMPLE_HEAD,
-                  padding=(0, 1), pad_edge=False, collapse_padding=True)
-    for col, just in [("stage", "left"), ("kind", "left"), ("status", "left"), ("steps", "right"),
-                      ("loss", "right"), ("tok/s", "right"), ("acc before", "right"),
-                      ("acc after", "right"), ("time", "right")]:
-        table.add_column(col, justify=just, no_wrap=True)
+    rows, any_pref = [], False
     for name in names:
         m = manifest.read(Path(run_dir) / name) or {}
         metrics = m.get("metrics") or {}
         ev = metrics.get("eval") or {}
+        held = metrics.get("heldout") or {}
+        any_pref = any_pref or bool(held)
         status = m.get("status", "not run")
         if actions and name in actions and status == "completed":
             status = {"skip": "skipped", "eval": "eval re-run"}.get(actions[name], "completed")
         style = {"failed": "red", "running": "yellow"}.get(m.get("status"), "")
-        acc_before = (ev.get("before") or {}).get("accuracy")
-        acc_after = (ev.get("after") or {}).get("accuracy")
         secs = (m.get("timings") or {}).get("seconds")
-        table.add_row(name, m.get("kind", "-"), f"[{style}]{status}[/]" if style else status,
-                      _fmt(metrics.get("steps")), _fmt(metrics.get("loss")),
-                      _fmt(round(metrics["tokens_per_s"]) if metrics.get("tokens_per_s") else None),
-                      _fmt(acc_before, pct=True), _fmt(acc_after, pct=True),
-                      f"{secs:.0f}s" if secs is not None else "-")
+        rows.append([name, m.get("kind", "-"), f"[{style}]{status}[/]" if style else status,
+                     _fmt(metrics.get("steps")), _fmt(metrics.get("loss")),
+                     _fmt(round(metrics["tokens_per_s"]) if metrics.get("tokens_per_s") else None),
+                     _fmt((ev.get("before") or {}).get("accuracy"), pct=True),
+                     _fmt((ev.get("after") or {}).get("accuracy"), pct=True),
+                     _fmt((held.get("before") or {}).get("accuracy"), pct=True),
+                     _fmt((held.get("after") or {}).get("accuracy"), pct=True),
+                     f"{secs:.0f}s" if secs is not None else "-"])
+    table = Table(title=title or f"posttrain: {run_dir}", title_justify="left", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False, collapse_padding=True,
+                  caption=PREF_NOTE if any_pref else None, caption_justify="left")
+    columns = [("stage", "left"), ("kind", "left"), ("status", "left"), ("steps", "right"), ("loss", "right"),
+               ("tok/s", "right"), ("acc before", "right"), ("acc after", "right"), ("pref before", "right"),
+               ("pref after", "right"), ("time", "right")]
+    keep = [i for i, (col, _) in enumerate(columns) if any_pref or not col.startswith("pref")]
+    for i in keep:
+        table.add_column(columns[i][0], justify=columns[i][1], no_wrap=True)
+    for row in rows:
+        table.add_row(*[row[i] for i in keep])
     return table
+
+
+PREF_NOTE = ("acc: held-out generation accuracy (eval block). pref: share of held-out preference pairs whose "
+             "reward prefers chosen: a reward model's score, or DPO's implicit reward b*log(pi/pi_ref), which is 0 "
+             "(a tie, 50%) before training.")
 
 
 def print_plan(run: dict, steps) -> None:
@@ -76,13 +93,29 @@ def print_plan(run: dict, steps) -> None:
             console.print(f"   batch: global {b['global_batch_size']} = micro {b['micro_batch_size']} x "
                           f"{b['world_size']} rank(s) x {b['grad_accum']} accumulation; "
                           f"<= {b['max_tokens_per_step']:,} tokens/step")
+        if node.kind == "dpo":
+            ref = "none (reference-free)" if cfg["loss"] == "simpo" else (
+                cfg["ref_from"] or "the input model") + (", log-probs precomputed" if cfg["precompute_ref"]
+                                                         else ", live")
+            console.print(f"   loss {cfg['loss']}, beta {cfg['beta']:g}, label_smoothing {cfg['label_smoothing']:g}, "
+                          f"nll_weight {cfg['nll_weight']:g}"
+                          + (f", simpo_gamma {cfg['simpo_gamma']:g}" if cfg["loss"] == "simpo" else "")
+                          + f"; reference: {ref}")
+        if node.kind == "reward_model":
+            console.print(f"   Bradley-Terry{' with margin' if cfg['margin'] else ''}, "
+                          f"ranked rows weighted per {cfg['ranked_weighting']}")
         for s in cfg["data"]:
             name = s["path"] if s["path"] else f"output of stage {s['from']}"
             console.print(f"   data: {name} (split {s['split']}, weight {s['weight']:g})")
+        for s in cfg.get("heldout") or []:
+            console.print(f"   heldout: {s['path'] or 'output of stage ' + s['from']}")
         if cfg.get("eval"):
             e = cfg["eval"]
             srcs = ", ".join(s["path"] or f"stage {s['from']}" for s in e["data"])
             console.print(f"   eval: {e['verifier']} on {srcs}, max_new_tokens {e['max_new_tokens']}"
-                          f"{', before and after' if e['before'] else ''}")
-        outs = "model/" if node.produces_model else "metrics only"
+                          f"{', before and after' if e['before'] else ''}"
+                          f"{', reward model ' + e['reward_model'] if e.get('reward_model') else ''}")
+        outs = {True: "model/", False: "metrics only"}[node.produces_model]
+        if node.kind in schema.SCORER_PRODUCING:
+            outs = "model/ (a reward model: AutoModelForSequenceClassification)"
         console.print(f"   out: {step.stage_dir}/{outs}")

@@ -171,7 +171,7 @@ def tokenize_all(model_dir: str, rows: list[dict]) -> list[tuple[list[int], list
 
 def step_order(n: int, spec: dict) -> list[list[int]]:
     """posttrain's own plan: the example indices of each optimizer step."""
-    from posttrain_cli.stages.sft import StepPlan
+    from posttrain_cli.engine.loop import StepPlan
 
     plan = StepPlan(n, {"global_batch_size": spec["global_batch"], "micro_batch_size": spec["micro_batch"]},
                     spec["seed"])

@@ -88,6 +88,8 @@ EVAL = {
     "top_p": ("float", 1.0),
     # Evaluate only the first N prompts.
     "limit": ("?int", None),
+    # Also score the generations with a reward model: a reward_model stage's name or a path.
+    "reward_model": ("?str", None),
 }
 
 COMMON = {
@@ -118,6 +120,18 @@ TRAINING = {
     "grad_clip": ("?float", 1.0),
 }
 
+# Both preference kinds read preference rows (data/schemas.py: preference_row).
+PREFERENCE = {
+    # Held-out preference rows: pairwise accuracy and margin before and after training.
+    "heldout": ("list", []),
+    # An answer over max_seq_len: truncate it (keep the start) or drop the row.
+    "truncation": (("truncate", "drop"), "truncate"),
+}
+
+# Names of the registered DPO-family losses (posttrain_cli.losses.preference);
+# listed here so recipes are checked without importing torch (a test keeps them equal).
+DPO_LOSSES = ("dpo", "dpo_norm", "ipo", "simpo", "hinge")
+
 KINDS: dict[str, dict[str, Any]] = {
     "sft": {
         **COMMON,
@@ -127,22 +141,67 @@ KINDS: dict[str, dict[str, Any]] = {
         # Over max_seq_len: truncate (keep the start) or drop the row.
         "truncation": (("truncate", "drop"), "truncate"),
     },
+    "reward_model": {
+        **COMMON,
+        **TRAINING,
+        **PREFERENCE,
+        # Llama 2's margin term: subtract each row's `margin` inside the sigmoid.
+        "margin": ("bool", False),
+        # A row ranking K answers gives K(K-1)/2 pairs: `row` weighs each row once
+        # (InstructGPT's 1/C(K,2)), `pair` weighs every pair once.
+        "ranked_weighting": (("row", "pair"), "row"),
+    },
+    "dpo": {
+        **COMMON,
+        **TRAINING,
+        **PREFERENCE,
+        "loss": (DPO_LOSSES, "dpo"),
+        "beta": ("float", 0.1),
+        # Conservative DPO: probability that a preference label is flipped.
+        "label_smoothing": ("float", 0.0),
+        # Adds nll_weight x (mean token NLL of the chosen answer); Llama 3 uses 0.2.
+        "nll_weight": ("float", 0.0),
+        # SimPO's target margin gamma (loss: simpo).
+        "simpo_gamma": ("float", 0.5),
+        # The reference model: a stage or a path; null is the stage's input model.
+        "ref_from": ("?str", None),
+        # Reference log-probs computed once before training (one model in memory);
+        # false keeps a live reference model next to the policy.
+        "precompute_ref": ("bool", True),
+    },
     "eval": {
         **COMMON,
         **{k: v for k, v in EVAL.items() if k not in ("before",)},
     },
 }
 
-# Kinds whose output is a model that a later stage's `from` may name.
-MODEL_PRODUCING = {"sft"}
+# Kinds whose output is a policy (a causal LM) that a later stage's `from` may name,
+# and kinds whose output is a scorer (a sequence-classification model).
+POLICY_PRODUCING = {"sft", "dpo"}
+SCORER_PRODUCING = {"reward_model"}
+MODEL_PRODUCING = POLICY_PRODUCING | SCORER_PRODUCING
 DATASET_PRODUCING: set[str] = set()
-TRAINING_KINDS = {"sft"}
+TRAINING_KINDS = {"sft", "reward_model", "dpo"}
+
+# The kinds of stage a `from` may name (default: a policy); a reward model may
+# start from a policy or continue an earlier reward model.
+FROM_KINDS = {"reward_model": MODEL_PRODUCING}
+
+# Keys (besides `from`) that name another model, a stage or a path, and the
+# kinds of stage each may name. `eval.` keys live in the stage's eval block.
+MODEL_REFS = {
+    "dpo": {"ref_from": POLICY_PRODUCING},
+    "eval": {"reward_model": SCORER_PRODUCING},
+}
+EVAL_MODEL_REFS = {"reward_model": SCORER_PRODUCING}
 
 # The row schema (posttrain_cli.data.schemas.ROW_SCHEMAS) of each kind's `data`.
-DATA_ROWS = {"sft": "sft", "eval": "prompt"}
+DATA_ROWS = {"sft": "sft", "eval": "prompt", "reward_model": "preference", "dpo": "preference"}
 
 # Where each kind's `run(ctx)` lives; imported only inside the stage worker.
 KIND_MODULES = {
     "sft": "posttrain_cli.stages.sft",
+    "reward_model": "posttrain_cli.stages.reward_model",
+    "dpo": "posttrain_cli.stages.dpo",
     "eval": "posttrain_cli.stages.eval",
 }

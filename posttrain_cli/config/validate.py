@@ -118,13 +118,37 @@ def check_stage(name: str, given: Any) -> dict:
             raise UserError(f"{path}.eval.data is empty: name at least one source of prompts")
     if kind == "eval" and not stage["data"]:
         raise UserError(f"{path}.data is empty: an eval stage needs prompts")
+    for where, block in ((path, stage), (f"{path}.eval", stage.get("eval"))):
+        if block and "verifier" in block:
+            _check_verifier(f"{where}.verifier", block["verifier"])
+    if kind in schema.SCORER_PRODUCING and stage.get("eval"):
+        raise UserError(f"{path}.eval: a {kind} stage generates nothing to verify; its held-out pairwise "
+                        f"accuracy comes from '{path}.heldout'")
+    if "heldout" in stage:
+        stage["heldout"] = check_sources(f"{path}.heldout", stage["heldout"])
     if kind in schema.TRAINING_KINDS:
         _check_training(path, stage)
+    if kind == "dpo":
+        if stage["beta"] <= 0:
+            raise UserError(f"{path}.beta={stage['beta']} must be > 0")
+        if not 0 <= stage["label_smoothing"] < 0.5:
+            raise UserError(f"{path}.label_smoothing={stage['label_smoothing']} must be in [0, 0.5)")
+        if stage["nll_weight"] < 0:
+            raise UserError(f"{path}.nll_weight={stage['nll_weight']} must be >= 0")
     if stage["deepspeed"] is not None:
         stage["deepspeed"] = check_table(
             f"{path}.deepspeed", stage["deepspeed"], _partial(schema.SECTIONS["deepspeed"])
         )
     return stage
+
+
+def _check_verifier(path: str, name: str) -> None:
+    from posttrain_cli.rewards import VERIFIERS  # pure Python, no torch
+
+    if name not in VERIFIERS:
+        close = difflib.get_close_matches(name, list(VERIFIERS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{path}='{name}' is not a verifier (known: {', '.join(sorted(VERIFIERS))}){hint}")
 
 
 def _partial(spec: dict) -> dict:
@@ -161,7 +185,8 @@ def batch_arithmetic(path: str, stage: dict, world_size: int) -> dict:
         "micro_batch_size": m,
         "world_size": world_size,
         "grad_accum": g // per_pass,
-        "max_tokens_per_step": g * stage["max_seq_len"],
+        # A preference example holds two (or more) answers, each up to max_seq_len.
+        "max_tokens_per_step": g * stage["max_seq_len"] * (2 if stage.get("kind") in ("dpo", "reward_model") else 1),
     }
 
 

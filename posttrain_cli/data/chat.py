@@ -62,3 +62,15 @@ def apply_truncation(tok: Tokenized, max_len: int, policy: str) -> Tokenized | N
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return _ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+
+
+def tokenize_response(tokenizer, prompt: list[dict], response: dict) -> Tokenized:
+    """prompt + one assistant answer; the mask marks only that answer (and its end-of-turn tokens)."""
+    before = _ids(tokenizer, render(tokenizer, prompt, add_generation_prompt=True))
+    full = _ids(tokenizer, render(tokenizer, prompt + [response]))
+    if full[: len(before)] != before or len(full) == len(before):
+        raise UserError(
+            "the chat template does not render conversations prefix by prefix; "
+            "posttrain cannot find the answer with it (set a different tokenizer chat template)"
+        )
+    return Tokenized(full, [False] * len(before) + [True] * (len(full) - len(before)))

@@ -75,4 +75,90 @@ def prompt_row(row, src: str, n: int) -> dict:
     return {"messages": msgs, "ground_truth": gt, "dataset": row.get("dataset") or row.get("domain")}
 
 
-ROW_SCHEMAS = {"sft": sft_messages, "prompt": prompt_row}
+def _response(value, where: str, field: str) -> dict:
+    """A response: a string, one assistant message, or a message list ending in one."""
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    if isinstance(value, dict):
+        value = [value]
+    msgs = check_messages(value, where, field)
+    if msgs[-1]["role"] != "assistant":
+        raise UserError(f"{where}: field '{field}' must end with an assistant turn")
+    return msgs[-1]
+
+
+def _prompt(value, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    msgs = check_messages(value, where, "prompt")
+    if msgs[-1]["role"] == "assistant":
+        raise UserError(f"{where}: field 'prompt' must end with a user (or system/tool) turn, not an assistant turn")
+    return msgs
+
+
+def preference_row(row, src: str, n: int) -> dict:
+    """A preference row -> {"prompt": messages, "responses": best first, "margin": float | None, "drop": reason}.
+
+    Accepted shapes (the public datasets' own):
+    - `chosen` / `rejected` message lists holding the whole conversation (tulu-3
+      preference mixture); their turns before the last must be the same (the prompt);
+      an optional `prompt` string is then ignored;
+    - `prompt` (string or messages) + `chosen` / `rejected` strings or single answers;
+    - Llama 3's `edited` next to `chosen` / `rejected`: edited > chosen > rejected;
+    - `prompt` + `ranked`: K >= 2 responses, best first (InstructGPT).
+    An optional number `margin` feeds the Llama 2 margin term. A malformed row
+    is an error; chosen identical to rejected is a counted drop (`drop`).
+    """
+    where = _where(src, n)
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: a row must be a JSON object")
+    if "ranked" in row:
+        ranked = row["ranked"]
+        if not isinstance(ranked, list) or len(ranked) < 2:
+            raise UserError(f"{where}: field 'ranked' must list at least 2 responses, best first")
+        if "prompt" not in row:
+            raise UserError(f"{where}: field 'prompt' missing (a 'ranked' row needs its prompt)")
+        prompt = _prompt(row["prompt"], where)
+        responses = [_response(r, where, f"ranked[{i}]") for i, r in enumerate(ranked)]
+    else:
+        names = [k for k in ("edited", "chosen", "rejected") if k in row]
+        for key in ("chosen", "rejected"):
+            if key not in row:
+                raise UserError(f"{where}: field '{key}' missing (preference rows need 'chosen' and 'rejected', "
+                                f"or 'prompt' + 'ranked')")
+        convs = {}
+        for key in names:
+            value = row[key]
+            if isinstance(value, list) and len(value) > 1:
+                msgs = check_messages(value, where, key)
+                if msgs[-1]["role"] != "assistant":
+                    raise UserError(f"{where}: field '{key}' must end with an assistant turn")
+                convs[key] = (msgs[:-1], msgs[-1])
+            else:
+                convs[key] = (None, _response(value, where, key))
+        prompts = {key: p for key, (p, _) in convs.items() if p is not None}
+        if len(prompts) == len(convs):
+            first = names[0]
+            for key in names[1:]:
+                if prompts[key] != prompts[first]:
+                    raise UserError(f"{where}: fields '{first}' and '{key}' have different prompts "
+                                    f"(every turn before the last must match)")
+            prompt = prompts[first]
+        elif "prompt" in row:
+            prompt = _prompt(row["prompt"], where)
+            for key, p in prompts.items():
+                if p != prompt:
+                    raise UserError(f"{where}: field '{key}' holds a conversation whose turns differ from 'prompt'")
+        else:
+            raise UserError(f"{where}: field 'prompt' missing ('chosen'/'rejected' hold only answers)")
+        responses = [convs[k][1] for k in names]
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise UserError(f"{where}: field 'margin' must be a number")
+    contents = [r["content"] for r in responses]
+    drop = "identical" if len(set(contents)) < len(contents) else None
+    return {"prompt": prompt, "responses": responses, "margin": None if margin is None else float(margin),
+            "drop": drop, "src": where}
+
+
+ROW_SCHEMAS = {"sft": sft_messages, "prompt": prompt_row, "preference": preference_row}

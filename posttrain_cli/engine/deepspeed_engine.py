@@ -84,10 +84,29 @@ def packed_boundaries(attn: str) -> str:
     return "varlen" if attn.startswith("flash_attention") or attn == attention.NAME else "mask"
 
 
+def mask_dtype(ds: dict):
+    """The dtype of dense attention masks (packing without varlen attention)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(ds), torch.float32)
+
+
 def load_causal_lm(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool):
     """Load a causal LM; under ZeRO-3 it is partitioned while it loads."""
-    global _hf_ds_config
     from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, path, model_cfg, ds_cfg, train=train)
+
+
+def load_scorer(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, pad_token_id: int):
+    """A scalar-head model (AutoModelForSequenceClassification, one label) on a causal LM or reward
+    model checkpoint; a new head starts from the model's own initializer."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, path, model_cfg, ds_cfg, train=train,
+                 num_labels=1, pad_token_id=pad_token_id)
+
+
+def _load(auto_cls, path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, **extra):
+    global _hf_ds_config
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     _hf_ds_config = HfDeepSpeedConfig(ds_cfg) if ds_cfg["zero_optimization"]["stage"] == 3 else None
@@ -97,10 +116,28 @@ def load_causal_lm(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             "bf16" if ds_cfg["bf16"]["enabled"] else "fp16" if ds_cfg["fp16"]["enabled"] else "", torch.float32)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation(model_cfg),
-                  trust_remote_code=model_cfg.get("trust_remote_code", False))
+                  trust_remote_code=model_cfg.get("trust_remote_code", False), **extra)
     if model_cfg.get("revision") and not Path(path).exists():
         kwargs["revision"] = model_cfg["revision"]
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return auto_cls.from_pretrained(path, **kwargs)
+
+
+def inference_module(model, ds_cfg: dict):
+    """-> (module ready for no-grad forwards, synced): ZeRO-3 keeps the model sharded and every rank
+    must then take part in every forward (synced); otherwise a plain module on this rank's device."""
+    if ds_cfg["zero_optimization"]["stage"] == 3:
+        return initialize(model, ds_cfg).module, dist.world() > 1
+    return model.to(dist.device()).eval(), False
+
+
+def disable_dropout(model) -> None:
+    """DPO and reward models train without dropout (TRL and open-instruct do the same): the
+    log-ratio to the reference must not be noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, min_ratio: float):

@@ -78,3 +78,13 @@ def all_sum(values: list[float]) -> list[float]:
         dist.all_reduce(t)
     return t.tolist()
 
+
+
+def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (each rank fills its own rows, zeros elsewhere)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(device())
+        dist.all_reduce(t)
+    return t.cpu()

@@ -1,28 +1,80 @@
-"""The training-loop skeleton every training stage shares.
+"""The training-loop skeleton every training stage shares, and its batching.
 
 A stage supplies the micro-batches of each optimizer step (this rank's
 share) and a loss function returning a *sum* and the micro-batch's weight
-(loss tokens for SFT, pairs for DPO); the loop divides by the weight summed
-over the whole global batch, all ranks, so gradients do not depend on how the
-batch is split into ranks and accumulation steps.
+(loss tokens for SFT, pairs for DPO, rows for a reward model); the loop
+divides by the weight summed over the whole global batch, all ranks, so
+gradients do not depend on how the batch is split into ranks and
+accumulation steps.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from typing import Callable
 
 from posttrain_cli.engine import dist
+from posttrain_cli.errors import UserError
+
+
+class StepPlan:
+    """Which examples each optimizer step sees: seeded epoch shuffles, global_batch_size per step.
+
+    Step s takes the next global_batch_size examples; they split into micro-batches
+    dealt round-robin to ranks, so every rank count sees the same examples per step.
+    """
+
+    def __init__(self, n: int, batch: dict, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def step(self, s: int) -> list[int]:
+        g = self.batch["global_batch_size"]
+        return [self._order(i // self.n)[i % self.n] for i in range(s * g, (s + 1) * g)]
+
+    def micro_indices(self, s: int, rank: int, world: int) -> list[list[int]]:
+        idx, m = self.step(s), self.batch["micro_batch_size"]
+        chunks = [idx[i:i + m] for i in range(0, len(idx), m)]
+        return chunks[rank::world]
+
+
+def total_steps(cfg: dict, n: int, where: str, unit: str = "examples") -> int:
+    if cfg["max_steps"] is not None:
+        return cfg["max_steps"]
+    steps = int(cfg["epochs"] * n // cfg["global_batch_size"])
+    if steps < 1:
+        raise UserError(f"{where}: {n} {unit} make no optimizer step of global_batch_size "
+                        f"{cfg['global_batch_size']} in {cfg['epochs']} epoch(s); lower the batch or set max_steps")
+    return steps
+
+
+def forward_chunks(n: int, size: int) -> list[list[int] | None]:
+    """This rank's share of n items in chunks of `size`, padded with None so every rank
+    makes the same number of forward calls (ZeRO-3 gathers parameters collectively)."""
+    mine = list(range(dist.rank(), n, dist.world()))
+    calls = math.ceil(math.ceil(n / dist.world()) / size)
+    chunks: list[list[int] | None] = [mine[i:i + size] for i in range(0, len(mine), size)]
+    return chunks + [None] * (calls - len(chunks))
 
 
 def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[dict]],
           loss_fn: Callable[[object, dict], tuple], what: str = "train") -> dict:
     """micro_batches(step) -> this rank's micro-batches, each with 'weight' and 'tokens'.
-    loss_fn(module, micro) -> (loss_sum tensor, extra metrics dict of floats)."""
+    loss_fn(module, micro) -> (loss_sum tensor, extra metric sums: floats weighted like the loss).
+    Extras are logged divided by the global weight, like the loss."""
     world = dist.world()
     log_every = ctx.run["logging"]["log_every"]
     bar = ctx.progress(total_steps, what)
-    history: list[float] = []
+    history: list[dict] = []
     tokens_total = 0.0
     start = time.perf_counter()
     engine.train()
@@ -36,27 +88,31 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
             for micro in micros:
                 loss_sum, extra = loss_fn(engine, micro)
                 # DeepSpeed averages gradients over ranks; * world undoes that.
-                engine.backward(loss_sum * (world / max(weight, 1.0)), scale_wrt_gas=False)
+                engine.backward(loss_sum * (world / max(weight, 1e-12)), scale_wrt_gas=False)
                 engine.step()
                 loss_sum_local += float(loss_sum.detach())
                 for k, v in extra.items():
                     extras[k] = extras.get(k, 0.0) + float(v)
+            # Every rank reports the same extras keys (stages build them unconditionally).
             sums = dist.all_sum([loss_sum_local, *extras.values()])
-            loss = sums[0] / max(weight, 1.0)
-            history.append(loss)
+            means = {"loss": sums[0] / max(weight, 1e-12),
+                     **{k: v / max(weight, 1e-12) for k, v in zip(extras, sums[1:])}}
+            history.append(means)
             tokens_total += tokens
             dt = time.perf_counter() - t0
-            row = {"step": step + 1, "loss": loss, "lr": engine.get_lr()[0],
+            row = {"step": step + 1, "loss": means["loss"], "lr": engine.get_lr()[0],
                    "grad_norm": _grad_norm(engine), "tokens": tokens, "tokens_per_s": tokens / dt,
-                   **{k: v / max(weight, 1.0) for k, v in zip(extras, sums[1:])}}
+                   **{k: v for k, v in means.items() if k != "loss"}}
             if (step + 1) % log_every == 0 or step + 1 == total_steps:
                 ctx.log_metrics(row)
-            bar.update(step + 1, {"loss": loss, "tok/s": round(tokens / dt)})
+            bar.update(step + 1, {"loss": means["loss"], "tok/s": round(tokens / dt)})
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
+    # Final figures: means over the last tenth of the steps (single steps are noisy).
     tail = history[-max(1, len(history) // 10):]
-    return {"steps": total_steps, "loss": sum(tail) / len(tail), "first_loss": history[0] if history else None,
+    final = {k: sum(h[k] for h in tail) / len(tail) for k in (tail[0] if tail else {})}
+    return {"steps": total_steps, **final, "first_loss": history[0]["loss"] if history else None,
             "tokens": int(tokens_total), "tokens_per_s": tokens_total / elapsed, "train_seconds": elapsed}
 
 

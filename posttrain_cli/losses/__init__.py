@@ -1,7 +1,9 @@
 """Losses: pure functions on tensors, registered by name.
 
-A stage looks a loss up by name (`LOSSES[cfg.loss]`); adding one is a
-function and a decorator, never a branch in a trainer.
+A stage looks a loss up by name (`PREFERENCE_LOSSES[cfg.loss]`); adding one is
+a function and a decorator, never a branch in a trainer. Two tables, because
+the signatures differ: token losses (`LOSSES`: logits, targets) and pairwise
+preference losses (`PREFERENCE_LOSSES`: per-sequence log-probs, options).
 """
 
 from __future__ import annotations
@@ -9,16 +11,25 @@ from __future__ import annotations
 from typing import Callable
 
 LOSSES: dict[str, Callable] = {}
+PREFERENCE_LOSSES: dict[str, Callable] = {}
 
 
-def register(name: str):
-    def wrap(fn: Callable) -> Callable:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = fn
-        return fn
+def _registrar(table: dict, what: str):
+    def register(name: str, **attrs):
+        def wrap(fn: Callable) -> Callable:
+            if name in table:
+                raise ValueError(f"{what} {name!r} registered twice")
+            for k, v in attrs.items():
+                setattr(fn, k, v)
+            table[name] = fn
+            return fn
 
-    return wrap
+        return wrap
+
+    return register
 
 
-from posttrain_cli.losses import sft  # noqa: E402,F401  (registers)
+register = _registrar(LOSSES, "loss")
+register_preference = _registrar(PREFERENCE_LOSSES, "preference loss")
+
+from posttrain_cli.losses import preference, sft  # noqa: E402,F401  (registers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,11 @@ class StageContext:
         return self.spec["inputs"].get("model")
 
     @property
+    def models(self) -> dict:
+        """Other models the stage reads, by key ("ref_from", "eval.reward_model") -> a local path or hub id."""
+        return self.spec["inputs"].get("models", {})
+
+    @property
     def datasets(self) -> dict:
         """Dataset artifacts of earlier stages this stage reads, by stage name."""
         return self.spec["inputs"].get("datasets", {})
@@ -65,6 +71,22 @@ class StageContext:
         if dist.is_main():
             with (self.stage_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
+
+    def cached(self, name: str, build):
+        """build() once on rank 0, saved under the stage folder keyed by the fingerprint; every rank loads it.
+
+        A re-run of the same stage (after a crash) skips the work."""
+        import torch
+
+        cache = self.stage_dir / "cache" / f"{name}-{self.spec['fingerprint']}.pt"
+        if dist.is_main() and not cache.exists():
+            value = build()
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            torch.save(value, tmp)
+            tmp.replace(cache)
+        dist.barrier()
+        return torch.load(cache, weights_only=False)
 
     def progress(self, total: int, what: str) -> "Progress":
         return Progress(self, total, what)

@@ -26,6 +26,8 @@ class Node:
     # ("stage", name) | ("path", str) | ("tiny", arch) | None
     model_input: tuple | None
     deps: list[str] = field(default_factory=list)
+    # Other models the stage reads, by key ("ref_from", "eval.reward_model"): ("stage", name) | ("path", str)
+    refs: dict[str, tuple] = field(default_factory=dict)
 
     @property
     def produces_model(self) -> bool:
@@ -40,6 +42,52 @@ def _looks_like_model(value: str) -> bool:
     return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
 
 
+def _what(kinds: set) -> str:
+    if kinds <= schema.SCORER_PRODUCING:
+        return "a reward model"
+    if kinds <= schema.POLICY_PRODUCING:
+        return "a policy (a causal LM)"
+    return "a model"
+
+
+def _model_ref(name: str, key: str, value: str, stages: dict, kinds: set) -> tuple:
+    """A stage name or a model path given under stages.<name>.<key>."""
+    if value in stages:
+        if stages[value]["kind"] not in kinds:
+            raise UserError(f"stages.{name}.{key}: stage '{value}' is a {stages[value]['kind']} stage and "
+                            f"produces no {_what(kinds).removeprefix('a ')}; '{key}' needs {_what(kinds)}")
+        return ("stage", value)
+    if not _looks_like_model(value):
+        raise UserError(
+            f"stages.{name}.{key}='{value}' names no stage (stages: {', '.join(stages)}) and is not a "
+            f"local directory or a hub id (org/name)"
+        )
+    return ("path", value)
+
+
+def model_refs(cfg: dict) -> dict[str, str]:
+    """{key: value} of the model references a stage config sets (besides `from`)."""
+    out = {k: cfg[k] for k in schema.MODEL_REFS.get(cfg["kind"], {}) if cfg.get(k) is not None}
+    if cfg.get("eval"):
+        out.update({f"eval.{k}": cfg["eval"][k] for k in schema.EVAL_MODEL_REFS if cfg["eval"].get(k) is not None})
+    return out
+
+
+def _ref_kinds(kind: str, key: str) -> set:
+    if key.startswith("eval."):
+        return schema.EVAL_MODEL_REFS[key[len("eval."):]]
+    return schema.MODEL_REFS[kind][key]
+
+
+def data_sources(cfg: dict) -> list[tuple[str, dict]]:
+    """(key, source) of every data source a stage reads: data, heldout, eval.data."""
+    out = [(f"data[{i}]", s) for i, s in enumerate(cfg["data"])]
+    out += [(f"heldout[{i}]", s) for i, s in enumerate(cfg.get("heldout") or [])]
+    if cfg.get("eval"):
+        out += [(f"eval.data[{i}]", s) for i, s in enumerate(cfg["eval"]["data"])]
+    return out
+
+
 def build(run: dict) -> list[Node]:
     stages = run["stages"]
     names = list(stages)
@@ -47,7 +95,7 @@ def build(run: dict) -> list[Node]:
     edges = {n: _refs(n, s, stages) for n, s in stages.items()}
     _check_cycles(edges)
     nodes: list[Node] = []
-    last_model: str | None = None
+    last_policy: str | None = None
     for name, cfg in stages.items():
         deps = []
         for ref, key in edges[name]:
@@ -58,36 +106,28 @@ def build(run: dict) -> list[Node]:
                 )
             deps.append(ref)
         frm = cfg["from"]
-        if frm is not None and frm in stages:
-            if stages[frm]["kind"] not in schema.MODEL_PRODUCING:
-                raise UserError(
-                    f"stages.{name}.from: stage '{frm}' is a {stages[frm]['kind']} stage and produces no model"
-                )
-            model_input = ("stage", frm)
-        elif frm is not None:
-            if not _looks_like_model(frm):
-                raise UserError(
-                    f"stages.{name}.from='{frm}' names no stage (stages: {', '.join(names)}) and is not a "
-                    f"local directory or a hub id (org/name)"
-                )
-            model_input = ("path", frm)
-        elif last_model is not None:
-            model_input = ("stage", last_model)
-            deps.append(last_model)
+        if frm is not None:
+            model_input = _model_ref(name, "from", frm, stages,
+                                     schema.FROM_KINDS.get(cfg["kind"], schema.POLICY_PRODUCING))
+        elif last_policy is not None:
+            model_input = ("stage", last_policy)
+            deps.append(last_policy)
         elif run["model"]["path"] == TINY:
             model_input = ("tiny", run["model"]["tiny"] or {})
         else:
             model_input = ("path", run["model"]["path"])
-        for src in cfg["data"] + (cfg["eval"]["data"] if cfg.get("eval") else []):
+        refs = {key: _model_ref(name, key, value, stages, _ref_kinds(cfg["kind"], key))
+                for key, value in model_refs(cfg).items()}
+        for key, src in data_sources(cfg):
             ref = src["from"]
             if ref is not None and stages[ref]["kind"] not in schema.DATASET_PRODUCING:
                 raise UserError(
-                    f"stages.{name}.data: stage '{ref}' is a {stages[ref]['kind']} stage and produces no dataset"
+                    f"stages.{name}.{key}: stage '{ref}' is a {stages[ref]['kind']} stage and produces no dataset"
                 )
-        node = Node(name, cfg["kind"], cfg, model_input, sorted(set(deps), key=index.get))
+        node = Node(name, cfg["kind"], cfg, model_input, sorted(set(deps), key=index.get), refs)
         nodes.append(node)
-        if node.produces_model:
-            last_model = name
+        if node.kind in schema.POLICY_PRODUCING:
+            last_policy = name
     return nodes
 
 
@@ -95,13 +135,16 @@ def _refs(name: str, cfg: dict, stages: dict) -> list[tuple[str, str]]:
     refs = []
     if cfg["from"] is not None and cfg["from"] in stages:
         refs.append((cfg["from"], "from"))
-    for src in cfg["data"] + (cfg["eval"]["data"] if cfg.get("eval") else []):
+    for key, value in model_refs(cfg).items():
+        if value in stages:
+            refs.append((value, key))
+    for key, src in data_sources(cfg):
         if src["from"] is not None:
             if src["from"] not in stages:
                 raise UserError(
-                    f"stages.{name}.data: from='{src['from']}' names no stage (stages: {', '.join(stages)})"
+                    f"stages.{name}.{key}: from='{src['from']}' names no stage (stages: {', '.join(stages)})"
                 )
-            refs.append((src["from"], "data"))
+            refs.append((src["from"], key))
     return refs
 
 
@@ -167,8 +210,8 @@ def source_key(src: dict, fps: dict) -> dict:
     return key
 
 
-def model_key(node: Node, run: dict, fps: dict):
-    kind, value = node.model_input
+def model_key(ref: tuple, run: dict, fps: dict):
+    kind, value = ref
     if kind == "stage":
         return {"stage": fps[value]}
     if kind == "tiny":
@@ -192,10 +235,14 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
     out = {}
     for node in nodes:
         ds = effective_deepspeed(run, node)
+        train_cfg = {**training_part(node.cfg), "data": [source_key(s, fps) for s in node.cfg["data"]]}
+        if "heldout" in node.cfg:
+            train_cfg["heldout"] = [source_key(s, fps) for s in node.cfg["heldout"]]
         payload = {
             "kind": node.kind,
-            "cfg": {**training_part(node.cfg), "data": [source_key(s, fps) for s in node.cfg["data"]]},
-            "model": model_key(node, run, fps),
+            "cfg": train_cfg,
+            "model": model_key(node.model_input, run, fps),
+            "refs": {k: model_key(r, run, fps) for k, r in node.refs.items() if not k.startswith("eval.")},
             "seed": run["seed"],
             "precision": ds["precision"],
             "attn": run["model"]["attn_implementation"],
@@ -205,7 +252,9 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
         eval_fp = None
         if ev:
             eval_fp = _hash({"stage": fps[node.name], **ev,
-                             "data": [source_key(s, fps) for s in ev["data"]]})
+                             "data": [source_key(s, fps) for s in ev["data"]],
+                             "refs": {k: model_key(r, run, fps) for k, r in node.refs.items()
+                                      if k.startswith("eval.")}})
         out[node.name] = {"fingerprint": fps[node.name], "eval_fingerprint": eval_fp}
     return out
 
@@ -223,13 +272,10 @@ def stage_dir(run: dict, name: str) -> Path:
 def local_source_files(node: Node) -> list[tuple[str, dict, str]]:
     """(where, source, row schema) for every local file source, for the pre-flight check."""
     out = []
-    for i, src in enumerate(node.cfg["data"]):
+    for key, src in data_sources(node.cfg):
         if src["path"] is not None and is_local(src["path"]):
-            out.append((f"stages.{node.name}.data[{i}]", src, schema.DATA_ROWS[node.kind]))
-    if node.cfg.get("eval"):
-        for i, src in enumerate(node.cfg["eval"]["data"]):
-            if src["path"] is not None and is_local(src["path"]):
-                out.append((f"stages.{node.name}.eval.data[{i}]", src, "prompt"))
+            rows = "prompt" if key.startswith("eval.") else schema.DATA_ROWS[node.kind]
+            out.append((f"stages.{node.name}.{key}", src, rows))
     return out
 
 

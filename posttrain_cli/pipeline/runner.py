@@ -69,10 +69,15 @@ def preflight(run: dict, steps: list[Step]) -> None:
             continue
         node = step.node
         for where, src, rows in graph.local_source_files(node):
-            load_source(src, where, schemas.ROW_SCHEMAS[rows])
-        kind, value = node.model_input
-        if kind == "path" and (value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()):
-            raise UserError(f"stages.{node.name}.from: model directory not found: {value}")
+            parsed = load_source(src, where, schemas.ROW_SCHEMAS[rows])
+            if node.cfg.get("margin") and ".data[" in where:
+                missing = next((r for r in parsed if r["margin"] is None), None)
+                if missing:
+                    raise UserError(f"{missing['src']}: field 'margin' missing (stages.{node.name}.margin is "
+                                    f"true, so every training row needs a number 'margin')")
+        for key, (kind, value) in [("from", node.model_input), *node.refs.items()]:
+            if kind == "path" and (value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()):
+                raise UserError(f"stages.{node.name}.{key}: model directory not found: {value}")
 
 
 def base_model_path(run: dict, arch: dict) -> Path:
@@ -90,8 +95,8 @@ def base_model_path(run: dict, arch: dict) -> Path:
     return out.resolve()
 
 
-def _model_input(run: dict, step: Step) -> str:
-    kind, value = step.node.model_input
+def _model_path(run: dict, ref: tuple) -> str:
+    kind, value = ref
     if kind == "stage":
         return str((graph.stage_dir(run, value) / "model").resolve())
     if kind == "tiny":
@@ -113,9 +118,10 @@ def write_spec(run: dict, step: Step, eval_only: bool) -> Path:
         "run": {"seed": run["seed"], "run_dir": str(Path(run["run_dir"]).resolve()), "model": run["model"],
                 "deepspeed": graph.effective_deepspeed(run, node), "logging": run["logging"],
                 "cluster": run["cluster"]},
-        "inputs": {"model": _model_input(run, step),
+        "inputs": {"model": _model_path(run, node.model_input),
+                   "models": {key: _model_path(run, ref) for key, ref in node.refs.items()},
                    "datasets": {s["from"]: str((graph.stage_dir(run, s["from"]) / "data.jsonl").resolve())
-                                for s in node.cfg["data"] if s["from"]}},
+                                for _, s in graph.data_sources(node.cfg) if s["from"]}},
         "batch": step.batch,
     }
     step.stage_dir.mkdir(parents=True, exist_ok=True)

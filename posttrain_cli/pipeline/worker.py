@@ -137,25 +137,27 @@ def _execute(ctx, spec: dict) -> dict:
 
         old = manifest.read(ctx.stage_dir) or {}
         metrics = dict(old.get("metrics") or {})
+        rm = ctx.models.get("eval.reward_model")
         if ecfg.get("before"):
-            evals["before"] = evaluate(ctx, ctx.input_model, ecfg, ctx.where("eval"))
-        evals["after"] = evaluate(ctx, str(ctx.stage_dir / "model"), ecfg, ctx.where("eval"))
+            evals["before"] = evaluate(ctx, ctx.input_model, ecfg, ctx.where("eval"), rm)
+        evals["after"] = evaluate(ctx, str(ctx.stage_dir / "model"), ecfg, ctx.where("eval"), rm)
         metrics["eval"] = evals
         _report_eval(ctx, evals)
         return {"metrics": metrics, "outputs": {}}
     from posttrain_cli.config.schema import KIND_MODULES
 
     module = importlib.import_module(KIND_MODULES[spec["kind"]])
+    rm = ctx.models.get("eval.reward_model")
     if ecfg and ecfg.get("before"):
         from posttrain_cli.stages.eval import evaluate
 
-        evals["before"] = evaluate(ctx, ctx.input_model, ecfg, ctx.where("eval"))
+        evals["before"] = evaluate(ctx, ctx.input_model, ecfg, ctx.where("eval"), rm)
         ctx.info(f"eval before: accuracy {evals['before']['accuracy']:.1%}")
     result = module.run(ctx)
     if ecfg and "model" in result["outputs"]:
         from posttrain_cli.stages.eval import evaluate
 
-        evals["after"] = evaluate(ctx, str(ctx.work_dir / result["outputs"]["model"]), ecfg, ctx.where("eval"))
+        evals["after"] = evaluate(ctx, str(ctx.work_dir / result["outputs"]["model"]), ecfg, ctx.where("eval"), rm)
         _report_eval(ctx, evals)
     if evals:
         result["metrics"]["eval"] = {**evals, **result["metrics"].get("eval", {})}
@@ -163,7 +165,8 @@ def _execute(ctx, spec: dict) -> dict:
 
 
 def _report_eval(ctx, evals: dict) -> None:
-    parts = [f"{k} {v['accuracy']:.1%}" for k, v in evals.items()]
+    parts = [f"{k} {v['accuracy']:.1%}" + (f" (reward {v['reward']:.3g})" if "reward" in v else "")
+             for k, v in evals.items()]
     ctx.info(f"eval ({evals['after']['verifier']}, {evals['after']['n']} prompts): " + ", ".join(parts))
 
 

@@ -23,7 +23,8 @@ from posttrain_cli.rewards import VERIFIERS
 from posttrain_cli.rollout import hf
 
 
-def evaluate(ctx, model_path: str, ecfg: dict, where: str) -> dict:
+def evaluate(ctx, model_path: str, ecfg: dict, where: str, reward_model: str | None = None) -> dict:
+    """Accuracy of model_path's generations; with reward_model (a path), also their mean reward."""
     from transformers import AutoTokenizer
 
     if ecfg["verifier"] not in VERIFIERS:
@@ -37,11 +38,7 @@ def evaluate(ctx, model_path: str, ecfg: dict, where: str) -> dict:
     start = time.perf_counter()
     ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
     model = eng.load_causal_lm(model_path, model_cfg, ds_cfg, train=False)
-    zero3 = ds_cfg["zero_optimization"]["stage"] == 3 and dist.world() > 1
-    if zero3:
-        module = eng.initialize(model, ds_cfg).module
-    else:
-        module = model.to(dist.device())
+    module, zero3 = eng.inference_module(model, ds_cfg)
     mine, calls = hf.shard(list(range(len(rows))), ecfg["batch_size"])
     prompts = [prompt_ids(tokenizer, rows[i]["messages"]) for i in mine]
     outs = hf.generate(module, tokenizer, prompts, max_new_tokens=ecfg["max_new_tokens"],
@@ -55,12 +52,23 @@ def evaluate(ctx, model_path: str, ecfg: dict, where: str) -> dict:
         ctx.log.info("sample: %r -> %r (truth %r)", rows[mine[0]]["messages"][-1]["content"], outs[0].text,
                      rows[mine[0]]["ground_truth"])
     del model, module
-    return {"accuracy": correct / n, "n": int(n), "eos_rate": eos / n, "mean_length": length / n,
-            "verifier": ecfg["verifier"], "seconds": time.perf_counter() - start}
+    result = {"accuracy": correct / n, "n": int(n), "eos_rate": eos / n, "mean_length": length / n,
+              "verifier": ecfg["verifier"]}
+    if reward_model:
+        from posttrain_cli.rewards.rm import RewardScorer
+
+        scorer = RewardScorer(reward_model, model_cfg, ds_cfg, batch_size=ecfg["batch_size"])
+        rewards = scorer.score([rows[i]["messages"] for i in mine], [o.text for o in outs], calls=calls)
+        total, count = dist.all_sum([sum(rewards), len(rewards)])
+        result["reward"] = total / count
+        del scorer
+    result["seconds"] = time.perf_counter() - start
+    return result
 
 
 def run(ctx) -> dict:
     """The stage kind `eval`: score the input model; produces no artifact."""
-    result = evaluate(ctx, ctx.input_model, ctx.cfg, ctx.where())
-    ctx.info(f"accuracy {result['accuracy']:.1%} on {result['n']} prompts ({result['verifier']})")
+    result = evaluate(ctx, ctx.input_model, ctx.cfg, ctx.where(), ctx.models.get("reward_model"))
+    ctx.info(f"accuracy {result['accuracy']:.1%} on {result['n']} prompts ({result['verifier']})"
+             + (f", mean reward {result['reward']:.3g}" if "reward" in result else ""))
     return {"metrics": {"eval": {"after": result}}, "outputs": {}}

@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from posttrain_cli.data import packing
@@ -25,7 +23,7 @@ from posttrain_cli.data.schemas import sft_messages
 from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
-from posttrain_cli.engine.loop import train
+from posttrain_cli.engine.loop import StepPlan, total_steps, train
 from posttrain_cli.errors import UserError
 from posttrain_cli.losses import LOSSES
 from posttrain_cli.losses.sft import shifted_targets
@@ -33,8 +31,8 @@ from posttrain_cli.losses.sft import shifted_targets
 
 def tokenize_rows(ctx, tokenizer, rows: list) -> tuple[list, dict]:
     """Tokenize on rank 0 once, cache in the stage folder, share with every rank."""
-    cache = ctx.stage_dir / "cache" / f"sft-{ctx.spec['fingerprint']}.pt"
-    if dist.is_main() and not cache.exists():
+
+    def build():
         cfg = ctx.cfg
         examples, truncated, dropped = [], 0, 0
         for messages in rows:
@@ -47,51 +45,10 @@ def tokenize_rows(ctx, tokenizer, rows: list) -> tuple[list, dict]:
         stats = {"rows": len(rows), "truncated": truncated, "dropped": dropped, "examples": len(examples),
                  "tokens": sum(len(i) for i, _ in examples),
                  "loss_tokens": sum(sum(m) for _, m in examples)}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"examples": examples, "stats": stats}, tmp)
-        tmp.replace(cache)
-    dist.barrier()
-    blob = torch.load(cache)
+        return {"examples": examples, "stats": stats}
+
+    blob = ctx.cached("sft", build)
     return blob["examples"], blob["stats"]
-
-
-class StepPlan:
-    """Which examples each optimizer step sees: seeded epoch shuffles, global_batch_size per step.
-
-    Step s takes the next global_batch_size examples; they split into micro-batches
-    dealt round-robin to ranks, so every rank count sees the same examples per step.
-    """
-
-    def __init__(self, n: int, batch: dict, seed: int):
-        self.n, self.batch, self.seed = n, batch, seed
-        self._orders: dict[int, list[int]] = {}
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            order = list(range(self.n))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._orders = {epoch: order}
-        return self._orders[epoch]
-
-    def step(self, s: int) -> list[int]:
-        g = self.batch["global_batch_size"]
-        return [self._order(i // self.n)[i % self.n] for i in range(s * g, (s + 1) * g)]
-
-    def micro_indices(self, s: int, rank: int, world: int) -> list[list[int]]:
-        idx, m = self.step(s), self.batch["micro_batch_size"]
-        chunks = [idx[i:i + m] for i in range(0, len(idx), m)]
-        return chunks[rank::world]
-
-
-def total_steps(cfg: dict, n: int, where: str) -> int:
-    if cfg["max_steps"] is not None:
-        return cfg["max_steps"]
-    steps = int(cfg["epochs"] * n // cfg["global_batch_size"])
-    if steps < 1:
-        raise UserError(f"{where}: {n} examples make no optimizer step of global_batch_size "
-                        f"{cfg['global_batch_size']} in {cfg['epochs']} epoch(s); lower the batch or set max_steps")
-    return steps
 
 
 def run(ctx) -> dict:
@@ -116,8 +73,7 @@ def run(ctx) -> dict:
     model = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
     engine = eng.initialize(model, ds_cfg, cfg, steps)
     boundaries = eng.packed_boundaries(eng.attn_implementation(model_cfg))
-    mask_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(eng.resolve_precision(ctx.run["deepspeed"]),
-                                                                     torch.float32)
+    mask_dtype = eng.mask_dtype(ctx.run["deepspeed"])
     dev = engine.device
     plan = StepPlan(len(examples), batch, ctx.seed)
     loss = LOSSES["sft"]

@@ -60,8 +60,8 @@ def test_unknown_key_in_recipe_file(tmp_path):
 
 
 def test_unknown_stage_in_override():
-    msg = _error(["recipe=tiny", "stages.dpo.beta=5"])
-    assert "unknown stage 'dpo'" in msg
+    msg = _error(["recipe=tiny", "stages.ppo.beta=5"])
+    assert "unknown stage 'ppo'" in msg
 
 
 def test_unknown_kind(tmp_path):

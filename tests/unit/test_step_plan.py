@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain_cli.stages.sft import StepPlan, total_steps
+from posttrain_cli.engine.loop import StepPlan, total_steps
 
 
 def _batch(g, m, w):
