@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -11,24 +12,45 @@ from tests.conftest import posttrain
 pytestmark = pytest.mark.slow
 
 
+def _metrics(run_dir, stage) -> dict:
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
 def test_tiny_recipe_lifts_accuracy_and_reruns_as_a_skip(tmp_path):
+    t0 = time.time()
     r = posttrain("run", "recipe=tiny", cwd=tmp_path, timeout=900)
+    wall = time.time() - t0
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     run_dir = tmp_path / "runs" / "tiny"
-    m = json.loads((run_dir / "sft" / "manifest.json").read_text())
+    m = _metrics(run_dir, "sft")
     ev = m["metrics"]["eval"]
     lift = ev["after"]["accuracy"] - ev["before"]["accuracy"]
-    print(f"tiny: before {ev['before']['accuracy']:.1%} after {ev['after']['accuracy']:.1%} "
-          f"in {m['timings']['seconds']:.0f}s")
+    rm = _metrics(run_dir, "rm")["metrics"]["heldout"]
+    dpo = _metrics(run_dir, "dpo")["metrics"]
+    print(f"tiny ({wall:.0f}s): sft acc {ev['before']['accuracy']:.1%} -> {ev['after']['accuracy']:.1%}; "
+          f"rm pref {rm['before']['accuracy']:.1%} -> {rm['after']['accuracy']:.1%}; "
+          f"dpo pref {dpo['heldout']['before']['accuracy']:.1%} -> {dpo['heldout']['after']['accuracy']:.1%}, "
+          f"acc {dpo['eval']['after']['accuracy']:.1%}, reward {dpo['eval']['after']['reward']:.3g}")
     assert lift >= 0.5, ev
-    assert "acc after" in r.stdout and "sft" in r.stdout
+    # The reward model ranks held-out pairs well above chance.
+    assert rm["after"]["accuracy"] >= 0.8, rm
+    # DPO: held-out implicit reward prefers chosen far more often than the SFT model's (a tie, 50%),
+    # the policy's own ranking does not get worse, and generation accuracy stays within a few points.
+    held = dpo["heldout"]
+    assert held["after"]["accuracy"] >= held["before"]["accuracy"] + 0.2, held
+    assert held["after"]["logp_accuracy"] >= held["before"]["logp_accuracy"] - 0.01, held
+    assert dpo["eval"]["after"]["accuracy"] >= ev["after"]["accuracy"] - 0.04, (dpo["eval"], ev)
+    for col in ("acc after", "pref before", "pref after", "rm", "dpo", "reward_model"):
+        assert col in r.stdout, col
     assert (run_dir / "resolved.yaml").exists()
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
+    AutoModelForCausalLM.from_pretrained(run_dir / "dpo" / "model")
+    AutoModelForSequenceClassification.from_pretrained(run_dir / "rm" / "model")
 
     again = posttrain("run", "recipe=tiny", cwd=tmp_path)
     assert again.returncode == 0
-    assert "[sft] skipped" in again.stdout
-    assert json.loads((run_dir / "sft" / "manifest.json").read_text())["timings"] == m["timings"]
+    for stage in ("sft", "rm", "dpo"):
+        assert f"[{stage}] skipped" in again.stdout
+    assert _metrics(run_dir, "sft")["timings"] == m["timings"]
