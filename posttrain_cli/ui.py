@@ -115,7 +115,7 @@ def print_plan(run: dict, steps) -> None:
             console.print(f"   eval: {e['verifier']} on {srcs}, max_new_tokens {e['max_new_tokens']}"
                           f"{', before and after' if e['before'] else ''}"
                           f"{', reward model ' + e['reward_model'] if e.get('reward_model') else ''}")
-        outs = {True: "model/", False: "metrics only"}[node.produces_model]
+        outs = "model/" if node.produces_model else "metrics only"
         if node.kind in schema.SCORER_PRODUCING:
             outs = "model/ (a reward model: AutoModelForSequenceClassification)"
         console.print(f"   out: {step.stage_dir}/{outs}")

@@ -46,7 +46,6 @@ import json
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -54,7 +53,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import ARCH, QUICK_ARCH, REPO, _len, _text, busy_cores, child_env, wait_quiet  # noqa: E402
+from bench_sft import (ARCH, QUICK_ARCH, _len, _text, busy_cores, posttrain_run,  # noqa: E402
+                       run_in_subprocess, wait_quiet)
 
 BETA, LR = 0.1, 1e-6
 
@@ -179,12 +179,7 @@ def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
             micro_batch_size: {spec['micro_batch']}
             max_seq_len: {spec['max_seq_len']}
         """))
-    exe = Path(sys.executable).parent / "posttrain"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "posttrain_cli.cli"]
-    p = subprocess.run(cmd + ["run", f"recipe={recipe}", f"run_dir={run_dir}", "deepspeed.precision=fp32"],
-                       env=child_env(spec["threads"]), capture_output=True, text=True, cwd=tmp)
-    if p.returncode != 0:
-        raise SystemExit(f"posttrain failed (rc {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    posttrain_run(recipe, run_dir, spec["threads"], tmp)
     m = json.loads((run_dir / "dpo" / "manifest.json").read_text())["metrics"]
     rows = [json.loads(l) for l in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
     dts = [r["tokens"] / r["tokens_per_s"] for r in rows]
@@ -192,16 +187,6 @@ def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"seconds": m["ref_seconds"] + m["train_seconds"], "steps": len(rows), "ref_seconds": m["ref_seconds"],
             "steady": _steady(ends, spec["skip"]), "loss_last": rows[-1]["loss"]}
-
-
-def run_worker_subprocess(kind: str, spec: dict, tmp: Path, rnd: int) -> dict:
-    spec_path, out_path = tmp / f"spec-{kind}-{rnd}.json", tmp / f"out-{kind}-{rnd}.json"
-    spec_path.write_text(json.dumps(spec))
-    p = subprocess.run([sys.executable, __file__, "--worker", kind, "--spec", str(spec_path), "--out", str(out_path)],
-                       env=child_env(spec["threads"]), capture_output=True, text=True, cwd=REPO)
-    if p.returncode != 0:
-        raise SystemExit(f"{kind} worker failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return json.loads(out_path.read_text())
 
 
 def main() -> None:
@@ -251,7 +236,7 @@ def main() -> None:
         for rnd in range(a.repeats):
             for c in contestants[rnd % 3:] + contestants[:rnd % 3]:
                 busy = wait_quiet(a.max_load, a.wait_quiet) if a.wait_quiet else busy_cores(1.0)
-                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else run_worker_subprocess(c, spec, tmp, rnd)
+                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else run_in_subprocess(c, spec, tmp, rnd, script=__file__)
                 assert res["steps"] == a.steps, (c, res)
                 results[c].append(res)
                 extra = f" (reference pass {res['ref_seconds']:.1f}s)" if "ref_seconds" in res else ""

@@ -325,11 +325,12 @@ def child_env(threads: int) -> dict:
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
-def run_in_subprocess(kind: str, spec: dict, tmp: Path, rnd: int) -> dict:
+def run_in_subprocess(kind: str, spec: dict, tmp: Path, rnd: int, script: str = __file__) -> dict:
+    """Run `script --worker kind` (this script's or another benchmark's) in a fresh process."""
     spec_path = tmp / f"spec-{kind}-{rnd}.json"
     out_path = tmp / f"out-{kind}-{rnd}.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, __file__, "--worker", kind, "--spec", str(spec_path), "--out", str(out_path)]
+    cmd = [sys.executable, script, "--worker", kind, "--spec", str(spec_path), "--out", str(out_path)]
     p = subprocess.run(cmd, env=child_env(spec["threads"]), capture_output=True, text=True, cwd=REPO)
     if p.returncode != 0:
         raise SystemExit(f"{kind} worker failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
@@ -360,14 +361,19 @@ def write_recipe(tmp: Path, spec: dict) -> Path:
     return recipe
 
 
-def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
-    run_dir = tmp / f"pt-run-{rnd}"
+def posttrain_run(recipe: Path, run_dir: Path, threads: int, cwd: Path) -> None:
+    """`posttrain run recipe=... run_dir=...` as a user types it, fp32, in a fresh process."""
     exe = Path(sys.executable).parent / "posttrain"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "posttrain_cli.cli"]
-    cmd += ["run", f"recipe={spec['recipe']}", f"run_dir={run_dir}", "deepspeed.precision=fp32"]
-    p = subprocess.run(cmd, env=child_env(spec["threads"]), capture_output=True, text=True, cwd=tmp)
+    cmd += ["run", f"recipe={recipe}", f"run_dir={run_dir}", "deepspeed.precision=fp32"]
+    p = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, cwd=cwd)
     if p.returncode != 0:
         raise SystemExit(f"posttrain failed (rc {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+
+
+def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
+    run_dir = tmp / f"pt-run-{rnd}"
+    posttrain_run(spec["recipe"], run_dir, spec["threads"], tmp)
     stage = run_dir / "sft"
     manifest = json.loads((stage / "manifest.json").read_text())
     m = manifest.get("metrics", manifest)

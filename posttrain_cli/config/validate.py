@@ -186,7 +186,8 @@ def batch_arithmetic(path: str, stage: dict, world_size: int) -> dict:
         "world_size": world_size,
         "grad_accum": g // per_pass,
         # A preference example holds two (or more) answers, each up to max_seq_len.
-        "max_tokens_per_step": g * stage["max_seq_len"] * (2 if stage.get("kind") in ("dpo", "reward_model") else 1),
+        "max_tokens_per_step": g * stage["max_seq_len"] * (2 if schema.DATA_ROWS.get(stage.get("kind")) == "preference"
+                                                            else 1),
     }
 
 

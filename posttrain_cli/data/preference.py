@@ -23,7 +23,7 @@ import torch
 
 from posttrain_cli.data import packing
 from posttrain_cli.data.chat import apply_truncation, tokenize_response
-from posttrain_cli.data.schemas import preference_row
+from posttrain_cli.data.schemas import preference_row, require_margins
 from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.losses.sft import shifted_targets
 
@@ -103,11 +103,8 @@ def prepare(ctx, tokenizer, *, need_margin: bool = False) -> dict:
     train_rows, train_drops = load_rows(cfg["data"], ctx.where("data"), ctx.seed, ctx.datasets)
     held_rows, held_drops = (load_rows(cfg["heldout"], ctx.where("heldout"), ctx.seed, ctx.datasets)
                              if cfg["heldout"] else ([], {}))
-    if need_margin:
-        for row in train_rows:
-            if row["margin"] is None:
-                raise UserError(f"{row['src']}: field 'margin' missing ({ctx.where('margin')} is true, so every "
-                                f"training row needs a number 'margin')")
+    if need_margin:  # checked before the run for local files; hub datasets are checked here
+        require_margins(train_rows, ctx.where("margin"))
 
     def build():
         train, train_stats = tokenize(tokenizer, train_rows, cfg["max_seq_len"], cfg["truncation"])

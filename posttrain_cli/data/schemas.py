@@ -161,4 +161,12 @@ def preference_row(row, src: str, n: int) -> dict:
             "drop": drop, "src": where}
 
 
+def require_margins(rows: list[dict], key: str) -> None:
+    """With a stage's `margin: true` (`key`), every training row must carry a number `margin`."""
+    missing = next((r for r in rows if r["margin"] is None), None)
+    if missing is not None:
+        raise UserError(f"{missing['src']}: field 'margin' missing ({key} is true, so every training row "
+                        f"needs a number 'margin')")
+
+
 ROW_SCHEMAS = {"sft": sft_messages, "prompt": prompt_row, "preference": preference_row}

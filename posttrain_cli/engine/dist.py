@@ -79,7 +79,6 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-
 def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (each rank fills its own rows, zeros elsewhere)."""
     import torch.distributed as dist

@@ -72,21 +72,24 @@ class StageContext:
             with (self.stage_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def cached(self, name: str, build):
-        """build() once on rank 0, saved under the stage folder keyed by the fingerprint; every rank loads it.
-
-        A re-run of the same stage (after a crash) skips the work."""
+    def cached(self, name: str, build, *, collective: bool = False):
+        """build() once, saved under the stage folder keyed by the fingerprint, so a re-run of the
+        same stage (after a crash) skips the work. build() runs on rank 0 and every rank loads the
+        result, or with `collective` on every rank (a distributed computation) and rank 0 saves it."""
         import torch
 
         cache = self.stage_dir / "cache" / f"{name}-{self.spec['fingerprint']}.pt"
-        if dist.is_main() and not cache.exists():
-            value = build()
+        exists = dist.all_sum([float(cache.exists())])[0] == dist.world() if collective else cache.exists()
+        if exists:
+            return torch.load(cache, weights_only=False)
+        value = build() if collective or dist.is_main() else None
+        if dist.is_main():
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".tmp{os.getpid()}")
             torch.save(value, tmp)
             tmp.replace(cache)
         dist.barrier()
-        return torch.load(cache, weights_only=False)
+        return value if collective else torch.load(cache, weights_only=False)
 
     def progress(self, total: int, what: str) -> "Progress":
         return Progress(self, total, what)

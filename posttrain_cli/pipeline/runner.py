@@ -71,10 +71,7 @@ def preflight(run: dict, steps: list[Step]) -> None:
         for where, src, rows in graph.local_source_files(node):
             parsed = load_source(src, where, schemas.ROW_SCHEMAS[rows])
             if node.cfg.get("margin") and ".data[" in where:
-                missing = next((r for r in parsed if r["margin"] is None), None)
-                if missing:
-                    raise UserError(f"{missing['src']}: field 'margin' missing (stages.{node.name}.margin is "
-                                    f"true, so every training row needs a number 'margin')")
+                schemas.require_margins(parsed, f"stages.{node.name}.margin")
         for key, (kind, value) in [("from", node.model_input), *node.refs.items()]:
             if kind == "path" and (value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()):
                 raise UserError(f"stages.{node.name}.{key}: model directory not found: {value}")

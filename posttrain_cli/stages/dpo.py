@@ -121,29 +121,21 @@ def heldout_metrics(step: DPOStep, pairs: list[dict], logps: torch.Tensor, ref: 
 
 def _reference_logps(ctx, engine, model_cfg: dict, pairs: list[dict], held: list[dict], mb: dict,
                      micro_size: int) -> dict:
-    """Reference log-probs of every training and held-out pair, computed once and cached on disk."""
-    cache = ctx.stage_dir / "cache" / f"ref-{ctx.spec['fingerprint']}.pt"
-    if dist.all_sum([float(cache.exists())])[0] == dist.world():
-        ctx.info("reference log-probs: reusing the cache of an earlier attempt")
-        return torch.load(cache)
-    ref_path = ctx.models.get("ref_from")
-    if ref_path is None or ref_path == ctx.input_model:
-        ctx.info("reference log-probs: computed by the policy before its first step (reference = input model)")
-        module = engine
-    else:
-        ctx.info(f"reference log-probs: computed once with {ref_path}, then freed")
-        ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
-        module, _ = eng.inference_module(eng.load_causal_lm(ref_path, model_cfg, ds_cfg, train=False), ds_cfg)
-    out = {"train": logps_pass(module, pairs, micro_size, **mb),
-           "heldout": logps_pass(module, held, micro_size, **mb) if held else None}
-    del module
-    if dist.is_main():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(out, tmp)
-        tmp.replace(cache)
-    dist.barrier()
-    return out
+    """Reference log-probs of every training and held-out pair, computed once (all ranks) and cached on disk."""
+
+    def build() -> dict:
+        ref_path = ctx.models.get("ref_from")
+        if ref_path is None or ref_path == ctx.input_model:
+            ctx.info("reference log-probs: computed by the policy before its first step (reference = input model)")
+            module = engine
+        else:
+            ctx.info(f"reference log-probs: computed once with {ref_path}, then freed")
+            ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
+            module, _ = eng.inference_module(eng.load_causal_lm(ref_path, model_cfg, ds_cfg, train=False), ds_cfg)
+        return {"train": logps_pass(module, pairs, micro_size, **mb),
+                "heldout": logps_pass(module, held, micro_size, **mb) if held else None}
+
+    return ctx.cached("ref", build, collective=True)
 
 
 def run(ctx) -> dict:
@@ -182,16 +174,15 @@ def run(ctx) -> dict:
         ctx.info(f"loss {cfg['loss']} is reference-free: no reference model")
     ref_seconds = time.perf_counter() - t_ref
 
-    def heldout_ref() -> torch.Tensor | None:
-        if ref_logps is not None:
-            return ref_logps["heldout"]
-        if live_ref is not None:
-            return logps_pass(live_ref, held, micro_size, **mb)
-        return None
+    # The held-out pairs' reference log-probs, once (a live reference computes them here).
+    ref_h = None
+    if held and ref_logps is not None:
+        ref_h = ref_logps["heldout"]
+    elif held and live_ref is not None:
+        ref_h = logps_pass(live_ref, held, micro_size, **mb)
 
     heldout = {}
     if held:
-        ref_h = heldout_ref()
         # The untrained policy is the reference when ref_from is unset: its log-probs are already known.
         same = ref_logps is not None and ctx.models.get("ref_from") in (None, ctx.input_model)
         before = ref_h if same else logps_pass(engine, held, micro_size, **mb)
@@ -220,12 +211,11 @@ def run(ctx) -> dict:
              f"beta {cfg['beta']:g}, ZeRO-{ctx.run['deepspeed']['zero_stage']}")
     metrics = train(ctx, engine, total_steps=steps, micro_batches=micro_batches, loss_fn=loss_fn)
     if held:
-        heldout["after"] = heldout_metrics(step_math, held, logps_pass(engine, held, micro_size, **mb),
-                                           heldout_ref())
+        heldout["after"] = heldout_metrics(step_math, held, logps_pass(engine, held, micro_size, **mb), ref_h)
         a = heldout["after"]
         ctx.info(f"held-out after: implicit reward accuracy {a['accuracy']:.1%}, margin {a['reward_margin']:.3g}; "
                  f"the policy's likelihood prefers chosen on {a['logp_accuracy']:.1%}")
-    del live_ref
+    live_ref = None  # free the reference before saving
     eng.save_hf(engine, tokenizer, ctx.work_dir / "model")
     del engine, model
     out = {**metrics, "ref_seconds": ref_seconds, "data": data["stats"]}

@@ -18,7 +18,6 @@ from posttrain_cli.data.schemas import prompt_row
 from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
-from posttrain_cli.errors import UserError
 from posttrain_cli.rewards import VERIFIERS
 from posttrain_cli.rollout import hf
 
@@ -27,8 +26,6 @@ def evaluate(ctx, model_path: str, ecfg: dict, where: str, reward_model: str | N
     """Accuracy of model_path's generations; with reward_model (a path), also their mean reward."""
     from transformers import AutoTokenizer
 
-    if ecfg["verifier"] not in VERIFIERS:
-        raise UserError(f"{where}.verifier='{ecfg['verifier']}' is not one of: {', '.join(sorted(VERIFIERS))}")
     verify = VERIFIERS[ecfg["verifier"]]
     model_cfg = ctx.run["model"]
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg["trust_remote_code"])

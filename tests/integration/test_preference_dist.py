@@ -19,6 +19,17 @@ from tests.conftest import TINY_DATA, mini_recipe, posttrain, write_jsonl
 
 pytestmark = pytest.mark.slow
 
+SFT_STAGE = """
+{name}:
+  kind: sft
+  data: [{{path: {train}}}]
+  lr: 3.0e-3
+  max_steps: 10
+  global_batch_size: 32
+  micro_batch_size: 16
+  max_seq_len: 64
+"""
+
 DPO_STAGE = """
 {name}:
   kind: dpo
@@ -49,23 +60,9 @@ def _recipe(tmp: Path) -> Path:
     lines = lambda f, n: [_easy(json.loads(l)) for l in (TINY_DATA / f).read_text().splitlines()[:n]]  # noqa: E731
     pref = write_jsonl(tmp / "pref.jsonl", lines("pref_train.jsonl", 256))
     held = write_jsonl(tmp / "held.jsonl", lines("pref_eval.jsonl", 48))
-    stages = textwrap.dedent(f"""
-      sft0:
-        kind: sft
-        data: [{{path: {tmp}/train.jsonl}}]
-        lr: 3.0e-3
-        max_steps: 10
-        global_batch_size: 32
-        micro_batch_size: 16
-        max_seq_len: 64
-      sft:
-        kind: sft
-        data: [{{path: {tmp}/train.jsonl}}]
-        lr: 3.0e-3
-        max_steps: 10
-        global_batch_size: 32
-        micro_batch_size: 16
-        max_seq_len: 64
+    # sft0 -> sft: two policies, so one dpo stage can take a reference other than its input.
+    stages = "".join(SFT_STAGE.format(name=name, train=tmp / "train.jsonl") for name in ("sft0", "sft"))
+    stages += textwrap.dedent(f"""
       rm:
         kind: reward_model
         data: [{{path: {pref}}}]

@@ -148,3 +148,8 @@ def test_batch_arithmetic(g, m, w, accum):
 def test_batch_arithmetic_rejects_non_divisible():
     with pytest.raises(UserError, match=r"global_batch_size=10 does not divide.*4 x 2 rank\(s\) = 8"):
         batch_arithmetic("stages.s", {"global_batch_size": 10, "micro_batch_size": 4, "max_seq_len": 8}, 2)
+
+
+def test_unknown_verifier_is_a_config_error():
+    msg = _error(["recipe=tiny", "stages.sft.eval.verifier=numbr"])
+    assert "stages.sft.eval.verifier='numbr' is not a verifier" in msg and "did you mean 'number'" in msg
