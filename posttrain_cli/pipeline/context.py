@@ -79,8 +79,8 @@ class StageContext:
         import torch
 
         cache = self.stage_dir / "cache" / f"{name}-{self.spec['fingerprint']}.pt"
-        exists = dist.all_sum([float(cache.exists())])[0] == dist.world() if collective else cache.exists()
-        if exists:
+        # Decided together (a collective): a rank that saw rank 0's fresh file would skip the barrier.
+        if dist.all_sum([float(cache.exists())])[0] == dist.world():
             return torch.load(cache, weights_only=False)
         value = build() if collective or dist.is_main() else None
         if dist.is_main():
