@@ -85,10 +85,11 @@ def print_plan(run: dict, steps) -> None:
         node, cfg = step.node, step.node.cfg
         action = {"run": "[green]will run[/]", "skip": "[dim]skip (done, same fingerprint)[/]",
                   "eval": "[yellow]eval only (model done)[/]"}[step.action]
-        kind, value = node.model_input
-        src = {"stage": f"stage {value}", "tiny": "tiny model (built locally)", "path": value}[kind]
         console.print(f"\n[bold]{i}. {node.name}[/] ({node.kind})  {action}  fingerprint {step.fingerprint}")
-        console.print(f"   from: {src}")
+        if node.model_input is not None:
+            kind, value = node.model_input
+            src = {"stage": f"stage {value}", "tiny": "tiny model (built locally)", "path": value}[kind]
+            console.print(f"   from: {src}")
         if "lr" in cfg:
             length = f"max_steps {cfg['max_steps']}" if cfg["max_steps"] else f"epochs {cfg['epochs']:g}"
             console.print(f"   lr {cfg['lr']:g} ({cfg['schedule']}, warmup_ratio {cfg['warmup_ratio']:g}), {length}, "
@@ -112,7 +113,7 @@ def print_plan(run: dict, steps) -> None:
                           f"nll_weight {cfg['nll_weight']:g}"
                           + (f", simpo_gamma {cfg['simpo_gamma']:g}" if cfg["loss"] == "simpo" else "")
                           + f"; reference: {ref}")
-        if node.kind in schema.RL_KINDS:
+        if node.kind in ("grpo", "ppo"):
             rewards = []
             if cfg.get("reward_model"):
                 rewards.append(f"{cfg['rm_weight']:g} x reward model {cfg['reward_model']}")

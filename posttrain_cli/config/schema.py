@@ -52,6 +52,9 @@ SECTIONS = {
         "nproc_per_node": ("int", 1),
         "nnodes": ("int", 1),
         "master_port": ("?int", None),
+        # Stages that do not depend on each other (branches) run at once, up to this many;
+        # on GPUs each running stage gets its own nproc_per_node devices.
+        "parallel_stages": ("int", 1),
     },
     "logging": {
         "progress": (("auto", "always", "never"), "auto"),
@@ -169,6 +172,27 @@ RL = {
     "ref_from": ("?str", None),
 }
 
+# Sampling from a model into a dataset (generate, rejection_sampling).
+GENERATION = {
+    "max_new_tokens": ("int", 256),
+    "temperature": ("float", 1.0),
+    "top_p": ("float", 1.0),
+    # Sequences per rank per generate call.
+    "batch_size": ("int", 64),
+    # Prompt + completion; prompts leaving no room for max_new_tokens are dropped (counted).
+    "max_seq_len": ("int", 2048),
+    # Use only the first N prompts.
+    "limit": ("?int", None),
+    # Completions cut at max_new_tokens (no EOS) are left out of the dataset.
+    "drop_truncated": ("bool", True),
+}
+
+# The verifier keys of RL (dispatch.py), for the other kinds that score with verifiers.
+VERIFIER_KEYS = ("verifier", "verifiers", "extra_verifiers", "reward_weights", "verifier_timeout")
+
+# Names of the merge methods (posttrain_cli.merge.methods), for torch-free checks (a test keeps them equal).
+MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+
 KINDS: dict[str, dict[str, Any]] = {
     "sft": {
         **COMMON,
@@ -265,21 +289,111 @@ KINDS: dict[str, dict[str, Any]] = {
         "whiten_advantages": ("bool", True),
         "whiten_rewards": ("bool", False),
     },
+    "generate": {
+        **COMMON,
+        **GENERATION,
+        # Completions per prompt; each becomes one row.
+        "num_generations": ("int", 1),
+    },
+    "rejection_sampling": {
+        **COMMON,
+        **GENERATION,
+        # K: completions sampled per prompt.
+        "num_samples": ("int", 8),
+        # best: the highest-scoring of the K (Llama 2 / 3); all_pass: every one that passes (R1).
+        "keep": (("best", "all_pass"), "best"),
+        # Minimum score to keep. all_pass with verifiers alone and no threshold: every
+        # verifier of the row gives full marks (score >= 1).
+        "threshold": ("?float", None),
+        # all_pass: at most this many kept completions per prompt (distinct ones first); null: all.
+        "max_per_prompt": ("?int", None),
+        # Score = rm_weight x reward model (a reward_model stage or path) + verifiable_reward x verifiers.
+        "reward_model": ("?str", None),
+        "rm_weight": ("float", 1.0),
+        "verifiable_reward": ("float", 1.0),
+        **{k: RL[k] for k in VERIFIER_KEYS},
+    },
+    "merge": {
+        **COMMON,
+        # posttrain_cli/merge/methods.py: linear, slerp, task_arithmetic, ties, dare_linear, dare_ties.
+        "method": (MERGE_METHODS, "linear"),
+        # Models to merge: stages or paths (slerp: exactly 2).
+        "models": ("list", REQUIRED),
+        # One weight per model (default equal: 1/N for linear, 1 for the task-vector methods).
+        "weights": ("?list", None),
+        # The common ancestor for task_arithmetic, ties and dare_*: its weights are subtracted
+        # from each model's to get task vectors, and added back after merging them.
+        "base": ("?str", None),
+        # ties / dare: the fraction of each task vector kept (one number or one per model).
+        "density": ("any", 0.5),
+        # slerp: 0 is the first model, 1 the second.
+        "t": ("float", 0.5),
+        # ties / dare_ties: divide by the summed weights of the models agreeing in sign.
+        "normalize": ("bool", True),
+        # Output dtype; auto: the first model's.
+        "dtype": (("auto", "float32", "bfloat16", "float16"), "auto"),
+        # Output shard size in bytes (HF's "5GB" style strings accepted too).
+        "max_shard_size": ("str", "2GB"),
+    },
+    "distill": {
+        **COMMON,
+        **{k: v for k, v in TRAINING.items() if k not in ("global_batch_size", "epochs")},
+        **{k: v for k, v in RL.items() if k not in ("beta", "kl_estimator", "ref_from", "no_eos_penalty")},
+        "epochs": ("?float", 1.0),
+        "lr": ("float", 1.0e-6),
+        "schedule": (("constant", "linear", "cosine"), "constant"),
+        "warmup_ratio": ("float", 0.0),
+        "num_generations": ("int", 4),
+        # Teachers by the value of a prompt row's `dataset` (or `domain`) field: stages or paths.
+        "teachers": ("dict", REQUIRED),
+        # route: each prompt's tokens are scored by its own teacher; mixture: by the teachers'
+        # weighted mixture p = sum_k w_k p_k (weights from teacher_weights, default equal).
+        "combine": (("route", "mixture"), "route"),
+        "teacher_weights": ("dict", {}),
+        # token: the per-token advantage sg[log p_teacher(y_t) - log p_student(y_t)] on the sampled
+        # token (MiMo-V2-Flash); full: the full-vocabulary reverse KL at every position (DeepSeek V4).
+        "kl": (("token", "full"), "token"),
+        # The token advantage is clipped to [-adv_clip, adv_clip].
+        "adv_clip": ("float", 2.0),
+        # Importance weights pi/pi_sampler are truncated at this value; null: no truncation.
+        "is_cap": ("?float", 2.0),
+        # Outcome advantage weight: alpha x the group-centred verifier reward joins every token's
+        # advantage (MiMo-V2-Flash); 0: pure distillation, no verifier needed.
+        "alpha": ("float", 0.0),
+        # Held-out prompts: reverse KL to the teachers on the student's own samples, measured
+        # before training, every eval_every steps and after.
+        "heldout": ("list", []),
+        "eval_every": ("?int", None),
+    },
     "eval": {
         **COMMON,
         **{k: v for k, v in EVAL.items() if k not in ("before",)},
     },
 }
 
+# A block of stages repeated `count` times (Llama 3's rounds): stages.<block> = {kind: rounds, ...}.
+ROUNDS = {
+    "kind": ("str", REQUIRED),
+    "count": ("int", REQUIRED),
+    "stages": ("dict", REQUIRED),
+    # Round r's stages are named <prefix><r>.<name>: r1.rm, r1.dpo, r2.rm, ...
+    "prefix": ("str", "r"),
+    # What `prev.<name>` means in round 1 (a stage or a path); unset: the reference is dropped
+    # (a `from` falls back to its default, a data source is left out).
+    "initial": ("dict", {}),
+}
+
 # Kinds whose output is a policy (a causal LM) that a later stage's `from` may name,
 # and kinds whose output is a scorer (a sequence-classification model).
-POLICY_PRODUCING = {"sft", "dpo", "grpo", "ppo"}
+POLICY_PRODUCING = {"sft", "dpo", "grpo", "ppo", "merge", "distill"}
 SCORER_PRODUCING = {"reward_model"}
 MODEL_PRODUCING = POLICY_PRODUCING | SCORER_PRODUCING
-DATASET_PRODUCING: set[str] = set()
-TRAINING_KINDS = {"sft", "reward_model", "dpo", "grpo", "ppo"}
+DATASET_PRODUCING = {"generate", "rejection_sampling"}
+TRAINING_KINDS = {"sft", "reward_model", "dpo", "grpo", "ppo", "distill"}
 # Training kinds that sample their own data: their batch is counted in rollouts.
-RL_KINDS = {"grpo", "ppo"}
+RL_KINDS = {"grpo", "ppo", "distill"}
+# Kinds without a `from`: their models come from their own keys (merge: models, base).
+NO_FROM = {"merge"}
 
 # The kinds of stage a `from` may name (default: a policy); a reward model may
 # start from a policy or continue an earlier reward model.
@@ -291,13 +405,20 @@ MODEL_REFS = {
     "dpo": {"ref_from": POLICY_PRODUCING},
     "grpo": {"ref_from": POLICY_PRODUCING},
     "ppo": {"ref_from": POLICY_PRODUCING, "reward_model": SCORER_PRODUCING, "value_from": MODEL_PRODUCING},
+    "rejection_sampling": {"reward_model": SCORER_PRODUCING},
+    # A list (models) or a mapping (teachers) names several; each entry is checked.
+    "merge": {"models": POLICY_PRODUCING, "base": POLICY_PRODUCING},
+    "distill": {"teachers": POLICY_PRODUCING},
     "eval": {"reward_model": SCORER_PRODUCING},
 }
 EVAL_MODEL_REFS = {"reward_model": SCORER_PRODUCING}
 
 # The row schema (posttrain_cli.data.schemas.ROW_SCHEMAS) of each kind's `data`.
 DATA_ROWS = {"sft": "sft", "eval": "prompt", "reward_model": "preference", "dpo": "preference",
-             "grpo": "prompt", "ppo": "prompt"}
+             "grpo": "prompt", "ppo": "prompt", "distill": "open_prompt", "rejection_sampling": "open_prompt",
+             "generate": "open_prompt", "merge": None}
+# The row schema of each dataset-producing kind's output (RUN_DIR/<stage>/data.jsonl).
+OUTPUT_ROWS = {"generate": "sft", "rejection_sampling": "sft"}
 
 # Where each kind's `run(ctx)` lives; imported only inside the stage worker.
 KIND_MODULES = {
@@ -307,4 +428,8 @@ KIND_MODULES = {
     "grpo": "posttrain_cli.stages.grpo",
     "ppo": "posttrain_cli.stages.ppo",
     "eval": "posttrain_cli.stages.eval",
+    "generate": "posttrain_cli.stages.generate",
+    "rejection_sampling": "posttrain_cli.stages.rejection_sampling",
+    "merge": "posttrain_cli.stages.merge",
+    "distill": "posttrain_cli.stages.distill",
 }

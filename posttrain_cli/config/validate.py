@@ -97,27 +97,26 @@ def check_sources(path: str, sources: list) -> list:
     return out
 
 
-def check_stage(name: str, given: Any) -> dict:
-    path = f"stages.{name}"
+def check_stage(name: str, given: Any, path: str | None = None) -> dict:
+    path = path or f"stages.{name}"
     if not isinstance(given, dict):
         raise UserError(f"{path} must be a mapping with at least 'kind', got {given!r}")
     kind = given.get("kind")
+    known = sorted([*schema.KINDS, "rounds"])
     if kind is None:
-        raise UserError(f"{path}.kind is required (one of: {', '.join(sorted(schema.KINDS))})")
+        raise UserError(f"{path}.kind is required (one of: {', '.join(known)})")
     if kind not in schema.KINDS:
-        close = difflib.get_close_matches(str(kind), list(schema.KINDS), n=1)
+        close = difflib.get_close_matches(str(kind), known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UserError(
-            f"{path}.kind: unknown stage kind '{kind}' (known: {', '.join(sorted(schema.KINDS))}){hint}"
-        )
+        raise UserError(f"{path}.kind: unknown stage kind '{kind}' (known: {', '.join(known)}){hint}")
     stage = check_table(path, given, schema.KINDS[kind])
     stage["data"] = check_sources(f"{path}.data", stage["data"])
     if stage.get("eval"):
         stage["eval"]["data"] = check_sources(f"{path}.eval.data", stage["eval"]["data"])
         if not stage["eval"]["data"]:
             raise UserError(f"{path}.eval.data is empty: name at least one source of prompts")
-    if kind == "eval" and not stage["data"]:
-        raise UserError(f"{path}.data is empty: an eval stage needs prompts")
+    if kind in ("eval", "generate", "rejection_sampling") and not stage["data"]:
+        raise UserError(f"{path}.data is empty: a {kind} stage needs prompts")
     for where, block in ((path, stage), (f"{path}.eval", stage.get("eval"))):
         if block and block.get("verifier") is not None:
             _check_verifier(f"{where}.verifier", block["verifier"])
@@ -130,6 +129,12 @@ def check_stage(name: str, given: Any) -> dict:
         _check_training(path, stage)
     if kind in schema.RL_KINDS:
         _check_rl(path, stage)
+    if kind in schema.DATASET_PRODUCING:
+        _check_generation(path, stage)
+    if kind == "merge":
+        _check_merge(path, stage)
+    if kind == "distill":
+        _check_distill(path, stage)
     if kind == "dpo":
         if stage["beta"] <= 0:
             raise UserError(f"{path}.beta={stage['beta']} must be > 0")
@@ -179,7 +184,7 @@ def _check_rl(path: str, stage: dict) -> None:
             raise UserError(f"{path}.{key}={stage[key]} must be > 0")
     if stage["temperature"] < 0 or not 0 < stage["top_p"] <= 1:
         raise UserError(f"{path}: temperature must be >= 0 and top_p in (0, 1]")
-    if stage["beta"] < 0:
+    if stage.get("beta", 0) < 0:
         raise UserError(f"{path}.beta={stage['beta']} must be >= 0 (0 loads no reference)")
     if stage["kind"] == "grpo":
         if stage["num_generations"] < 2 and stage["adv_norm"] != "none":
@@ -192,6 +197,8 @@ def _check_rl(path: str, stage: dict) -> None:
                             f"(0, max_new_tokens={stage['max_new_tokens']})")
         if stage["ref_refresh_every"] is not None and stage["ref_refresh_every"] <= 0:
             raise UserError(f"{path}.ref_refresh_every={stage['ref_refresh_every']} must be > 0")
+    if stage["kind"] == "distill":
+        return  # _check_distill
     if stage["kind"] == "ppo":
         if stage["ppo_epochs"] <= 0:
             raise UserError(f"{path}.ppo_epochs={stage['ppo_epochs']} must be > 0")
@@ -204,6 +211,130 @@ def _check_rl(path: str, stage: dict) -> None:
         if not verifiers:
             return  # rewards from the RM alone: no verifier config to check
     dispatch.check_config(stage, path)
+
+
+def _positive(path: str, stage: dict, keys) -> None:
+    for key in keys:
+        if stage[key] is not None and stage[key] <= 0:
+            raise UserError(f"{path}.{key}={stage[key]} must be > 0")
+
+
+def _model_names(path: str, value, what: str) -> None:
+    bad = next((v for v in value if not isinstance(v, str) or not v), None) if value else None
+    if bad is not None:
+        raise UserError(f"{path}: {what} must be stage names or model paths, got {bad!r}")
+
+
+def _check_generation(path: str, stage: dict) -> None:
+    from posttrain_cli.rewards import dispatch  # pure Python, no torch
+
+    _positive(path, stage, ("max_new_tokens", "batch_size", "max_seq_len", "limit"))
+    if stage["temperature"] < 0 or not 0 < stage["top_p"] <= 1:
+        raise UserError(f"{path}: temperature must be >= 0 and top_p in (0, 1]")
+    if stage["kind"] == "generate":
+        _positive(path, stage, ("num_generations",))
+        return
+    _positive(path, stage, ("num_samples", "max_per_prompt"))
+    verifiers = dispatch.uses_verifiers(stage)
+    if stage["reward_model"] is None and not verifiers:
+        raise UserError(f"{path}: rejection sampling needs a score: set reward_model (a reward_model stage) "
+                        f"and/or verifier / verifiers")
+    if stage["num_samples"] < 2 and stage["keep"] == "best":
+        raise UserError(f"{path}.num_samples={stage['num_samples']}: best-of-K needs K >= 2")
+    if stage["keep"] == "all_pass" and stage["threshold"] is None and stage["reward_model"] is not None:
+        raise UserError(f"{path}.threshold is required with keep: all_pass and a reward model (the score "
+                        f"a completion must reach)")
+    if verifiers:
+        dispatch.check_config(stage, path)
+
+
+def _check_merge(path: str, stage: dict) -> None:
+    method, models = stage["method"], stage["models"]
+    if stage["from"] is not None:
+        raise UserError(f"{path}.from: a merge stage reads the models listed in '{path}.models', not 'from'")
+    if stage["data"]:
+        raise UserError(f"{path}.data: a merge stage reads no data")
+    if stage["eval"] and stage["eval"]["before"]:
+        raise UserError(f"{path}.eval.before: a merge stage has no single input model to evaluate before")
+    _model_names(f"{path}.models", models, "models")
+    if not models:
+        raise UserError(f"{path}.models is empty: name the models to merge")
+    if len(set(models)) != len(models):
+        raise UserError(f"{path}.models names a model twice: {models}")
+    task = method in ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+    if method == "slerp" and len(models) != 2:
+        raise UserError(f"{path}.models: slerp interpolates exactly 2 models, got {len(models)}")
+    if method == "linear" and len(models) < 2:
+        raise UserError(f"{path}.models: a linear merge needs at least 2 models")
+    if task and stage["base"] is None:
+        raise UserError(f"{path}.base is required for method {method}: the common ancestor whose weights "
+                        f"are subtracted to get task vectors")
+    if not task and stage["base"] is not None:
+        raise UserError(f"{path}.base is used only by task_arithmetic, ties, dare_linear and dare_ties, "
+                        f"not {method}")
+    if stage["base"] is not None:
+        _model_names(f"{path}.base", [stage["base"]], "base")
+        if stage["base"] in models:
+            raise UserError(f"{path}.base '{stage['base']}' is also one of the models")
+    weights = stage["weights"]
+    if weights is not None:
+        if len(weights) != len(models) or any(isinstance(w, bool) or not isinstance(w, (int, float))
+                                               for w in weights):
+            raise UserError(f"{path}.weights must be {len(models)} numbers, one per model, got {weights}")
+        stage["weights"] = [float(w) for w in weights]
+        if method in ("linear", "slerp") and sum(weights) <= 0:
+            raise UserError(f"{path}.weights must sum to > 0")
+    density = stage["density"]
+    dens = density if isinstance(density, list) else [density]
+    if (isinstance(density, list) and len(density) != len(models)) or any(
+            isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1 for d in dens):
+        raise UserError(f"{path}.density={density!r} must be a number in (0, 1] or one per model")
+    if not 0 <= stage["t"] <= 1:
+        raise UserError(f"{path}.t={stage['t']} must be in [0, 1]")
+    parse_size(f"{path}.max_shard_size", stage["max_shard_size"])
+
+
+def parse_size(path: str, value) -> int:
+    """'2GB', '500MB', '1GiB' or a number of bytes -> bytes."""
+    import re
+
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in units or float(m.group(1)) <= 0:
+        raise UserError(f"{path}={value!r} is not a size (e.g. 2GB, 500MB, 1GiB or a number of bytes)")
+    return int(float(m.group(1)) * units[m.group(2).lower()])
+
+
+def _check_distill(path: str, stage: dict) -> None:
+    from posttrain_cli.rewards import dispatch  # pure Python, no torch
+
+    teachers = stage["teachers"]
+    if not teachers:
+        raise UserError(f"{path}.teachers is empty: map each prompt domain (a row's dataset) to a teacher")
+    for key, value in teachers.items():
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{path}.teachers.{key} must name a stage or a model path, got {value!r}")
+    for key, w in stage["teacher_weights"].items():
+        if key not in teachers:
+            raise UserError(f"{path}.teacher_weights.{key}: no such teacher (teachers: {', '.join(teachers)})")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise UserError(f"{path}.teacher_weights.{key}={w!r} must be a number >= 0")
+    if stage["teacher_weights"] and stage["combine"] != "mixture":
+        raise UserError(f"{path}.teacher_weights is used only with combine: mixture")
+    if stage["combine"] == "mixture" and stage["teacher_weights"] and \
+            sum(stage["teacher_weights"].get(k, 0.0) for k in teachers) <= 0:
+        raise UserError(f"{path}.teacher_weights must give some teacher a weight > 0")
+    _positive(path, stage, ("adv_clip", "is_cap", "eval_every"))
+    if stage["alpha"] < 0:
+        raise UserError(f"{path}.alpha={stage['alpha']} must be >= 0 (0: no outcome advantage)")
+    if stage["alpha"] > 0:
+        if stage["num_generations"] < 2:
+            raise UserError(f"{path}.num_generations={stage['num_generations']}: the outcome advantage "
+                            f"(alpha > 0) is centred within each prompt's group, which needs at least 2")
+        dispatch.check_config(stage, path)
+    if stage["eval_every"] is not None and not stage["heldout"]:
+        raise UserError(f"{path}.eval_every needs held-out prompts in {path}.heldout")
 
 
 def batch_arithmetic(path: str, stage: dict, world_size: int) -> dict:
@@ -268,14 +399,22 @@ def check_run(cfg: dict) -> dict:
                 raise UserError("the recipe has no stages: add at least one under 'stages:'")
             if not isinstance(stages, dict):
                 raise UserError("'stages' must be a mapping of stage name to stage")
-            out[key] = {str(n): check_stage(str(n), s) for n, s in stages.items()}
+            for n in stages:
+                if "." in str(n) or "/" in str(n):
+                    raise UserError(f"stages.{n}: a stage name may not contain '.' or '/' (dotted names "
+                                    f"are those of rounds: r1.dpo)")
+            from posttrain_cli.config import rounds
+
+            stages, blocks = rounds.expand({str(n): s for n, s in stages.items()}, check_stage, check_table)
+            out[key] = {n: check_stage(n, s) for n, s in stages.items()}
+            rounds.resolve_last(out[key], blocks)
         elif key in cfg:
             out[key] = _coerce(key, cfg[key], typ)
         elif default is schema.REQUIRED:
             raise UserError(f"'{key}' is required at the top of the recipe")
         else:
             out[key] = default
-    for key in ("nproc_per_node", "nnodes"):
+    for key in ("nproc_per_node", "nnodes", "parallel_stages"):
         if out["cluster"][key] < 1:
             raise UserError(f"cluster.{key}={out['cluster'][key]} must be >= 1")
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":

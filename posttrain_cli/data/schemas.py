@@ -49,8 +49,9 @@ def sft_messages(row, src: str, n: int) -> list[dict]:
     raise UserError(f"{where}: field 'messages' missing (SFT rows need 'messages' or 'prompt' + 'completion')")
 
 
-def prompt_row(row, src: str, n: int) -> dict:
-    """A prompt row (eval, RL): `messages` (the prompt turns) or `prompt`, plus `ground_truth`."""
+def prompt_row(row, src: str, n: int, need_truth: bool = True) -> dict:
+    """A prompt row (eval, RL): `messages` (the prompt turns) or `prompt`, plus `ground_truth`
+    (optional with need_truth=False: generation, distillation, reward-model scoring)."""
     where = _where(src, n)
     if not isinstance(row, dict):
         raise UserError(f"{where}: a row must be a JSON object")
@@ -66,11 +67,11 @@ def prompt_row(row, src: str, n: int) -> dict:
     else:
         raise UserError(f"{where}: field 'messages' missing (prompt rows need 'messages' or 'prompt')")
     gt = row.get("ground_truth")
-    if gt is None:
+    if gt is None and need_truth:
         raise UserError(f"{where}: field 'ground_truth' missing")
     if isinstance(gt, (int, float)) and not isinstance(gt, bool):
         gt = str(gt)
-    if not isinstance(gt, (str, list)):
+    if gt is not None and not isinstance(gt, (str, list)):
         raise UserError(f"{where}: field 'ground_truth' must be a string")
     dataset = row.get("dataset") or row.get("domain")
     if dataset is not None and not isinstance(dataset, str):
@@ -173,4 +174,10 @@ def require_margins(rows: list[dict], key: str) -> None:
                         f"needs a number 'margin')")
 
 
-ROW_SCHEMAS = {"sft": sft_messages, "prompt": prompt_row, "preference": preference_row}
+def open_prompt_row(row, src: str, n: int) -> dict:
+    """A prompt row whose `ground_truth` is optional (None when absent)."""
+    return prompt_row(row, src, n, need_truth=False)
+
+
+ROW_SCHEMAS = {"sft": sft_messages, "prompt": prompt_row, "open_prompt": open_prompt_row,
+               "preference": preference_row}

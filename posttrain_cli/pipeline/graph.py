@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ class Node:
     name: str
     kind: str
     cfg: dict
-    # ("stage", name) | ("path", str) | ("tiny", arch) | None
+    # ("stage", name) | ("path", str) | ("tiny", arch) | None (merge: its models are refs)
     model_input: tuple | None
     deps: list[str] = field(default_factory=list)
     # Other models the stage reads, by key ("ref_from", "eval.reward_model"): ("stage", name) | ("path", str)
@@ -66,8 +67,17 @@ def _model_ref(name: str, key: str, value: str, stages: dict, kinds: set) -> tup
 
 
 def model_refs(cfg: dict) -> dict[str, str]:
-    """{key: value} of the model references a stage config sets (besides `from`)."""
-    out = {k: cfg[k] for k in schema.MODEL_REFS.get(cfg["kind"], {}) if cfg.get(k) is not None}
+    """{key: value} of the model references a stage config sets (besides `from`). A list key gives
+    one entry per item (`models[0]`), a mapping key one per entry (`teachers.math`)."""
+    out = {}
+    for k in schema.MODEL_REFS.get(cfg["kind"], {}):
+        value = cfg.get(k)
+        if isinstance(value, list):
+            out.update({f"{k}[{i}]": v for i, v in enumerate(value)})
+        elif isinstance(value, dict):
+            out.update({f"{k}.{name}": v for name, v in value.items()})
+        elif value is not None:
+            out[k] = value
     if cfg.get("eval"):
         out.update({f"eval.{k}": cfg["eval"][k] for k in schema.EVAL_MODEL_REFS if cfg["eval"].get(k) is not None})
     return out
@@ -76,7 +86,7 @@ def model_refs(cfg: dict) -> dict[str, str]:
 def _ref_kinds(kind: str, key: str) -> set:
     if key.startswith("eval."):
         return schema.EVAL_MODEL_REFS[key[len("eval."):]]
-    return schema.MODEL_REFS[kind][key]
+    return schema.MODEL_REFS[kind][re.split(r"[.\[]", key, maxsplit=1)[0]]
 
 
 def data_sources(cfg: dict) -> list[tuple[str, dict]]:
@@ -106,7 +116,9 @@ def build(run: dict) -> list[Node]:
                 )
             deps.append(ref)
         frm = cfg["from"]
-        if frm is not None:
+        if cfg["kind"] in schema.NO_FROM:
+            model_input = None
+        elif frm is not None:
             model_input = _model_ref(name, "from", frm, stages,
                                      schema.FROM_KINDS.get(cfg["kind"], schema.POLICY_PRODUCING))
         elif last_policy is not None:
@@ -241,7 +253,7 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
         payload = {
             "kind": node.kind,
             "cfg": train_cfg,
-            "model": model_key(node.model_input, run, fps),
+            "model": model_key(node.model_input, run, fps) if node.model_input else None,
             "refs": {k: model_key(r, run, fps) for k, r in node.refs.items() if not k.startswith("eval.")},
             "seed": run["seed"],
             "precision": ds["precision"],
@@ -275,6 +287,8 @@ def local_source_files(node: Node) -> list[tuple[str, dict, str]]:
     for key, src in data_sources(node.cfg):
         if src["path"] is not None and is_local(src["path"]):
             rows = "prompt" if key.startswith("eval.") else schema.DATA_ROWS[node.kind]
+            if rows is None:
+                continue
             out.append((f"stages.{node.name}.{key}", src, rows))
     return out
 

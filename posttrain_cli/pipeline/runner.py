@@ -72,14 +72,24 @@ def preflight(run: dict, steps: list[Step]) -> None:
             parsed = load_source(src, where, schemas.ROW_SCHEMAS[rows])
             if node.cfg.get("margin") and ".data[" in where:
                 schemas.require_margins(parsed, f"stages.{node.name}.margin")
-            if node.kind in schema.RL_KINDS and ".data[" in where:
-                from posttrain_cli.rewards.dispatch import Rewards, uses_verifiers
-
-                if uses_verifiers(node.cfg):
-                    Rewards(node.cfg, where=f"stages.{node.name}").check_rows(parsed)
+            if not where.startswith(f"stages.{node.name}.eval."):
+                _check_prompt_rows(node, parsed)
         for key, (kind, value) in [("from", node.model_input), *node.refs.items()]:
             if kind == "path" and (value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()):
                 raise UserError(f"stages.{node.name}.{key}: model directory not found: {value}")
+
+
+def _check_prompt_rows(node: Node, rows: list) -> None:
+    """Rows a stage scores or routes: each resolves to a verifier (RL, rejection sampling) and,
+    for distill, to a teacher."""
+    from posttrain_cli.rewards.dispatch import Rewards, uses_verifiers
+
+    if node.kind in schema.RL_KINDS | {"rejection_sampling"} and uses_verifiers(node.cfg):
+        Rewards(node.cfg, where=f"stages.{node.name}").check_rows(rows)
+    if node.kind == "distill" and node.cfg["combine"] == "route":
+        from posttrain_cli.data.routing import check_routes
+
+        check_routes(rows, node.cfg["teachers"], f"stages.{node.name}")
 
 
 def base_model_path(run: dict, arch: dict) -> Path:
@@ -120,7 +130,7 @@ def write_spec(run: dict, step: Step, eval_only: bool) -> Path:
         "run": {"seed": run["seed"], "run_dir": str(Path(run["run_dir"]).resolve()), "model": run["model"],
                 "deepspeed": graph.effective_deepspeed(run, node), "logging": run["logging"],
                 "cluster": run["cluster"]},
-        "inputs": {"model": _model_path(run, node.model_input),
+        "inputs": {"model": _model_path(run, node.model_input) if node.model_input else None,
                    "models": {key: _model_path(run, ref) for key, ref in node.refs.items()},
                    "datasets": {s["from"]: str((graph.stage_dir(run, s["from"]) / "data.jsonl").resolve())
                                 for _, s in graph.data_sources(node.cfg) if s["from"]}},

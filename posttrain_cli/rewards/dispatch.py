@@ -53,10 +53,17 @@ class VerifierTimeout(BaseException):
 
 
 def uses_verifiers(cfg: dict) -> bool:
-    """Whether an RL stage scores with verifiers: grpo always (a row's dataset may name one);
-    ppo when a verifier key is set (else its reward model alone scores)."""
-    return cfg.get("kind") == "grpo" or bool(cfg.get("verifier") or cfg.get("verifiers")
-                                             or cfg.get("extra_verifiers"))
+    """Whether a stage scores with verifiers: grpo always (a row's dataset may name one); ppo and
+    rejection_sampling when a verifier key is set or they have no reward model; distill when its
+    outcome advantage is on (alpha > 0)."""
+    kind = cfg.get("kind")
+    if kind == "grpo":
+        return True
+    if kind == "distill":
+        return cfg.get("alpha", 0) > 0
+    if kind == "rejection_sampling" and cfg.get("reward_model") is None:
+        return True
+    return bool(cfg.get("verifier") or cfg.get("verifiers") or cfg.get("extra_verifiers"))
 
 
 def check_config(cfg: dict, where: str) -> None:
