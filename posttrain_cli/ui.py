@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -76,11 +77,48 @@ PREF_NOTE = ("acc: held-out generation accuracy (eval block). pref: share of hel
 RL_NOTE = ("train reward: an RL stage's mean reward on its own samples, first tenth of the steps -> last tenth.")
 
 
+ROUND_NAME = re.compile(r"^(?P<prefix>.+?)(?P<round>\d+)\.(?P<stage>.+)$")
+
+
+def waves(steps) -> dict[str, int]:
+    """The earliest wave each stage can start in: 1 + the latest wave of its inputs. Stages of one
+    wave do not depend on each other (branches): a launcher may run them at once."""
+    out: dict[str, int] = {}
+    for step in steps:
+        out[step.node.name] = 1 + max((out[d] for d in step.node.deps), default=0)
+    return out
+
+
+def print_graph(steps) -> None:
+    """The stage graph, in run order: each stage's wave, kind and inputs, rounds under a header."""
+    wave = waves(steps)
+    width = max(len(s.node.name) for s in steps)
+    shared = {w for w in wave.values() if list(wave.values()).count(w) > 1}
+    console.print("\n[bold]stage graph[/] (wave: when a stage can start; stages marked || in one wave are "
+                  "independent branches and run at once with cluster.parallel_stages > 1)")
+    current = None
+    for step in steps:
+        node = step.node
+        m = ROUND_NAME.match(node.name)
+        block = (m.group("prefix"), m.group("round")) if m else None
+        if block != current:
+            if block:
+                console.print(f"  [bold]round {block[1]}[/] ({block[0]}{block[1]}.*)")
+            current = block
+        mark = "||" if wave[node.name] in shared else "  "
+        deps = f"<- {', '.join(node.deps)}" if node.deps else ""
+        console.print(f"  {'  ' if block else ''}wave {wave[node.name]:<3} {mark} {node.name:<{width}}  "
+                      f"{node.kind:<18} {deps}", markup=False)
+
+
 def print_plan(run: dict, steps) -> None:
     console.print(f"[bold]recipe[/] {run['name']}  [bold]run_dir[/] {run['run_dir']}  "
                   f"[bold]model[/] {run['model']['path']}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
                   f"{' +offload' if run['deepspeed']['offload_optimizer'] or run['deepspeed']['offload_param'] else ''}"
-                  f"  [bold]ranks[/] {run['cluster']['nproc_per_node']} x {run['cluster']['nnodes']} node(s)")
+                  f"  [bold]ranks[/] {run['cluster']['nproc_per_node']} x {run['cluster']['nnodes']} node(s)"
+                  + (f"  [bold]parallel stages[/] {run['cluster']['parallel_stages']}"
+                     if run["cluster"]["parallel_stages"] > 1 else ""))
+    print_graph(steps)
     for i, step in enumerate(steps, 1):
         node, cfg = step.node, step.node.cfg
         action = {"run": "[green]will run[/]", "skip": "[dim]skip (done, same fingerprint)[/]",
@@ -139,6 +177,44 @@ def print_plan(run: dict, steps) -> None:
                           f", vf_coef {cfg['vf_coef']:g}, cliprange {cfg['cliprange']:g} / value "
                           f"{cfg['cliprange_value']}, GAE gamma {cfg['gamma']:g} lam {cfg['lam']:g}, "
                           f"{cfg['ppo_epochs']} epoch(s) x {cfg['mini_batches']} mini-batch(es)")
+        if node.kind == "merge":
+            models = ", ".join(cfg["models"])
+            weights = ", ".join(f"{w:g}" for w in cfg["weights"]) if cfg["weights"] else "equal"
+            extra = {"slerp": f", t {cfg['t']:g}",
+                     "ties": f", density {cfg['density']}, normalize {cfg['normalize']}",
+                     "dare_linear": f", density {cfg['density']}",
+                     "dare_ties": f", density {cfg['density']}, normalize {cfg['normalize']}"}.get(cfg["method"], "")
+            console.print(f"   merge {cfg['method']} of {models} (weights {weights})"
+                          + (f", base {cfg['base']}" if cfg["base"] else "") + extra
+                          + f"; dtype {cfg['dtype']}, shards <= {cfg['max_shard_size']}")
+        if node.kind in schema.DATASET_PRODUCING:
+            n = cfg["num_generations"] if node.kind == "generate" else cfg["num_samples"]
+            console.print(f"   sampling: {n} completion(s) per prompt, max_new_tokens {cfg['max_new_tokens']}, "
+                          f"temperature {cfg['temperature']:g}, top_p {cfg['top_p']:g}"
+                          + (", truncated completions dropped" if cfg["drop_truncated"] else "")
+                          + (f", first {cfg['limit']} prompts" if cfg["limit"] else ""))
+        if node.kind == "rejection_sampling":
+            score = []
+            if cfg["reward_model"]:
+                score.append(f"{cfg['rm_weight']:g} x reward model {cfg['reward_model']}")
+            names = ([f"{k}->{v}" for k, v in cfg["verifiers"].items()] + ([cfg["verifier"]] if cfg["verifier"] else [])
+                     + [f"+{v}" for v in cfg["extra_verifiers"]])
+            if names or not cfg["reward_model"]:
+                score.append(f"{cfg['verifiable_reward']:g} x verifiers {', '.join(names) or 'by dataset'}")
+            keep = ("best of K" if cfg["keep"] == "best" else "all that pass"
+                    + (f" (at most {cfg['max_per_prompt']} per prompt)" if cfg["max_per_prompt"] else ""))
+            threshold = (f", threshold {cfg['threshold']:g}" if cfg["threshold"] is not None else
+                         ", pass = every verifier full marks" if cfg["keep"] == "all_pass" else "")
+            console.print(f"   score: {'; '.join(score)}; keep {keep}{threshold}")
+        if node.kind == "distill":
+            teachers = ", ".join(f"{k} -> {v}" for k, v in cfg["teachers"].items())
+            how = "routed by dataset" if cfg["combine"] == "route" else "mixture" + (
+                f" (weights {cfg['teacher_weights']})" if cfg["teacher_weights"] else " (equal weights)")
+            console.print(f"   teachers: {teachers} ({how})")
+            console.print(f"   reverse KL: {'sampled-token advantage' if cfg['kl'] == 'token' else 'full vocabulary'}, "
+                          f"adv_clip {cfg['adv_clip']:g}, is_cap {cfg['is_cap']}"
+                          + (f", outcome advantage alpha {cfg['alpha']:g}" if cfg["alpha"] else "")
+                          + (f"; held-out reverse KL every {cfg['eval_every']} steps" if cfg["eval_every"] else ""))
         if node.kind == "reward_model":
             console.print(f"   Bradley-Terry{' with margin' if cfg['margin'] else ''}, "
                           f"ranked rows weighted per {cfg['ranked_weighting']}")
@@ -153,7 +229,8 @@ def print_plan(run: dict, steps) -> None:
             console.print(f"   eval: {e['verifier']} on {srcs}, max_new_tokens {e['max_new_tokens']}"
                           f"{', before and after' if e['before'] else ''}"
                           f"{', reward model ' + e['reward_model'] if e.get('reward_model') else ''}")
-        outs = "model/" if node.produces_model else "metrics only"
+        outs = ("model/" if node.produces_model else "data.jsonl (SFT rows)" if node.kind in schema.DATASET_PRODUCING
+                else "metrics only")
         if node.kind in schema.SCORER_PRODUCING:
             outs = "model/ (a reward model: AutoModelForSequenceClassification)"
         console.print(f"   out: {step.stage_dir}/{outs}")

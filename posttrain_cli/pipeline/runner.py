@@ -163,39 +163,111 @@ def _worker_error(stage_dir: Path) -> tuple[str, int] | None:
     return None
 
 
+def _prepare(run: dict, step: Step, say) -> Path:
+    """Clear a stage's leftovers, write its spec and a `running` manifest; -> the spec."""
+    name, eval_only = step.node.name, step.action == "eval"
+    if eval_only:
+        say(f"[{name}] model up to date; only its eval changed, re-running the eval")
+    for f in step.stage_dir.glob("error.json.rank*"):
+        f.unlink()
+    for f in step.stage_dir.glob(".work-*"):
+        shutil.rmtree(f, ignore_errors=True)
+    spec = write_spec(run, step, eval_only)
+    if not eval_only:
+        (step.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+        manifest.write(step.stage_dir, {"status": "running", "kind": step.node.kind,
+                                        "fingerprint": step.fingerprint, "started": time.time()})
+    return spec
+
+
+def _outcome(step: Step, code: int) -> Exception | None:
+    """None when the stage completed; else the error to report (its manifest marked failed)."""
+    name, eval_only = step.node.name, step.action == "eval"
+    if code == 0 and (manifest.read(step.stage_dir) or {}).get("status") == "completed":
+        return None
+    err = _worker_error(step.stage_dir)
+    message, exit_code = err if err else (f"worker exited with code {code}", 1)
+    log = step.stage_dir / "logs" / "rank0.log"
+    if not eval_only:
+        manifest.update(step.stage_dir, status="failed", error=message, log=str(log), finished=time.time())
+    if exit_code == 2:
+        return UserError(message if f"stages.{name}" in message else f"stage '{name}': {message}")
+    return StageFailed(f"stage '{name}' failed: {message} (log: {log})")
+
+
 def execute(run: dict, recipe_path: Path, say=print) -> list[Step]:
-    """Run every stage that is not done. Raises UserError (exit 2) or StageFailed (exit 1)."""
-    from posttrain_cli.launch.local import launch
+    """Run every stage that is not done, each as soon as its inputs are (up to
+    cluster.parallel_stages at once). Raises UserError (exit 2) or StageFailed (exit 1).
+
+    After a failure no new stage starts; stages already running finish (a re-run skips them)."""
+    from posttrain_cli.launch import local
 
     steps = plan(run)
     preflight(run, steps)
+    cluster = run["cluster"]
+    if cluster["parallel_stages"] > 1:
+        local.check_slots(cluster)
     write_resolved(run, recipe_path)
+    done = set()
     for step in steps:
-        name = step.node.name
         if step.action == "skip":
-            say(f"[{name}] skipped: completed with the same fingerprint {step.fingerprint}")
-            continue
-        eval_only = step.action == "eval"
-        if eval_only:
-            say(f"[{name}] model up to date; only its eval changed, re-running the eval")
-        for f in step.stage_dir.glob("error.json.rank*"):
-            f.unlink()
-        for f in step.stage_dir.glob(".work-*"):
-            shutil.rmtree(f, ignore_errors=True)
-        spec = write_spec(run, step, eval_only)
-        if not eval_only:
-            (step.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-            manifest.write(step.stage_dir, {"status": "running", "kind": step.node.kind,
-                                            "fingerprint": step.fingerprint, "started": time.time()})
-        code = launch(spec, run["cluster"])
-        if code == 0 and (manifest.read(step.stage_dir) or {}).get("status") == "completed":
-            continue
-        err = _worker_error(step.stage_dir)
-        message, exit_code = err if err else (f"worker exited with code {code}", 1)
-        log = step.stage_dir / "logs" / "rank0.log"
-        if not eval_only:
-            manifest.update(step.stage_dir, status="failed", error=message, log=str(log), finished=time.time())
-        if exit_code == 2:
-            raise UserError(message if f"stages.{name}" in message else f"stage '{name}': {message}")
-        raise StageFailed(f"stage '{name}' failed: {message} (log: {log})")
+            say(f"[{step.node.name}] skipped: completed with the same fingerprint {step.fingerprint}")
+            done.add(step.node.name)
+    pending = [s for s in steps if s.action != "skip"]
+    if cluster["parallel_stages"] == 1:
+        # One at a time, in recipe order (an order the graph allows), in this process where it can.
+        for step in pending:
+            error = _outcome(step, local.launch(_prepare(run, step, say), cluster))
+            if error is not None:
+                raise error
+        return steps
+    return _execute_parallel(run, steps, pending, done, say)
+
+
+def _execute_parallel(run: dict, steps: list[Step], pending: list[Step], done: set, say) -> list[Step]:
+    from posttrain_cli.launch import local
+
+    cluster = run["cluster"]
+    free = list(range(cluster["parallel_stages"]))
+    running: dict[str, tuple] = {}  # name -> (step, process, slot)
+    errors: list[Exception] = []
+    try:
+        while pending or running:
+            if not errors:
+                for step in list(pending):
+                    if not free:
+                        break
+                    if all(d in done for d in step.node.deps):
+                        pending.remove(step)
+                        slot = free.pop(0)
+                        others = ", ".join(running)
+                        say(f"[{step.node.name}] started" + (f" (alongside {others})" if others else ""))
+                        running[step.node.name] = (step, local.start(_prepare(run, step, say), cluster, slot), slot)
+            if not running:
+                break
+            time.sleep(0.2)
+            for name, (step, proc, slot) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[name]
+                free.append(slot)
+                error = _outcome(step, code)
+                if error is None:
+                    done.add(name)
+                else:
+                    errors.append(error)
+                    if running:
+                        say(f"[{name}] failed; waiting for {', '.join(running)} to finish, starting nothing new")
+    finally:
+        for _, proc, _ in running.values():
+            proc.terminate()
+        for _, proc, _ in running.values():
+            try:
+                proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - the user interrupted; do not hang on a stuck child
+                proc.kill()
+    if errors:
+        # A bad input (exit 2) is the user's to fix first.
+        raise next((e for e in errors if isinstance(e, UserError)), errors[0])
     return steps
