@@ -32,7 +32,7 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
     chosen-first) appear when a stage measured them."""
     from rich import box
 
-    rows, any_pref, any_rl = [], False, False
+    rows, any_pref, any_rl, any_data = [], False, False, False
     for name in names:
         m = manifest.read(Path(run_dir) / name) or {}
         metrics = m.get("metrics") or {}
@@ -41,6 +41,8 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
         any_pref = any_pref or bool(held)
         rl = "reward_start" in metrics
         any_rl = any_rl or rl
+        data = _data_cell(metrics) if m.get("kind") in schema.DATASET_PRODUCING else "-"
+        any_data = any_data or data != "-"
         status = m.get("status", "not run")
         if actions and name in actions and status == "completed":
             status = {"skip": "skipped", "eval": "eval re-run"}.get(actions[name], "completed")
@@ -54,16 +56,18 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
                      _fmt((held.get("before") or {}).get("accuracy"), pct=True),
                      _fmt((held.get("after") or {}).get("accuracy"), pct=True),
                      f"{metrics['reward_start']:.3g} -> {metrics['reward_end']:.3g}" if rl else "-",
-                     f"{secs:.0f}s" if secs is not None else "-"])
+                     data, f"{secs:.0f}s" if secs is not None else "-"])
     table = Table(title=title or f"posttrain: {run_dir}", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, collapse_padding=True,
-                  caption=" ".join(n for n, on in ((PREF_NOTE, any_pref), (RL_NOTE, any_rl)) if on) or None,
+                  caption=" ".join(n for n, on in ((PREF_NOTE, any_pref), (RL_NOTE, any_rl), (DATA_NOTE, any_data))
+                                   if on) or None,
                   caption_justify="left")
     columns = [("stage", "left"), ("kind", "left"), ("status", "left"), ("steps", "right"), ("loss", "right"),
                ("tok/s", "right"), ("acc before", "right"), ("acc after", "right"), ("pref before", "right"),
-               ("pref after", "right"), ("train reward", "right"), ("time", "right")]
+               ("pref after", "right"), ("train reward", "right"), ("data out", "right"), ("time", "right")]
     keep = [i for i, (col, _) in enumerate(columns)
-            if (any_pref or not col.startswith("pref")) and (any_rl or col != "train reward")]
+            if (any_pref or not col.startswith("pref")) and (any_rl or col != "train reward")
+            and (any_data or col != "data out")]
     for i in keep:
         table.add_column(columns[i][0], justify=columns[i][1], no_wrap=True)
     for row in rows:
@@ -71,10 +75,22 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
     return table
 
 
+def _data_cell(metrics: dict) -> str:
+    """A dataset stage's output: rows written, and for rejection sampling the prompts accepted."""
+    if "rows" not in metrics:
+        return "-"
+    cell = f"{metrics['rows']} rows"
+    if "acceptance_rate" in metrics:
+        cell += f", {100 * metrics['acceptance_rate']:.0f}% acc."
+    return cell
+
+
 PREF_NOTE = ("acc: held-out generation accuracy (eval block). pref: share of held-out preference pairs whose "
              "reward prefers chosen: a reward model's score, or DPO's implicit reward b*log(pi/pi_ref), which is 0 "
              "(a tie, 50%) before training.")
-RL_NOTE = ("train reward: an RL stage's mean reward on its own samples, first tenth of the steps -> last tenth.")
+RL_NOTE = ("train reward: an RL stage's mean reward on its own samples, first tenth of the steps -> last tenth "
+           "(distill: the reverse KL to its teachers).")
+DATA_NOTE = "data out: rows a generation stage wrote (rejection sampling: share of prompts with a row kept)."
 
 
 ROUND_NAME = re.compile(r"^(?P<prefix>.+?)(?P<round>\d+)\.(?P<stage>.+)$")

@@ -117,6 +117,9 @@ def check_stage(name: str, given: Any, path: str | None = None) -> dict:
             raise UserError(f"{path}.eval.data is empty: name at least one source of prompts")
     if kind in ("eval", "generate", "rejection_sampling") and not stage["data"]:
         raise UserError(f"{path}.data is empty: a {kind} stage needs prompts")
+    if kind in schema.DATASET_PRODUCING and stage.get("eval"):
+        raise UserError(f"{path}.eval: a {kind} stage produces a dataset, not a model to evaluate; add an eval "
+                        f"block to the stage that trains on it")
     for where, block in ((path, stage), (f"{path}.eval", stage.get("eval"))):
         if block and block.get("verifier") is not None:
             _check_verifier(f"{where}.verifier", block["verifier"])
@@ -235,10 +238,9 @@ def _check_generation(path: str, stage: dict) -> None:
         _positive(path, stage, ("num_generations",))
         return
     _positive(path, stage, ("num_samples", "max_per_prompt"))
+    # Without a reward model the verifiers score (uses_verifiers); a row no verifier grades is an
+    # error naming the row, at pre-flight.
     verifiers = dispatch.uses_verifiers(stage)
-    if stage["reward_model"] is None and not verifiers:
-        raise UserError(f"{path}: rejection sampling needs a score: set reward_model (a reward_model stage) "
-                        f"and/or verifier / verifiers")
     if stage["num_samples"] < 2 and stage["keep"] == "best":
         raise UserError(f"{path}.num_samples={stage['num_samples']}: best-of-K needs K >= 2")
     if stage["keep"] == "all_pass" and stage["threshold"] is None and stage["reward_model"] is not None:

@@ -48,7 +48,16 @@ def launch(spec_path: Path, cluster: dict) -> int:
         from posttrain_cli.pipeline.worker import run_stage
 
         return run_stage(spec_path)
-    return subprocess.run(_command(spec_path, cluster), env=_env(spec_path, cluster, 1)).returncode
+    with _launcher_log(spec_path) as err:
+        return subprocess.run(_command(spec_path, cluster), env=_env(spec_path, cluster, 1), stderr=err).returncode
+
+
+def _launcher_log(spec_path: Path):
+    """torchrun's stderr (its own tracebacks when a rank exits non-zero) goes to logs/launcher.log:
+    the stage's message and rank logs say what went wrong without 40 lines of launcher noise."""
+    logs = Path(spec_path).parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return (logs / "launcher.log").open("a")
 
 
 def gpu_count() -> int:
@@ -75,4 +84,6 @@ def start(spec_path: Path, cluster: dict, slot: int) -> subprocess.Popen:
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()] or \
             [str(i) for i in range(gpus)]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[slot * nproc + i] for i in range(nproc))
-    return subprocess.Popen(_command(spec_path, cluster, port_offset=slot), env=env)
+    with _launcher_log(spec_path) as err:
+        return subprocess.Popen(_command(spec_path, cluster, port_offset=slot), env=env,
+                                stderr=err if nproc > 1 else None)

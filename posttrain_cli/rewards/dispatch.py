@@ -87,7 +87,7 @@ class Rewards:
         """`warn(msg)` gets one-line warnings (default: logging). `max_workers` bounds the
         concurrent code sandboxes (default: CPU count, at most 8)."""
         check_config(cfg, where)
-        self.where = where
+        self.where, self.kind = where, cfg.get("kind")
         self.default, self.mapping, self.extra = _names(cfg, where)
         self.weights = {name: float(w) for name, w in (cfg.get("reward_weights") or {}).items()}
         self.timeout = float(cfg.get("verifier_timeout", 10.0))
@@ -170,6 +170,8 @@ class Rewards:
         if not base:
             stage = f"{self.where}." if self.where else ""
             known = f"(verifiers: {', '.join(sorted(VERIFIERS))})"
+            if self.kind == "rejection_sampling":
+                known += f", or score with a reward model: {stage}reward_model"
             if dataset is None:
                 raise UserError(f"{_src(row)}: no verifier: the row has no 'dataset' field and "
                                 f"{stage}verifier is not set; set it {known}")

@@ -72,7 +72,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
+    eos_id = stops[0]
     dev = next(model.parameters()).device
     n_calls = calls if calls is not None else math.ceil(len(prompts) / batch_size)
     out: list[Completion] = []
@@ -93,15 +94,16 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             input_ids=ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
             do_sample=sample, temperature=temperature if sample else None,
             top_p=top_p if sample else None, top_k=None if not sample else 0,
-            pad_token_id=pad_id, eos_token_id=eos_id, synced_gpus=synced,
+            pad_token_id=pad_id, eos_token_id=stops, synced_gpus=synced,
             logits_processor=LogitsProcessorList([recorder]) if recorder else None,
         )
         lp = recorder.finish(gen[:, -1]) if recorder else None
         for r in range(real):
             new = gen[r, width:].tolist()
-            if eos_id in new:
-                new = new[: new.index(eos_id)]
-                reason, stop, n = "eos", eos_id, len(new) + 1
+            end = next((i for i, t in enumerate(new) if t in stops), None)
+            if end is not None:
+                reason, stop, n = "eos", new[end], end + 1
+                new = new[:end]
             else:
                 # Without EOS no padding follows, so every token was sampled.
                 reason, stop, n = "length", None, len(new)
@@ -110,6 +112,15 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     if was_training:
         model.train()
     return out
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS and the model's generation_config
+    eos_token_id (an int or a list: Llama 3 ends a turn with <|eot_id|>, not <|end_of_text|>)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += gen if isinstance(gen, (list, tuple)) else [gen]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def shard(items: list, batch_size: int) -> tuple[list, int]:
