@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +45,8 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Elements per slice of an elementwise merge (16 MB per input in float32).
-CHUNK_ELEMENTS = 1 << 22
+# Elements per slice of an elementwise merge (4 MB per input in float32).
+CHUNK_ELEMENTS = 1 << 20
 
 # Config keys that decide what a tensor of a given shape means (checked on top of the shapes).
 ARCH_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",

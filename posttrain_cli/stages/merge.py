@@ -1,7 +1,9 @@
 """Merge models: weighted averages, slerp, task arithmetic, TIES and DARE, tensor by tensor.
 
-    posttrain run recipe=my.yaml      # stages: {soup: {kind: merge, models: [sft_a, sft_b], weights: [0.7, 0.3]}}
-    stages: {m: {kind: merge, method: ties, models: [math, code], base: sft, density: 0.5}}
+    posttrain run recipe=my_merge.yaml
+    stages:
+      soup: {kind: merge, models: [sft_a, sft_b], weights: [0.7, 0.3]}
+      ties: {kind: merge, method: ties, models: [math, code], base: sft, density: 0.5}
 
 - The methods are the pure tensor functions of posttrain_cli/merge/methods.py (their
   docstrings cite the papers); posttrain_cli/merge/stream.py reads the models' safetensors
