@@ -228,6 +228,29 @@ def test_fetch_local_and_missing(tmp_path):
         stream.fetch("./nope", "stages.m.models[0]")
 
 
+def test_fetch_hub_id(tmp_path, monkeypatch):
+    """An org/name that is not a local directory is downloaded (safetensors, configs, tokenizer only);
+    a failed download is one line naming the key."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        if repo_id == "org/missing":
+            raise OSError("Repository Not Found\nmore detail")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert stream.fetch("org/model", "stages.m.base", "main") == tmp_path
+    assert calls[0][:2] == ("org/model", "main") and "*.safetensors" in calls[0][2]
+    assert not any("bin" in p for p in calls[0][2])
+    with pytest.raises(UserError) as e:
+        stream.fetch("org/missing", "stages.m.models[1]")
+    assert str(e.value) == ("stages.m.models[1]='org/missing' is not a local directory and could not be fetched "
+                            "from the hub (OSError: Repository Not Found)")
+
+
 def test_peak_memory_stays_near_one_tensor(tmp_path):
     """Two 64 MB models (16 tensors of 4 MB): a linear merge keeps a few tensors resident, not the
     models (a whole-model load would take 128 MB); a memory-mapped reader would fail this too."""
