@@ -1,0 +1,42 @@
+"""`posttrain run recipe=tiny_llama3` as a user types it: two Llama 3 rounds of reward model ->
+rejection sampling -> SFT -> DPO, each round reading the previous round's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import posttrain, stage_manifest
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_llama3_rounds_chain_their_outputs(tmp_path):
+    r = posttrain("run", "recipe=tiny_llama3", cwd=tmp_path, timeout=1500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "tiny_llama3"
+    model = lambda s: str((run_dir / s / "model").resolve())  # noqa: E731
+    data = lambda s: str((run_dir / s / "data.jsonl").resolve())  # noqa: E731
+    stages = ["sft"] + [f"r{i}.{s}" for i in (1, 2) for s in ("rm", "rs", "ft", "dpo")]
+    m = {s: stage_manifest(run_dir, s) for s in stages}
+    assert all(v["status"] == "completed" for v in m.values())
+    # Round 2 samples from round 1's DPO model, continues its reward model and trains on both
+    # rounds' kept samples.
+    assert m["r1.rs"]["inputs"]["model"] == model("sft")
+    assert m["r2.rs"]["inputs"]["model"] == model("r1.dpo")
+    assert m["r2.rm"]["inputs"]["model"] == model("r1.rm")
+    assert m["r2.rs"]["inputs"]["models"]["reward_model"] == model("r2.rm")
+    assert m["r2.ft"]["inputs"]["datasets"] == {"r2.rs": data("r2.rs"), "r1.rs": data("r1.rs")}
+    assert m["r2.dpo"]["inputs"]["model"] == model("r2.ft")
+    # Best of K: every kept row is its prompt's top score among the K recorded.
+    for name in ("r1.rs", "r2.rs"):
+        rows = [json.loads(l) for l in (run_dir / name / "data.jsonl").read_text().splitlines()]
+        assert len(rows) == m[name]["metrics"]["rows"] > 0
+        assert all(len(row["sample_scores"]) == 4 and row["score"] == max(row["sample_scores"]) for row in rows)
+        assert rows[0]["messages"][-1]["role"] == "assistant"
+    # The second round's reward model trained one more epoch from the first's.
+    held = [m[f"r{i}.rm"]["metrics"]["heldout"]["after"]["accuracy"] for i in (1, 2)]
+    assert held[1] >= held[0] - 0.02, held
+    for name in ("r1.dpo", "r2.dpo", "data out"):
+        assert name in r.stdout
