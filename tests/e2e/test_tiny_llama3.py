@@ -21,11 +21,11 @@ def test_two_llama3_rounds_chain_their_outputs(tmp_path):
     stages = ["sft"] + [f"r{i}.{s}" for i in (1, 2) for s in ("rm", "rs", "ft", "dpo")]
     m = {s: stage_manifest(run_dir, s) for s in stages}
     assert all(v["status"] == "completed" for v in m.values())
-    # Round 2 samples from round 1's DPO model, continues its reward model and trains on both
+    # Round 2 samples from round 1's DPO model, scores with its own reward model and trains on both
     # rounds' kept samples.
     assert m["r1.rs"]["inputs"]["model"] == model("sft")
     assert m["r2.rs"]["inputs"]["model"] == model("r1.dpo")
-    assert m["r2.rm"]["inputs"]["model"] == model("r1.rm")
+    assert m["r2.rm"]["inputs"]["model"] == model("sft")
     assert m["r2.rs"]["inputs"]["models"]["reward_model"] == model("r2.rm")
     assert m["r2.ft"]["inputs"]["datasets"] == {"r2.rs": data("r2.rs"), "r1.rs": data("r1.rs")}
     assert m["r2.dpo"]["inputs"]["model"] == model("r2.ft")
@@ -35,8 +35,8 @@ def test_two_llama3_rounds_chain_their_outputs(tmp_path):
         assert len(rows) == m[name]["metrics"]["rows"] > 0
         assert all(len(row["sample_scores"]) == 4 and row["score"] == max(row["sample_scores"]) for row in rows)
         assert rows[0]["messages"][-1]["role"] == "assistant"
-    # The second round's reward model trained one more epoch from the first's.
-    held = [m[f"r{i}.rm"]["metrics"]["heldout"]["after"]["accuracy"] for i in (1, 2)]
-    assert held[1] >= held[0] - 0.02, held
+    # The reward models rank held-out pairs above chance (the SFT start: ~52%).
+    for i in (1, 2):
+        assert m[f"r{i}.rm"]["metrics"]["heldout"]["after"]["accuracy"] >= 0.56
     for name in ("r1.dpo", "r2.dpo", "data out"):
         assert name in r.stdout
