@@ -74,7 +74,8 @@ def preflight(run: dict, steps: list[Step]) -> None:
                 schemas.require_margins(parsed, f"stages.{node.name}.margin")
             if not where.startswith(f"stages.{node.name}.eval."):
                 _check_prompt_rows(node, parsed)
-        for key, (kind, value) in [("from", node.model_input), *node.refs.items()]:
+        inputs = ([("from", node.model_input)] if node.model_input else []) + list(node.refs.items())
+        for key, (kind, value) in inputs:
             if kind == "path" and (value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()):
                 raise UserError(f"stages.{node.name}.{key}: model directory not found: {value}")
 
