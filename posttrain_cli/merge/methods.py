@@ -49,8 +49,8 @@ def register(name: str, *, url: str, uses_base: bool = False, elementwise: bool 
 def linear(tensors: list[torch.Tensor], *, weights: list[float], **_) -> torch.Tensor:
     """Model soups (Wortsman et al. 2022), Llama 3's checkpoint averaging: sum w_i x_i / sum w_i."""
     total = sum(weights)
-    out = torch.zeros_like(tensors[0])
-    for w, x in zip(weights, tensors):
+    out = tensors[0] * (weights[0] / total)
+    for w, x in zip(weights[1:], tensors[1:]):
         out.add_(x, alpha=w / total)
     return out
 
