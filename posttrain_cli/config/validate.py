@@ -279,6 +279,8 @@ def _check_merge(path: str, stage: dict) -> None:
         if stage["base"] in models:
             raise UserError(f"{path}.base '{stage['base']}' is also one of the models")
     weights = stage["weights"]
+    if weights is not None and method == "slerp":
+        raise UserError(f"{path}.weights: slerp interpolates with t, not weights")
     if weights is not None:
         if len(weights) != len(models) or any(isinstance(w, bool) or not isinstance(w, (int, float))
                                                for w in weights):
