@@ -39,7 +39,7 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
         ev = metrics.get("eval") or {}
         held = metrics.get("heldout") or {}
         any_pref = any_pref or bool(held)
-        rl = "reward_start" in metrics
+        rl = "reward_start" in metrics or "reverse_kl_start" in metrics
         any_rl = any_rl or rl
         data = _data_cell(metrics) if m.get("kind") in schema.DATASET_PRODUCING else "-"
         any_data = any_data or data != "-"
@@ -55,7 +55,7 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
                      _fmt((ev.get("after") or {}).get("accuracy"), pct=True),
                      _fmt((held.get("before") or {}).get("accuracy"), pct=True),
                      _fmt((held.get("after") or {}).get("accuracy"), pct=True),
-                     f"{metrics['reward_start']:.3g} -> {metrics['reward_end']:.3g}" if rl else "-",
+                     _trend_cell(metrics) if rl else "-",
                      data, f"{secs:.0f}s" if secs is not None else "-"])
     table = Table(title=title or f"posttrain: {run_dir}", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, collapse_padding=True,
@@ -75,6 +75,15 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
     return table
 
 
+def _trend_cell(metrics: dict) -> str:
+    """An RL stage's reward, first tenth -> last tenth; a distill stage's reverse KL to its teachers
+    (held-out when measured, else on its own training samples)."""
+    for key, label in (("heldout_reverse_kl", "KL "), ("reverse_kl", "KL "), ("reward", "")):
+        if f"{key}_start" in metrics:
+            return f"{label}{metrics[f'{key}_start']:.3g} -> {metrics[f'{key}_end']:.3g}"
+    return "-"
+
+
 def _data_cell(metrics: dict) -> str:
     """A dataset stage's output: rows written, and for rejection sampling the prompts accepted."""
     if "rows" not in metrics:
@@ -89,7 +98,7 @@ PREF_NOTE = ("acc: held-out generation accuracy (eval block). pref: share of hel
              "reward prefers chosen: a reward model's score, or DPO's implicit reward b*log(pi/pi_ref), which is 0 "
              "(a tie, 50%) before training.")
 RL_NOTE = ("train reward: an RL stage's mean reward on its own samples, first tenth of the steps -> last tenth "
-           "(distill: the reverse KL to its teachers).")
+           "(distill: KL, the student's reverse KL to its teachers per token, on held-out prompts when it has them).")
 DATA_NOTE = "data out: rows a generation stage wrote (rejection sampling: share of prompts with a row kept)."
 
 

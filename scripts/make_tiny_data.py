@@ -11,7 +11,7 @@ Deterministic (seeded): rerunning rewrites byte-identical files. Domains:
 
 Held-out (a, b) pairs: ``sft_eval`` and ``pref_eval`` pairs never appear in
 any training file (``sft_train``, ``pref_train``, ``rl_train``), and
-``sub_eval`` pairs never appear in ``sub_sft_train``. Files:
+``sub_eval`` pairs never appear in ``sub_sft_train`` or ``sub_rl_train``. Files:
 
 * ``sft_train.jsonl``      {"messages": [user, assistant, (user, assistant)]}
                            (a few rows are two-turn chats)
@@ -21,6 +21,17 @@ any training file (``sft_train``, ``pref_train``, ``rl_train``), and
   ``pref_eval.jsonl``       "rejected": [user, assistant off by 1..3]}
 * ``sub_sft_train.jsonl``  same schema as sft_train, subtraction
 * ``sub_eval.jsonl``       same schema as sft_eval, "dataset": "sub"
+* ``sub_rl_train.jsonl``   same schema as sub_eval (RL / distillation prompts, like rl_train)
+* ``mopd_{add,sub}_train.jsonl``    SFT chats of the carry-free domains (recipes/tiny_mopd.yaml):
+  ``mopd_{add,sub}_eval.jsonl``     addition without a carry (every digit sum <= 9: "23+45") and
+  ``mopd_{add,sub}_prompts.jsonl``  subtraction without a borrow (every digit of a >= b's: "75-43"),
+                                    3025 pairs each; eval pairs are in neither train nor prompts.
+                                    A tiny model passes their plateau in ~300 SFT steps, not the
+                                    ~500 of the full 0..99 domains, so two teachers and a student
+                                    fit in a few CPU minutes.
+
+Files added later draw from the random stream after every earlier file, so the
+earlier files stay byte-identical.
 """
 
 from __future__ import annotations
@@ -42,6 +53,9 @@ N_PREF_TRAIN = 4000
 N_RL_TRAIN = 1000
 N_SUB_TRAIN = 3000
 N_SUB_EVAL = 200
+N_SUB_RL_TRAIN = 1000
+N_MOPD_EVAL = 200
+N_MOPD_PROMPTS = 1000
 
 
 def user(text: str) -> dict:
@@ -133,6 +147,23 @@ def main() -> None:
     sub_train = sub_pairs[N_SUB_EVAL:N_SUB_EVAL + N_SUB_TRAIN]
     write_jsonl(out / "sub_sft_train.jsonl", [chat([p], sub_q) for p in sub_train])
     write_jsonl(out / "sub_eval.jsonl", [prompt_row(a, b, sub_q, "sub") for a, b in sub_eval])
+    # Prompts for on-policy stages (MOPD's subtraction domain), from every non-eval pair.
+    write_jsonl(out / "sub_rl_train.jsonl",
+                [prompt_row(a, b, sub_q, "sub") for a, b in rng.sample(sub_pairs[N_SUB_EVAL:], N_SUB_RL_TRAIN)])
+
+    # ---- carry-free addition, borrow-free subtraction (tiny MOPD) ------------
+    domains = {
+        "add": ([(a, b) for a, b in pairs if a % 10 + b % 10 <= 9 and a // 10 + b // 10 <= 9], add_q),
+        "sub": ([(a, b) for a, b in sub_pairs if a % 10 >= b % 10 and a // 10 >= b // 10], sub_q),
+    }
+    for name, (domain, q) in domains.items():
+        domain = sorted(domain)
+        rng.shuffle(domain)
+        held, train = domain[:N_MOPD_EVAL], domain[N_MOPD_EVAL:]
+        write_jsonl(out / f"mopd_{name}_train.jsonl", [chat([p], q) for p in train])
+        write_jsonl(out / f"mopd_{name}_eval.jsonl", [prompt_row(a, b, q, name) for a, b in held])
+        write_jsonl(out / f"mopd_{name}_prompts.jsonl",
+                    [prompt_row(a, b, q, name) for a, b in rng.sample(train, N_MOPD_PROMPTS)])
 
     for f in sorted(out.glob("*.jsonl")):
         print(f"{f.relative_to(out.parent.parent.parent)}: {sum(1 for _ in f.open())} rows, "

@@ -36,4 +36,4 @@ def _registrar(table: dict, what: str):
 register = _registrar(LOSSES, "loss")
 register_preference = _registrar(PREFERENCE_LOSSES, "preference loss")
 
-from posttrain_cli.losses import preference, rl, sft  # noqa: E402,F401  (registers)
+from posttrain_cli.losses import distill, preference, rl, sft  # noqa: E402,F401  (registers)

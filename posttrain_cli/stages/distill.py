@@ -1,0 +1,371 @@
+"""Multi-teacher on-policy distillation (MOPD, MiMo-V2-Flash), with DeepSeek V4's full-vocabulary
+reverse KL as an option.
+
+    posttrain run recipe=tiny_mopd
+    stages:
+      student:
+        kind: distill
+        from: sft
+        data: [{path: math.jsonl}, {path: code.jsonl}]   # prompt rows; `dataset` (or `domain`) routes
+        teachers: {math: math_rl, code: code_rl}         # stages or model paths
+        combine: route             # mixture: the teachers' weighted mixture (teacher_weights)
+        kl: token                  # full: the exact reverse KL over the vocabulary
+        adv_clip: 2.0
+        is_cap: 2.0
+        alpha: 0.0                 # > 0: + alpha x the group-centred verifier reward
+        heldout: [{path: heldout.jsonl}]
+        eval_every: 20
+
+Each step the student samples `num_generations` completions of `prompts_per_step` prompts (split
+over ranks, as grpo), every completion token is scored by the prompt's own teacher (`route`: the
+row's `dataset` names a key of `teachers`; a micro-batch mixing domains runs each teacher on its
+own rows) or by the teachers' mixture log sum_k w_k p_k (`mixture`), and the student takes
+`mini_batches` updates on the per-token reverse KL (losses/distill.py: `token`, the sampled
+log-ratio as a clipped advantage, or `full`). Teachers are loaded once, in inference mode, sharded
+like the student (ZeRO-3: every rank calls every teacher's forward equally often; a rank without
+rows for a teacher makes a dummy call).
+
+Where we depart from the papers: teacher and student log-probs are both taken at the sampling
+temperature (the distribution the student samples from); the loss is the mean over every
+completion token of the batch (token_mean, as DAPO; there is no loss_agg key); `full` treats the
+sampled prefix as given (as GKD). Metrics per update: reverse KL on the samples (log p_S - log p_T,
+per token) overall and per teacher, the advantage mean, the fraction of clipped advantages and of
+truncated importance weights, response length, and with alpha > 0 reward and accuracy. Held-out
+prompts (`heldout`): the reverse KL of the student's own samples to the teachers, before training,
+every `eval_every` steps and after (metrics.jsonl rows with `heldout_reverse_kl`; the final metrics
+hold `heldout_reverse_kl_start` / `_end` and per teacher `heldout_reverse_kl_start/<key>`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from posttrain_cli.data import routing
+from posttrain_cli.data.chat import prompt_ids
+from posttrain_cli.data.preference import pack_answers
+from posttrain_cli.data.schemas import open_prompt_row
+from posttrain_cli.data.sources import load_mixture
+from posttrain_cli.engine import deepspeed_engine as eng
+from posttrain_cli.engine import dist
+from posttrain_cli.engine.loop import total_steps, train
+from posttrain_cli.errors import UserError
+from posttrain_cli.losses import ADVANTAGES, LOSS_AGGREGATIONS
+from posttrain_cli.losses.distill import DISTILL_LOSSES, mixture_logprobs
+from posttrain_cli.rollout import episodes as ep
+from posttrain_cli.rollout import hf
+
+# No loss_agg key for distill: every completion token of the batch weighs the same.
+AGGREGATION = "token_mean"
+
+
+def load_prompts(ctx, tokenizer, key: str, rewards=None) -> tuple[list[dict], list[list[int]]]:
+    """Open prompt rows (ground_truth optional) of `key` (data or heldout) and their token ids;
+    prompts leaving no room for max_new_tokens within max_seq_len are dropped and counted."""
+    cfg = ctx.cfg
+    rows = load_mixture(cfg[key], ctx.where(key), open_prompt_row, ctx.seed, resolved_from=ctx.datasets)
+    if rewards is not None:
+        rewards.check_rows(rows)
+    if cfg["combine"] == "route":
+        routing.check_routes(rows, cfg["teachers"], ctx.where())
+    budget = cfg["max_seq_len"] - cfg["max_new_tokens"]
+    if budget <= 0:
+        raise UserError(f"{ctx.where('max_seq_len')}={cfg['max_seq_len']} leaves no room for a prompt before "
+                        f"max_new_tokens={cfg['max_new_tokens']}")
+    kept = [(row, ids) for row in rows if len(ids := prompt_ids(tokenizer, row["messages"])) <= budget]
+    if not kept:
+        raise UserError(f"{ctx.where(key)}: every one of {len(rows)} prompts is longer than max_seq_len - "
+                        f"max_new_tokens = {budget} tokens")
+    dropped = len(rows) - len(kept)
+    ctx.info(f"{key}: {len(kept)} prompts" + (f" ({dropped} longer than {budget} tokens dropped)" if dropped else ""))
+    return [r for r, _ in kept], [i for _, i in kept]
+
+
+def log_softmax(module, micro: dict, temperature: float) -> torch.Tensor:
+    """[completion tokens, vocab] log-probs of softmax(logits / T) at every completion position."""
+    logits = module(**micro["inputs"], logits_to_keep=micro["positions"], use_cache=False).logits[0]
+    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+
+
+class Teachers:
+    """The teachers in inference mode, sharded like the student. log_probs(micro, route) -> the
+    teacher log-probs [completion tokens, vocab] each episode is distilled towards."""
+
+    def __init__(self, ctx, tokenizer, pack: dict):
+        cfg, model_cfg = ctx.cfg, ctx.run["model"]
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.keys = list(cfg["teachers"])
+        self.route = cfg["combine"] == "route"
+        self.temperature, self.pack = cfg["temperature"], pack
+        weights = cfg["teacher_weights"]
+        # Unlisted teachers weigh 0 once any weight is given (validate._check_distill); equal without.
+        self.weights = [float(weights.get(k, 0.0)) if weights else 1.0 for k in self.keys]
+        self.synced = ctx.run["deepspeed"]["zero_stage"] == 3 and dist.world() > 1
+        ds = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
+        vocab = AutoConfig.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"]).vocab_size
+        self.modules: list = []
+        for key, w in zip(self.keys, self.weights):
+            if not self.route and w == 0:
+                self.modules.append(None)  # weight 0 in the mixture: never loaded
+                continue
+            path, where = ctx.models[f"teachers.{key}"], ctx.where(f"teachers.{key}")
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+            t_vocab = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"]).vocab_size
+            if tok.get_vocab() != tokenizer.get_vocab() or t_vocab != vocab:
+                raise UserError(f"{where}: teacher {path} does not share the student's tokenizer ({len(tok)} tokens, "
+                                f"vocab_size {t_vocab}; the student: {len(tokenizer)}, {vocab}); distillation compares "
+                                f"log-probs token by token, so teacher and student need the same tokenizer")
+            module, _ = eng.inference_module(eng.load_causal_lm(path, model_cfg, ds, train=False), ds)
+            module.eval()
+            self.modules.append(module)
+        # A one-token answer for the calls a rank makes only to keep ZeRO-3's collectives in step.
+        eos = tokenizer.eos_token_id
+        self.dummy = pack_answers([([eos, eos], [False, True])], **pack)
+
+    def _forward(self, k: int, micro: dict) -> torch.Tensor:
+        return log_softmax(self.modules[k], micro, self.temperature)
+
+    @torch.no_grad()
+    def log_probs(self, micro: dict, route: list[int]) -> torch.Tensor:
+        """route[i]: the teacher index of the micro-batch's i-th episode (route mode)."""
+        if not self.route:
+            used = [k for k, m in enumerate(self.modules) if m is not None]
+            return mixture_logprobs([self._forward(k, micro) for k in used], [self.weights[k] for k in used])
+        out = None
+        for k in range(len(self.modules)):
+            rows = [i for i, r in enumerate(route) if r == k]
+            if not rows:
+                if self.synced:
+                    self._forward(k, self.dummy)
+                continue
+            if len(rows) == len(route):
+                out = self._forward(k, micro)
+                continue
+            lp = self._forward(k, pack_answers([micro["episodes"][i].seq for i in rows], **self.pack))
+            if out is None:
+                out = lp.new_empty(micro["targets"].shape[0], lp.shape[1])
+            out[torch.isin(micro["seq"], torch.tensor(rows, device=micro["seq"].device))] = lp
+        return out
+
+    @torch.no_grad()
+    def dummy_calls(self) -> None:
+        """One forward of every loaded teacher (a rank with nothing to score, under ZeRO-3)."""
+        for k, m in enumerate(self.modules):
+            if m is not None:
+                self._forward(k, self.dummy)
+
+
+class HeldOut:
+    """Reverse KL of the student's own samples on held-out prompts to their teachers (per token),
+    sampled with a fixed seed each time (the same random numbers before and after training)."""
+
+    def __init__(self, ctx, engine, tokenizer, teachers: Teachers, rows, prompts, route, pack):
+        self.ctx, self.cfg, self.engine, self.tokenizer = ctx, ctx.cfg, engine, tokenizer
+        self.teachers, self.rows, self.prompts, self.route, self.pack = teachers, rows, prompts, route, pack
+        self.history: list[dict] = []
+
+    def measure(self, step: int) -> dict:
+        """After `step` RL steps (logged as the update count, like the training rows)."""
+        cfg, keys = self.cfg, self.teachers.keys
+        t0 = time.perf_counter()
+        mine, calls = hf.shard(list(range(len(self.prompts))), cfg["rollout_batch_size"])
+        devices = [dist.device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.ctx.seed * 7919 + dist.rank())
+            outs = hf.generate(self.engine.module, self.tokenizer, [self.prompts[i] for i in mine],
+                               max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["rollout_batch_size"],
+                               temperature=cfg["temperature"], top_p=cfg["top_p"], synced=self.teachers.synced,
+                               calls=calls, logprobs=True)
+        eps = [ep.Episode(i, self.prompts[i], o.sampled, o.logprobs, o.text, o.finish_reason)
+               for i, o in zip(mine, outs)]
+        m = self.ctx.arith["micro_batch_size"]
+        chunks = [eps[i:i + m] for i in range(0, len(eps), m)]
+        n_calls = int(dist.all_max(float(len(chunks)))) if self.teachers.synced else len(chunks)
+        sums = [0.0] * (2 * len(keys) + 2)  # per teacher (kl, tokens), then all
+        for c in range(n_calls):
+            if c >= len(chunks):
+                self.teachers.dummy_calls()
+                continue
+            micro = {**pack_answers([e.seq for e in chunks[c]], **self.pack), "episodes": chunks[c]}
+            route = [self.route[e.prompt] for e in chunks[c]]
+            t_lp = self.teachers.log_probs(micro, route).gather(1, micro["targets"][:, None]).squeeze(1)
+            s_lp = torch.tensor([lp for e in chunks[c] for lp in e.logprobs], dtype=t_lp.dtype, device=t_lp.device)
+            kl = (s_lp - t_lp).cpu()
+            tok_route = torch.tensor(route)[micro["seq"].cpu()]
+            for k in range(len(keys)):
+                sel = tok_route == k
+                sums[2 * k] += float(kl[sel].sum())
+                sums[2 * k + 1] += float(sel.sum())
+            sums[-2] += float(kl.sum())
+            sums[-1] += float(kl.numel())
+        tot = dist.all_sum(sums)
+        out = {"heldout_reverse_kl": tot[-2] / max(tot[-1], 1.0)}
+        if self.teachers.route:
+            out.update({f"heldout_reverse_kl/{k}": tot[2 * i] / tot[2 * i + 1]
+                        for i, k in enumerate(keys) if tot[2 * i + 1]})
+        self.ctx.log_metrics({"step": step * cfg["mini_batches"], "rl_step": step, **out,
+                              "heldout_seconds": time.perf_counter() - t0})
+        per = ", ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in out.items() if "/" in k)
+        self.ctx.info(f"held-out reverse KL after {step} steps: {out['heldout_reverse_kl']:.4g} per token"
+                      + (f" ({per})" if per else "") + f" on {len(self.prompts)} prompts")
+        self.history.append(out)
+        return out
+
+    def summary(self) -> dict:
+        start, end = self.history[0], self.history[-1]
+        out = {}
+        for key in start:
+            name = key.replace("heldout_reverse_kl", "", 1)  # "" or "/add"
+            out[f"heldout_reverse_kl_start{name}"] = start[key]
+            out[f"heldout_reverse_kl_end{name}"] = end[key]
+        return out
+
+
+class Rollouts:
+    """Each step's samples (this rank's share); with alpha > 0, scored and given group-centred
+    outcome advantages."""
+
+    def __init__(self, ctx, engine, tokenizer, rows, prompts, rewards, names):
+        self.ctx, self.cfg, self.engine, self.tokenizer = ctx, ctx.cfg, engine, tokenizer
+        self.rows, self.prompts, self.rewards, self.names = rows, prompts, rewards, names
+        self.stream = ep.PromptStream(len(prompts), ctx.seed)
+        self.per_rank = ctx.arith["prompts_per_rank"]
+        self.synced = ctx.run["deepspeed"]["zero_stage"] == 3 and dist.world() > 1
+
+    def step(self) -> tuple[list[ep.Episode], dict]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        eps = ep.sample(self.engine.module, self.tokenizer, cfg, self.prompts, self.stream.draw(self.per_rank),
+                        synced=self.synced, calls_for=self.per_rank)
+        if self.rewards is not None:
+            ep.score(eps, self.rows, self.rewards)
+            r = torch.tensor([e.reward for e in eps], dtype=torch.float64).view(-1, cfg["num_generations"])
+            for e, a in zip(eps, ADVANTAGES["centered"](r).view(-1).tolist()):
+                e.adv = a
+        metrics = ep.rollout_metrics(eps, self.names)
+        if self.rewards is None:  # nothing scored
+            for key in ("reward", "reward_std"):
+                del metrics[key]
+        metrics["rollout_seconds"] = time.perf_counter() - t0
+        return eps, metrics
+
+
+def _trend(history: list[float]) -> tuple[float, float]:
+    """Means of the first and last tenth, NaN (no tokens that step) left out."""
+    tenth = max(1, len(history) // 10)
+
+    def mean(xs):
+        xs = [x for x in xs if not math.isnan(x)]
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return mean(history[:tenth]), mean(history[-tenth:])
+
+
+def run(ctx) -> dict:
+    from transformers import AutoTokenizer
+
+    from posttrain_cli.rewards.dispatch import Rewards
+
+    cfg = ctx.cfg
+    model_cfg = ctx.run["model"]
+    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"])
+    rewards = Rewards(cfg, warn=ctx.info, where=ctx.where()) if cfg["alpha"] > 0 else None
+    rows, prompts = load_prompts(ctx, tokenizer, "data", rewards)
+    held_rows, held_prompts = load_prompts(ctx, tokenizer, "heldout") if cfg["heldout"] else ([], [])
+    names = rewards.names(rows) if rewards else []
+    keys, route_mode = list(cfg["teachers"]), cfg["combine"] == "route"
+
+    def routes(rs: list[dict]) -> list[int]:
+        return [keys.index(routing.teacher_key(r, keys, ctx.where())) if route_mode else 0 for r in rs]
+
+    route, held_route = routes(rows), routes(held_rows)
+    if route_mode:
+        ctx.info("prompts per teacher: " + ", ".join(f"{k} {route.count(i)}" for i, k in enumerate(keys)))
+    steps = total_steps(cfg, len(prompts), ctx.where(), "prompts", "prompts_per_step")
+    k = cfg["mini_batches"]
+    batch = ctx.arith
+    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=batch["micro_batch_size"],
+                           grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
+    model = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
+    eng.disable_dropout(model)
+    engine = eng.initialize(model, ds_cfg, cfg, steps * k)
+    pack = dict(boundaries=eng.packed_boundaries(eng.attn_implementation(model_cfg)),
+                mask_dtype=eng.mask_dtype(ctx.run["deepspeed"]), device=engine.device)
+    teachers = Teachers(ctx, tokenizer, pack)
+    heldout = HeldOut(ctx, engine, tokenizer, teachers, held_rows, held_prompts, held_route, pack) \
+        if held_prompts else None
+    rollouts = Rollouts(ctx, engine, tokenizer, rows, prompts, rewards, names)
+    agg, loss_kind = LOSS_AGGREGATIONS[AGGREGATION], DISTILL_LOSSES[cfg["kl"]]
+    per_teacher = route_mode and len(keys) > 1
+    state: dict = {"updates": [], "metrics": {}, "sums": [0.0] * (2 * len(keys) + 2)}
+    kl_history: list[dict] = []
+    rollout_history: list[dict] = []
+
+    def micro_batches(update: int) -> list[dict]:
+        s, j = divmod(update, k)
+        if j == 0:
+            if heldout is not None and cfg["eval_every"] and s and s % cfg["eval_every"] == 0:
+                heldout.measure(s)
+            eps, state["metrics"] = rollouts.step()
+            rollout_history.append(state["metrics"])
+            state["updates"] = ep.split_updates(eps, k, batch["micro_batch_size"],
+                                                ctx.seed * 7919 + s * 31 + dist.rank())
+        return [ep.micro_batch(m, agg, cfg["max_new_tokens"], **pack) for m in state["updates"][j]]
+
+    def loss_fn(module, micro) -> tuple:
+        seq, n = micro["seq"], micro["n"]
+        student = log_softmax(module, micro, cfg["temperature"])
+        episode_route = [route[e.prompt] for e in micro["episodes"]]
+        teacher = teachers.log_probs(micro, episode_route)
+        outcome = torch.tensor([e.adv for e in micro["episodes"]], dtype=student.dtype, device=student.device)[seq]
+        token_loss, stats = loss_kind(student, teacher, micro["targets"], micro["old_logps"], outcome,
+                                      adv_clip=cfg["adv_clip"], is_cap=cfg["is_cap"], alpha=cfg["alpha"])
+        loss, _ = agg(token_loss, seq, n, cfg["max_new_tokens"])
+        with torch.no_grad():
+            extra = {name: float(agg(v, seq, n, cfg["max_new_tokens"])[0]) for name, v in stats.items()}
+            kl, tok_route = stats["reverse_kl"].cpu(), torch.tensor(episode_route)[seq.cpu()]
+            for i in range(len(keys)):
+                sel = tok_route == i
+                state["sums"][2 * i] += float(kl[sel].sum())
+                state["sums"][2 * i + 1] += float(sel.sum())
+            state["sums"][-2] += float(kl.sum())
+            state["sums"][-1] += float(kl.numel())
+        return loss, extra
+
+    def step_metrics(_update: int) -> dict:
+        tot, state["sums"] = dist.all_sum(state["sums"]), [0.0] * len(state["sums"])
+        row = {f"reverse_kl/{key}": tot[2 * i] / tot[2 * i + 1] if tot[2 * i + 1] else float("nan")
+               for i, key in enumerate(keys)} if per_teacher else {}
+        kl_history.append({"all": tot[-2] / max(tot[-1], 1.0), **row})
+        return {**state["metrics"], **row}
+
+    ctx.info(f"{steps} steps x {cfg['prompts_per_step']} prompts x {cfg['num_generations']} completions "
+             f"({batch['prompts_per_rank']} prompts per rank), {k} update(s) per step; teachers "
+             f"{', '.join(keys)} ({cfg['combine']}), reverse KL {cfg['kl']}, adv_clip {cfg['adv_clip']:g}, "
+             f"is_cap {cfg['is_cap']}, alpha {cfg['alpha']:g}, ZeRO-{ctx.run['deepspeed']['zero_stage']}")
+    if heldout is not None:
+        heldout.measure(0)
+    metrics = train(ctx, engine, total_steps=steps * k, micro_batches=micro_batches, loss_fn=loss_fn,
+                    step_metrics=step_metrics)
+    out = {**metrics, "rl_steps": steps}
+    for name in kl_history[0]:
+        suffix = "" if name == "all" else "/" + name.split("/", 1)[1]
+        start, end = _trend([h[name] for h in kl_history])
+        out[f"reverse_kl_start{suffix}"], out[f"reverse_kl_end{suffix}"] = start, end
+        if suffix:
+            out[f"reverse_kl{suffix}"] = end  # the loop's tail mean, without the NaN of empty updates
+    ctx.info(f"training reverse KL {out['reverse_kl_start']:.4g} -> {out['reverse_kl_end']:.4g} per token "
+             f"(means of the first and last tenth of the updates)")
+    if rewards is not None:
+        out.update(ep.reward_trend(ctx, rollout_history))
+    if heldout is not None:
+        heldout.measure(steps)
+        out.update(heldout.summary())
+    teachers = heldout = None
+    eng.save_hf(engine, tokenizer, ctx.work_dir / "model")
+    engine = model = None
+    if rewards is not None and rewards.failures:
+        out["verifier_failures"] = dict(rewards.failures)
+    return {"metrics": out, "outputs": {"model": "model"}}
