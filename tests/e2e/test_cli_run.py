@@ -77,7 +77,8 @@ def test_plan_shows_batch_arithmetic_and_inputs(mini, tmp_path):
 def test_recipes_lists_descriptions(tmp_path):
     r = posttrain("recipes", cwd=tmp_path)
     assert r.returncode == 0
-    assert "tiny" in r.stdout and "SFT -> reward model -> DPO -> GRPO on a tiny Llama" in r.stdout
+    assert "tiny" in r.stdout and "SFT -> reward model -> DPO -> GRPO -> merge on a tiny Llama" in r.stdout
+    assert "tiny_mopd" in r.stdout and "tiny_llama3" in r.stdout
 
 
 @pytest.mark.parametrize("args", [["--help"], ["recipes"], ["plan", "recipe=tiny"]])
