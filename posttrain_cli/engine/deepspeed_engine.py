@@ -193,6 +193,28 @@ def initialize(model, ds_cfg: dict, train_cfg: dict | None = None, total_steps: 
     return engine
 
 
+def train_ds_config(ctx) -> dict:
+    """A training stage's DeepSpeed config: its batch arithmetic (ctx.arith) and grad_clip."""
+    return ds_config(ctx.run["deepspeed"], micro_batch_size=ctx.arith["micro_batch_size"],
+                     grad_accum=ctx.arith["grad_accum"], grad_clip=ctx.cfg["grad_clip"])
+
+
+def pack_options(run: dict, device) -> dict:
+    """How this run packs rows for a forward (data/packing.py): boundaries, mask dtype, device."""
+    return dict(boundaries=packed_boundaries(attn_implementation(run["model"])),
+                mask_dtype=mask_dtype(run["deepspeed"]), device=device)
+
+
+def train_policy(ctx, total_steps: int):
+    """The stage's input model as a causal LM under DeepSpeed, dropout off, AdamW + the stage's
+    schedule over total_steps optimizer steps -> (engine, pack_options)."""
+    ds_cfg = train_ds_config(ctx)
+    model = load_causal_lm(ctx.input_model, ctx.run["model"], ds_cfg, train=True)
+    disable_dropout(model)
+    engine = initialize(model, ds_cfg, ctx.cfg, total_steps)
+    return engine, pack_options(ctx.run, engine.device)
+
+
 def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None) -> None:
     """Write a Hugging Face directory; ZeRO-3 shards are gathered first (all ranks call).
     `part` saves one submodule of a wrapper (PPO's `policy`)."""

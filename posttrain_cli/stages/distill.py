@@ -286,13 +286,7 @@ def run(ctx) -> dict:
     steps = total_steps(cfg, len(prompts), ctx.where(), "prompts", "prompts_per_step")
     k = cfg["mini_batches"]
     batch = ctx.arith
-    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=batch["micro_batch_size"],
-                           grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
-    model = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
-    eng.disable_dropout(model)
-    engine = eng.initialize(model, ds_cfg, cfg, steps * k)
-    pack = dict(boundaries=eng.packed_boundaries(eng.attn_implementation(model_cfg)),
-                mask_dtype=eng.mask_dtype(ctx.run["deepspeed"]), device=engine.device)
+    engine, pack = eng.train_policy(ctx, steps * k)
     teachers = Teachers(ctx, tokenizer, pack)
     heldout = HeldOut(ctx, engine, tokenizer, teachers, held_rows, held_prompts, held_route, pack) \
         if held_prompts else None
@@ -365,7 +359,7 @@ def run(ctx) -> dict:
         out.update(heldout.summary())
     teachers = heldout = None
     eng.save_hf(engine, tokenizer, ctx.work_dir / "model")
-    engine = model = None
+    engine = None
     if rewards is not None and rewards.failures:
         out["verifier_failures"] = dict(rewards.failures)
     return {"metrics": out, "outputs": {"model": "model"}}

@@ -149,13 +149,7 @@ def run(ctx) -> dict:
 
     steps = total_steps(cfg, len(pairs), ctx.where(), "preference pairs")
     batch = ctx.arith
-    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=batch["micro_batch_size"],
-                           grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
-    model = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
-    eng.disable_dropout(model)
-    engine = eng.initialize(model, ds_cfg, cfg, steps)
-    mb = dict(boundaries=eng.packed_boundaries(eng.attn_implementation(model_cfg)),
-              mask_dtype=eng.mask_dtype(ctx.run["deepspeed"]), device=engine.device)
+    engine, mb = eng.train_policy(ctx, steps)
     micro_size = batch["micro_batch_size"]
     step_math = DPOStep(cfg)
 
@@ -217,7 +211,7 @@ def run(ctx) -> dict:
                  f"the policy's likelihood prefers chosen on {a['logp_accuracy']:.1%}")
     live_ref = None  # free the reference before saving
     eng.save_hf(engine, tokenizer, ctx.work_dir / "model")
-    del engine, model
+    del engine
     out = {**metrics, "ref_seconds": ref_seconds, "data": data["stats"]}
     if heldout:
         out["heldout"] = heldout

@@ -132,13 +132,7 @@ def run(ctx) -> dict:
     steps = total_steps(cfg, len(prompts), ctx.where(), "prompts", "prompts_per_step")
     k = cfg["mini_batches"]
     batch = ctx.arith
-    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=batch["micro_batch_size"],
-                           grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
-    model = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
-    eng.disable_dropout(model)
-    engine = eng.initialize(model, ds_cfg, cfg, steps * k)
-    mb = dict(boundaries=eng.packed_boundaries(eng.attn_implementation(model_cfg)),
-              mask_dtype=eng.mask_dtype(ctx.run["deepspeed"]), device=engine.device)
+    engine, mb = eng.train_policy(ctx, steps * k)
     ref = ep.Reference(ctx, model_cfg) if cfg["beta"] > 0 else None
     if ref is None:
         ctx.info("beta 0: no reference model, no KL term")
@@ -186,7 +180,7 @@ def run(ctx) -> dict:
     trend = ep.reward_trend(ctx, history)
     ref = None
     eng.save_hf(engine, tokenizer, ctx.work_dir / "model")
-    engine = model = None
+    engine = None
     failures = dict(rewards.failures)
     out = {**metrics, "rl_steps": steps, **trend}
     if failures:

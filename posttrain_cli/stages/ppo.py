@@ -141,8 +141,7 @@ def run(ctx) -> dict:
     k, epochs = cfg["mini_batches"], cfg["ppo_epochs"]
     per_step = k * epochs
     batch = ctx.arith
-    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=batch["micro_batch_size"],
-                           grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
+    ds_cfg = eng.train_ds_config(ctx)
     infer_ds = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
 
     rm_path = ctx.models.get("reward_model")
@@ -160,8 +159,7 @@ def run(ctx) -> dict:
     value_lr = cfg["value_lr"] if cfg["value_lr"] is not None else cfg["lr"]
     engine = eng.initialize(PolicyAndValue(policy, value), ds_cfg, cfg, steps * per_step,
                             lr_for=lambda name: value_lr if name.startswith("value.") else cfg["lr"])
-    mb = dict(boundaries=eng.packed_boundaries(eng.attn_implementation(model_cfg)),
-              mask_dtype=eng.mask_dtype(ctx.run["deepspeed"]), device=engine.device)
+    mb = eng.pack_options(ctx.run, engine.device)
     ref = ep.Reference(ctx, model_cfg) if cfg["beta"] > 0 else None
     scorer = (RewardScorer(rm_path, model_cfg, infer_ds, batch_size=cfg["rollout_batch_size"])
               if rm_path and cfg["rm_weight"] else None)

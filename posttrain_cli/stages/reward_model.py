@@ -101,13 +101,11 @@ def run(ctx) -> dict:
 
     steps = total_steps(cfg, len(examples), ctx.where(), "preference rows")
     batch = ctx.arith
-    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=batch["micro_batch_size"],
-                           grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
+    ds_cfg = eng.train_ds_config(ctx)
     model = eng.load_scorer(ctx.input_model, model_cfg, ds_cfg, train=True, pad_token_id=tokenizer.pad_token_id)
     eng.disable_dropout(model)
     engine = eng.initialize(model, ds_cfg, cfg, steps)
-    mb = dict(use_margin=cfg["margin"], boundaries=eng.packed_boundaries(eng.attn_implementation(model_cfg)),
-              mask_dtype=eng.mask_dtype(ctx.run["deepspeed"]), device=engine.device)
+    mb = dict(use_margin=cfg["margin"], **eng.pack_options(ctx.run, engine.device))
     plan = StepPlan(len(examples), batch, ctx.seed)
 
     def micro_batches(step: int) -> list[dict]:

@@ -35,7 +35,7 @@ def test_two_llama3_rounds_chain_their_outputs(tmp_path):
         assert len(rows) == m[name]["metrics"]["rows"] > 0
         assert all(len(row["sample_scores"]) == 4 and row["score"] == max(row["sample_scores"]) for row in rows)
         assert rows[0]["messages"][-1]["role"] == "assistant"
-    # The reward models rank held-out pairs above chance (the SFT start: ~52%).
+    # The reward models rank held-out pairs above chance (a new head on the SFT model: 44%; measured 60.5%).
     for i in (1, 2):
         assert m[f"r{i}.rm"]["metrics"]["heldout"]["after"]["accuracy"] >= 0.56
     for name in ("r1.dpo", "r2.dpo", "data out"):
