@@ -4,6 +4,7 @@ rejection sampling -> SFT -> DPO, each round reading the previous round's output
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -12,10 +13,18 @@ from tests.conftest import posttrain, stage_manifest
 pytestmark = pytest.mark.slow
 
 
-def test_two_llama3_rounds_chain_their_outputs(tmp_path):
+def test_two_llama3_rounds_chain_their_outputs(tmp_path, tiny_run):
+    # Its SFT stage has the tiny recipe's settings: a copy of that finished stage is skipped, as a
+    # user's would be (the fingerprint does not depend on the run directory); only its eval re-runs.
+    assert tiny_run.result.returncode == 0, tiny_run.result.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "tiny_llama3"
+    run_dir.mkdir(parents=True)
+    shutil.copytree(tiny_run.run_dir / "sft", run_dir / "sft")
+    weights = (run_dir / "sft" / "model" / "model.safetensors").read_bytes()
     r = posttrain("run", "recipe=tiny_llama3", cwd=tmp_path, timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "tiny_llama3"
+    assert "[sft] skipped" in r.stdout or "[sft] model up to date" in r.stdout, r.stdout[:2000]
+    assert (run_dir / "sft" / "model" / "model.safetensors").read_bytes() == weights
     model = lambda s: str((run_dir / s / "model").resolve())  # noqa: E731
     data = lambda s: str((run_dir / s / "data.jsonl").resolve())  # noqa: E731
     stages = ["sft"] + [f"r{i}.{s}" for i in (1, 2) for s in ("rm", "rs", "ft", "dpo")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -16,12 +15,9 @@ def _metrics(run_dir, stage) -> dict:
     return json.loads((run_dir / stage / "manifest.json").read_text())
 
 
-def test_tiny_recipe_lifts_accuracy_and_reruns_as_a_skip(tmp_path):
-    t0 = time.time()
-    r = posttrain("run", "recipe=tiny", cwd=tmp_path, timeout=900)
-    wall = time.time() - t0
+def test_tiny_recipe_lifts_accuracy_and_reruns_as_a_skip(tiny_run):
+    r, wall, run_dir, tmp_path = tiny_run.result, tiny_run.wall, tiny_run.run_dir, tiny_run.cwd
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "tiny"
     m = _metrics(run_dir, "sft")
     ev = m["metrics"]["eval"]
     lift = ev["after"]["accuracy"] - ev["before"]["accuracy"]
