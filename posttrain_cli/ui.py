@@ -39,8 +39,8 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
         ev = metrics.get("eval") or {}
         held = metrics.get("heldout") or {}
         any_pref = any_pref or bool(held)
-        rl = "reward_start" in metrics or "reverse_kl_start" in metrics
-        any_rl = any_rl or rl
+        trend = _trend_cell(metrics)
+        any_rl = any_rl or trend != "-"
         data = _data_cell(metrics) if m.get("kind") in schema.DATASET_PRODUCING else "-"
         any_data = any_data or data != "-"
         status = m.get("status", "not run")
@@ -55,7 +55,7 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
                      _fmt((ev.get("after") or {}).get("accuracy"), pct=True),
                      _fmt((held.get("before") or {}).get("accuracy"), pct=True),
                      _fmt((held.get("after") or {}).get("accuracy"), pct=True),
-                     _trend_cell(metrics) if rl else "-",
+                     trend,
                      data, f"{secs:.0f}s" if secs is not None else "-"])
     table = Table(title=title or f"posttrain: {run_dir}", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, collapse_padding=True,

@@ -89,6 +89,18 @@ def log_softmax(module, micro: dict, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
 
 
+def add_kl(sums: list[float], kl: torch.Tensor, route: list[int], seq: torch.Tensor) -> None:
+    """Accumulate per-token reverse KL into sums = [kl, tokens] per teacher, then [kl, tokens] in all;
+    route[i]: the teacher of episode i, seq[t]: the episode of token t."""
+    kl, tok_route = kl.detach().cpu(), torch.tensor(route)[seq.cpu()]
+    for k in range(len(sums) // 2 - 1):
+        sel = tok_route == k
+        sums[2 * k] += float(kl[sel].sum())
+        sums[2 * k + 1] += float(sel.sum())
+    sums[-2] += float(kl.sum())
+    sums[-1] += float(kl.numel())
+
+
 class Teachers:
     """The teachers in inference mode, sharded like the student. log_probs(micro, route) -> the
     teacher log-probs [completion tokens, vocab] each episode is distilled towards."""
@@ -193,14 +205,7 @@ class HeldOut:
             route = [self.route[e.prompt] for e in chunks[c]]
             t_lp = self.teachers.log_probs(micro, route).gather(1, micro["targets"][:, None]).squeeze(1)
             s_lp = torch.tensor([lp for e in chunks[c] for lp in e.logprobs], dtype=t_lp.dtype, device=t_lp.device)
-            kl = (s_lp - t_lp).cpu()
-            tok_route = torch.tensor(route)[micro["seq"].cpu()]
-            for k in range(len(keys)):
-                sel = tok_route == k
-                sums[2 * k] += float(kl[sel].sum())
-                sums[2 * k + 1] += float(sel.sum())
-            sums[-2] += float(kl.sum())
-            sums[-1] += float(kl.numel())
+            add_kl(sums, s_lp - t_lp, route, micro["seq"])
         tot = dist.all_sum(sums)
         out = {"heldout_reverse_kl": tot[-2] / max(tot[-1], 1.0)}
         if self.teachers.route:
@@ -319,13 +324,7 @@ def run(ctx) -> dict:
         loss, _ = agg(token_loss, seq, n, cfg["max_new_tokens"])
         with torch.no_grad():
             extra = {name: float(agg(v, seq, n, cfg["max_new_tokens"])[0]) for name, v in stats.items()}
-            kl, tok_route = stats["reverse_kl"].cpu(), torch.tensor(episode_route)[seq.cpu()]
-            for i in range(len(keys)):
-                sel = tok_route == i
-                state["sums"][2 * i] += float(kl[sel].sum())
-                state["sums"][2 * i + 1] += float(sel.sum())
-            state["sums"][-2] += float(kl.sum())
-            state["sums"][-1] += float(kl.numel())
+            add_kl(state["sums"], stats["reverse_kl"], episode_route, seq)
         return loss, extra
 
     def step_metrics(_update: int) -> dict:
