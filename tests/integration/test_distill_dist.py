@@ -22,10 +22,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 STUDENT = """
 {name}:
   kind: distill
-  from: start
+  from: {start}
   data: [{{path: {tmp}/prompts.jsonl}}]
   heldout: [{{path: {tmp}/heldout.jsonl}}]
-  teachers: {{add: teacher_add, sub: teacher_sub}}
+  teachers: {{add: {add}, sub: {sub}}}
   prompts_per_step: 8
   num_generations: 4
   max_new_tokens: 6
@@ -83,24 +83,44 @@ def _sft(name: str, data: str, steps: int, frm: str = "") -> str:
     """)
 
 
-def _recipe(tmp: Path, students) -> Path:
+def _models(tmp: Path) -> str:
+    """The shared start and the two teachers fine-tuned from it."""
     _data(tmp)
     body = _sft("start", tmp / "mix.jsonl", 10)
     body += _sft("teacher_add", tmp / "add.jsonl", 20, "from: start")
     body += _sft("teacher_sub", tmp / "sub.jsonl", 20, "from: start")
+    return body
+
+
+def _recipe(tmp: Path, students, models: Path | None = None) -> Path:
+    """The students; their start and teachers are stages of this recipe, or the finished model
+    directories of an earlier run under `models`."""
+    if models is None:
+        body, refs = _models(tmp), dict(start="start", add="teacher_add", sub="teacher_sub")
+    else:
+        _data(tmp)
+        body, refs = "", {k: models / stage / "model" for k, stage in
+                          [("start", "start"), ("add", "teacher_add"), ("sub", "teacher_sub")]}
     for name in students:
-        body += STUDENT.format(name=name, tmp=tmp, extra=VARIANTS[name])
+        body += STUDENT.format(name=name, tmp=tmp, extra=VARIANTS[name], **refs)
     return mini_recipe(tmp, stages=body, name="mopd")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The start and the teachers are plain SFT stages (tests/integration/test_sft_dist.py runs sft
+    on 2 ranks): they train once on 1 rank, and only the students run on 2 ranks (each torchrun
+    launch costs ~10 s), reading them as paths."""
     tmp = tmp_path_factory.mktemp("distill")
-    out = {}
+    (tmp / "models").mkdir()
+    rec = mini_recipe(tmp / "models", stages=_models(tmp / "models"), name="models")
+    r = posttrain("run", f"recipe={rec}", cwd=tmp / "models", timeout=600)
+    assert r.returncode == 0, f"models:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    out = {"models": tmp / "models" / "runs" / "models"}
     for name, args in [("zero2", ["deepspeed=zero2"]), ("zero3", ["deepspeed=zero3"])]:
         sub = tmp / name
         sub.mkdir()
-        rec = _recipe(sub, SETUPS[name])
+        rec = _recipe(sub, SETUPS[name], models=out["models"])
         r = posttrain("run", f"recipe={rec}", *args, "cluster.nproc_per_node=2", cwd=sub, timeout=1200)
         assert r.returncode == 0, f"{name}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out[name] = sub / "runs" / "mopd"
@@ -113,7 +133,7 @@ def test_each_student_trains_every_parameter(runs, setup, stage):
     assert rows and all(math.isfinite(r["loss"]) for r in rows)
     for key in ("reverse_kl", "adv_mean", "is_truncation_fraction", "response_length"):
         assert key in rows[-1], key
-    before = load_file(runs[setup] / "start" / "model" / "model.safetensors")
+    before = load_file(runs["models"] / "start" / "model" / "model.safetensors")
     after = load_file(runs[setup] / stage / "model" / "model.safetensors")
     assert set(before) == set(after)
     changed = sum(not torch.equal(before[k], after[k]) for k in before)
@@ -178,8 +198,7 @@ def test_a_teacher_with_another_tokenizer(tmp_path):
     tok.save_pretrained(other)
     _data(tmp_path)
     rec = mini_recipe(tmp_path, name="mopd", stages=STUDENT.format(
-        name="student", tmp=tmp_path, extra="max_steps: 1").replace("from: start", "").replace(
-        "teachers: {add: teacher_add, sub: teacher_sub}", f"teachers: {{add: {other}, sub: {other}}}"))
+        name="student", tmp=tmp_path, extra="max_steps: 1", start="null", add=other, sub=other))
     r = posttrain("run", f"recipe={rec}", cwd=tmp_path)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "stages.student.teachers.add" in r.stderr and "tokenizer" in r.stderr, r.stderr
