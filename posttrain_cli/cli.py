@@ -59,7 +59,7 @@ def plan(overrides: Optional[List[str]] = OVERRIDES) -> None:
     from posttrain_cli.ui import print_plan
 
     try:
-        cfg, _ = compose(list(overrides or []))
+        cfg, _ = compose(list(overrides or []), allow_missing=True)
         steps = runner.plan(cfg)
     except UserError as e:
         _fail(e)

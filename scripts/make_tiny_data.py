@@ -18,7 +18,7 @@ any training file (``sft_train``, ``pref_train``, ``rl_train``), and
 * ``sft_eval.jsonl``       {"messages": [user], "ground_truth": "68", "dataset": "add"}
 * ``rl_train.jsonl``       same schema as sft_eval
 * ``pref_train.jsonl``     {"chosen": [user, assistant correct],
-  ``pref_eval.jsonl``       "rejected": [user, assistant off by 1..3]}
+  ``pref_eval.jsonl``       "rejected": [user, assistant off by 1..3], "margin": 1..3}
 * ``sub_sft_train.jsonl``  same schema as sft_train, subtraction
 * ``sub_eval.jsonl``       same schema as sft_eval, "dataset": "sub"
 * ``sub_rl_train.jsonl``   same schema as sub_eval (RL / distillation prompts, like rl_train)
@@ -96,10 +96,12 @@ def wrong_answer(rng: random.Random, correct: int) -> int:
 
 def pref_row(rng: random.Random, a: int, b: int) -> dict:
     prompt, answer = add_q(a, b)
-    wrong = str(wrong_answer(rng, a + b))
+    wrong = wrong_answer(rng, a + b)
     return {
         "chosen": [user(prompt), assistant(answer)],
-        "rejected": [user(prompt), assistant(wrong)],
+        "rejected": [user(prompt), assistant(str(wrong))],
+        # Llama 2's rating margin (an RM with `margin: true`): how far off the rejected sum is, 1-3.
+        "margin": abs(wrong - (a + b)),
     }
 
 

@@ -120,8 +120,9 @@ def apply_overrides(cfg, overrides) -> None:
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
 
 
-def compose(args: list[str], default_recipe: str | None = None) -> tuple[dict, Path]:
-    """Compose, override, resolve and validate. -> (run config, recipe file)."""
+def compose(args: list[str], default_recipe: str | None = None, *, allow_missing: bool = False) -> tuple[dict, Path]:
+    """Compose, scale, override, resolve and validate. -> (run config, recipe file).
+    allow_missing: a required key left `???` shows as REQUIRED_MARK instead of stopping (plan)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -150,11 +151,68 @@ def compose(args: list[str], default_recipe: str | None = None) -> tuple[dict, P
                 cfg.name = path.stem
             cfg.pop("hydra", None)
             cfg.pop("defaults", None)
+            tiny_block = cfg.pop("tiny", None)
+        if _scale(cfg, keys) == "tiny":
+            from posttrain_cli.config.scale import to_tiny
+
+            plain = OmegaConf.to_container(cfg, resolve=False)
+            plain["tiny"] = OmegaConf.to_container(tiny_block, resolve=False) if tiny_block is not None else {}
+            cfg = OmegaConf.create(to_tiny(plain, CONF_DIR))
         apply_overrides(cfg, keys)
+        _fill_missing(cfg, path, allow_missing)
         plain = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise UserError(f"recipe {path.name}: {_first_line(e)}") from None
     return check_run(plain), path
+
+
+# What `posttrain plan` shows for a required key the user has not set yet.
+REQUIRED_MARK = "??? (required)"
+
+
+def _scale(cfg, keys) -> str:
+    """The run's scale: a `scale=...` override, else the recipe's `scale` key."""
+    value = next((ov.value() for ov in keys if ov.key_or_group == "scale"), cfg.get("scale", "full"))
+    if value not in schema.SCALES:
+        raise UserError(f"scale={value}: choose one of {', '.join(schema.SCALES)}")
+    return value
+
+
+def _fill_missing(cfg, path: Path, allow_missing: bool) -> None:
+    """A recipe's `???` (a data slot the user must fill: the paper's data is not public): an error
+    naming every such key, or, for `plan`, a visible placeholder."""
+    from omegaconf import OmegaConf, open_dict
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if not missing:
+        return
+    if not allow_missing:
+        example = missing[0]
+        if "[" in example:  # a slot inside a list (data: [{from: rs}, {path: ???}]): set the whole list
+            example = example[:example.index("[")]
+            value = "'" + _flow(OmegaConf.to_container(OmegaConf.select(cfg, example), resolve=False)) + "'"
+        else:
+            value = "'[{path: your/data.jsonl}]'" if example.endswith(".data") else "your/data.jsonl"
+        raise UserError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required: recipe {path.stem} leaves "
+            f"{'this' if len(missing) == 1 else 'these'} to you (the paper's data is not public). Set "
+            f"{'it' if len(missing) == 1 else 'each'} on the command line, e.g. {example}={value}; the README's "
+            f"recipe tour suggests public stand-ins, and scale=tiny runs the recipe on the tiny data."
+        )
+    for key in missing:
+        parent_key, _, leaf = key.rpartition(".")
+        placeholder = [{"path": REQUIRED_MARK}] if leaf == "data" else REQUIRED_MARK
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, placeholder, merge=False, force_add=True)
+
+
+def _flow(value) -> str:
+    """A value as a one-line YAML flow for a shell override, `???` shown as your/data.jsonl."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return "your/data.jsonl" if value == "???" else str(value)
 
 
 def _check_yaml(path: Path) -> None:

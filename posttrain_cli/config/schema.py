@@ -18,6 +18,9 @@ TOP = {
     "description": ("str", ""),
     "run_dir": ("str", REQUIRED),
     "seed": ("int", 0),
+    # full: the recipe as written; tiny: its stage graph on the tiny model and data, a few steps
+    # per stage (posttrain_cli/config/scale.py).
+    "scale": (("full", "tiny"), "full"),
     "model": ("section", None),
     "deepspeed": ("section", None),
     "cluster": ("section", None),
@@ -61,6 +64,8 @@ SECTIONS = {
         "log_every": ("int", 1),
     },
 }
+
+SCALES = ("full", "tiny")
 
 SOURCE = {
     "path": ("?str", None),

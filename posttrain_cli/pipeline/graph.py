@@ -118,6 +118,9 @@ def build(run: dict) -> list[Node]:
         frm = cfg["from"]
         if cfg["kind"] in schema.NO_FROM:
             model_input = None
+        elif frm is not None and frm == run["model"]["path"] == TINY and frm not in stages:
+            # `from: ${model.path}`: the base model, named explicitly (a later stage starting over).
+            model_input = ("tiny", run["model"]["tiny"] or {})
         elif frm is not None:
             model_input = _model_ref(name, "from", frm, stages,
                                      schema.FROM_KINDS.get(cfg["kind"], schema.POLICY_PRODUCING))

@@ -95,19 +95,27 @@ class DPOStep:
 
 
 @torch.no_grad()
-def logps_pass(module, pairs: list[dict], micro_size: int, **mb) -> torch.Tensor:
-    """[N, 2] (chosen, rejected) summed log-probs of every pair, split over ranks, gathered on all."""
+def logps_pass(module, pairs: list[dict], micro_size: int, only: list[int] | None = None, **mb) -> torch.Tensor:
+    """[N, 2] (chosen, rejected) summed log-probs of every pair (or of the pairs `only` lists; the
+    others are NaN), split over ranks, gathered on all."""
+    idx = list(range(len(pairs))) if only is None else only
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     was_training = module.training
     module.eval()
-    for chunk in forward_chunks(len(pairs), micro_size):
-        micro = micro_batch(pairs, chunk or [0], **mb)
+    for chunk in forward_chunks(len(idx), micro_size):
+        rows = [idx[i] for i in chunk] if chunk is not None else None
+        micro = micro_batch(pairs, rows or [idx[0]], **mb)
         c, r = split(answer_logps(module, micro).double().cpu())
-        if chunk is not None:
-            out[chunk, 0], out[chunk, 1] = c, r
+        if rows is not None:
+            out[rows, 0], out[rows, 1] = c, r
     if was_training:
         module.train()
-    return dist.all_sum_tensor(out)
+    out = dist.all_sum_tensor(out)
+    if only is not None and len(only) < len(pairs):
+        skipped = torch.ones(len(pairs), dtype=torch.bool)
+        skipped[only] = False
+        out[skipped] = float("nan")
+    return out
 
 
 def heldout_metrics(step: DPOStep, pairs: list[dict], logps: torch.Tensor, ref: torch.Tensor | None) -> dict:
@@ -120,8 +128,9 @@ def heldout_metrics(step: DPOStep, pairs: list[dict], logps: torch.Tensor, ref: 
 
 
 def _reference_logps(ctx, engine, model_cfg: dict, pairs: list[dict], held: list[dict], mb: dict,
-                     micro_size: int) -> dict:
-    """Reference log-probs of every training and held-out pair, computed once (all ranks) and cached on disk."""
+                     micro_size: int, visited: list[int]) -> dict:
+    """Reference log-probs of the training pairs the steps visit (all of them unless max_steps stops
+    short of an epoch) and of every held-out pair, computed once (all ranks) and cached on disk."""
 
     def build() -> dict:
         ref_path = ctx.models.get("ref_from")
@@ -132,7 +141,7 @@ def _reference_logps(ctx, engine, model_cfg: dict, pairs: list[dict], held: list
             ctx.info(f"reference log-probs: computed once with {ref_path}, then freed")
             ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
             module, _ = eng.inference_module(eng.load_causal_lm(ref_path, model_cfg, ds_cfg, train=False), ds_cfg)
-        return {"train": logps_pass(module, pairs, micro_size, **mb),
+        return {"train": logps_pass(module, pairs, micro_size, only=visited, **mb),
                 "heldout": logps_pass(module, held, micro_size, **mb) if held else None}
 
     return ctx.cached("ref", build, collective=True)
@@ -153,11 +162,13 @@ def run(ctx) -> dict:
     micro_size = batch["micro_batch_size"]
     step_math = DPOStep(cfg)
 
+    plan = StepPlan(len(pairs), batch, ctx.seed)
     ref_logps, live_ref = None, None
     t_ref = time.perf_counter()
     if uses_reference(cfg["loss"]):
         if cfg["precompute_ref"]:
-            ref_logps = _reference_logps(ctx, engine, model_cfg, pairs, held, mb, micro_size)
+            visited = sorted({i for s in range(steps) for i in plan.step(s)})
+            ref_logps = _reference_logps(ctx, engine, model_cfg, pairs, held, mb, micro_size, visited)
         else:
             ref_path = ctx.models.get("ref_from") or ctx.input_model
             ctx.info(f"reference: a live copy of {ref_path} next to the policy (precompute_ref: false)")
@@ -184,8 +195,6 @@ def run(ctx) -> dict:
         b = heldout["before"]
         ctx.info(f"held-out before ({len(held)} pairs): implicit reward accuracy {b['accuracy']:.1%}; "
                  f"the policy's likelihood prefers chosen on {b['logp_accuracy']:.1%}")
-
-    plan = StepPlan(len(pairs), batch, ctx.seed)
 
     def micro_batches(step: int) -> list[dict]:
         return [micro_batch(pairs, idx, **mb) for idx in plan.micro_indices(step, dist.rank(), dist.world())]

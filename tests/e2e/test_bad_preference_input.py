@@ -14,7 +14,9 @@ U = {"role": "user", "content": "1+2"}
 
 
 def _pref_recipe(tmp, rows, extra: str = "", kind: str = "dpo"):
-    good = [json.loads(l) for l in (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:40]]
+    # Rows without the shipped `margin`, so that `margin: true` has something to refuse.
+    good = [{k: v for k, v in json.loads(l).items() if k != "margin"}
+            for l in (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:40]]
     data = write_jsonl(tmp / "prefs.jsonl", good[:5] + rows + good[5:])
     return mini_recipe(tmp, stages=f"""
       sft:
