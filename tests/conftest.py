@@ -33,13 +33,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`--dist loadgroup`, pyproject.toml), a test file runs on one worker: its
     module fixtures (the 2-rank runs of tests/integration) train once. A file may name a wider group
-    (tests/e2e: the tiny recipe's run is shared by two files). Slow files go first, so the fast
-    ones fill the gaps at the end instead of one worker finishing a long run alone."""
+    (tests/e2e: the tiny recipe's run is shared by two files). Heavy files (runs of several minutes)
+    go first, then the other slow ones, so the fast ones fill the gaps at the end instead of one
+    worker finishing a long run alone."""
     for item in items:
         if not any(True for _ in item.iter_markers("xdist_group")):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, order[id(item)]))
+    items.sort(key=lambda item: (item.get_closest_marker("heavy") is None, item.get_closest_marker("slow") is None,
+                                 order[id(item)]))
 
 
 def pytest_xdist_auto_num_workers(config):

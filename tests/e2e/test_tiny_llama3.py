@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import posttrain, stage_manifest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.xdist_group("tiny")]
 
 
 def test_two_llama3_rounds_chain_their_outputs(tmp_path, tiny_run):

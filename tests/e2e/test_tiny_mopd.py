@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import posttrain
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 # Points of held-out accuracy the student may trail a teacher by (recipes/tiny_mopd.yaml has the
 # measured table). Float rounding differs across CPUs and moves these runs: over four runs on two

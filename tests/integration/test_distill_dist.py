@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.conftest import TINY_DATA, mini_recipe, posttrain, stage_manifest, stage_rows, write_jsonl
 from tests.e2e.test_bad_input import _check
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.dist]
 
 STUDENT = """
 {name}:

@@ -20,7 +20,7 @@ import torch
 from posttrain_cli.config.schema import DPO_LOSSES
 from tests.conftest import stage_manifest, stage_rows, TINY_DATA, mini_recipe, posttrain, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 SFT_STAGE = """
 {name}:

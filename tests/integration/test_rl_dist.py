@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import stage_manifest, stage_rows, TINY_DATA, mini_recipe, posttrain, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 LOWERCASE = json.dumps({"func_name": "validate_lowercase"})
 
