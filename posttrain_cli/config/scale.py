@@ -61,12 +61,12 @@ _RL = {"prompts_per_step": 8, "rollout_batch_size": 32, "micro_batch_size": 2, "
 # A model trained a few steps rarely ends its answer: keep the completions cut at max_new_tokens.
 _GEN = {"max_new_tokens": 8, "batch_size": 32, "max_seq_len": 64, "limit": 16, "drop_truncated": False}
 SIZES = {
-    "sft": {"max_steps": 20, **_TRAIN},
-    "reward_model": {"max_steps": 10, **_TRAIN},
-    "dpo": {"max_steps": 10, **_TRAIN},
-    "grpo": {"max_steps": 3, **_RL},
-    "ppo": {"max_steps": 3, **_RL},
-    "distill": {"max_steps": 3, **_RL},
+    "sft": {"max_steps": 10, **_TRAIN},
+    "reward_model": {"max_steps": 5, **_TRAIN},
+    "dpo": {"max_steps": 5, **_TRAIN},
+    "grpo": {"max_steps": 2, **_RL},
+    "ppo": {"max_steps": 2, **_RL},
+    "distill": {"max_steps": 2, **_RL},
     "rejection_sampling": dict(_GEN),
     "generate": dict(_GEN),
     "eval": {"max_new_tokens": 8, "batch_size": 32, "limit": 32},

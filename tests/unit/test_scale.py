@@ -10,7 +10,7 @@ def test_path_sources_become_tiny_data_and_stage_outputs_stay():
     st = tiny_stage({"kind": "sft", "data": [{"from": "rs"}, {"path": "org/big", "weight": 0.2}], "epochs": 2,
                      "lr": 1e-5, "resources": {"nodes": 4}})
     assert st["data"] == [{"from": "rs"}, {"path": DATA + "sft_train.jsonl"}]
-    assert st["max_steps"] == 20 and "epochs" not in st and "resources" not in st
+    assert st["max_steps"] == 10 and "epochs" not in st and "resources" not in st
     # The method's settings stay.
     assert st["lr"] == 1e-5
     # A required slot (???) and a list of only stage outputs.
@@ -58,7 +58,7 @@ def test_rounds_eval_blocks_and_the_recipes_tiny_block():
     assert out["model"]["path"] == "tiny" and out["deepspeed"] == {"zero_stage": 3, "offload_optimizer": False,
                                                                    "offload_param": False}
     dpo = out["stages"]["round"]["stages"]["dpo"]
-    assert dpo["max_steps"] == 10 and dpo["eval"]["data"] == [{"path": DATA + "sft_eval.jsonl"}]
+    assert dpo["max_steps"] == 5 and dpo["eval"]["data"] == [{"path": DATA + "sft_eval.jsonl"}]
     assert dpo["eval"]["reward_model"] == "rm" and dpo["eval"]["limit"] == 32
     assert out["stages"]["round"]["count"] == 2 and "tiny" not in out
 
