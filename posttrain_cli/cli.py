@@ -71,6 +71,8 @@ def recipes() -> None:
     """List the recipes shipped with posttrain."""
     import yaml
 
+    from rich.markup import escape
+
     from posttrain_cli.config.compose import RECIPES_DIR, recipe_names
     from posttrain_cli.ui import console
 
@@ -79,7 +81,7 @@ def recipes() -> None:
             desc = (yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()) or {}).get("description", "")
         except yaml.YAMLError:
             desc = "(unreadable YAML)"
-        console.print(f"[bold]{name:<14}[/] {desc}")
+        console.print(f"[bold]{name:<14}[/] {escape(desc)}")
 
 
 @app.command()

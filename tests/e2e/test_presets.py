@@ -189,3 +189,13 @@ def test_every_preset_runs_at_tiny_scale(tmp_path, preset):
         assert (run_dir / name / out).exists(), (name, out)
     resolved = (run_dir / "resolved.yaml").read_text()
     assert "scale: tiny" in resolved and "path: tiny" in resolved
+
+
+def test_recipes_lists_every_preset_with_its_source(tmp_path):
+    r = posttrain("recipes", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip() and not line.startswith(" ")}
+    for preset in PRESETS:
+        assert preset in lines, preset
+    # Square brackets in a description are text, not markup.
+    assert "[arXiv 2501.12948]" in lines["r1_zero"] and "[open-instruct]" in lines["tulu3"]
