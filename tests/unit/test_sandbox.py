@@ -207,7 +207,10 @@ def test_runs_as_nobody_when_root(mode):
     assert sandbox.run_tests("import os", Tests("asserts", ["assert os.getuid() == 65534"]), FAST).score == 1.0
 
 
-def test_throwaway_dirs_are_removed():
+def test_throwaway_dirs_are_removed(tmp_path, monkeypatch):
+    # A temp dir of its own: other test workers run sandboxes in the shared one at the same time.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
     def ours():
         return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("posttrain-sandbox-")}
 
