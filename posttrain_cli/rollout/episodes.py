@@ -8,6 +8,7 @@ so group statistics never cross ranks.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from dataclasses import dataclass, field
@@ -189,7 +190,14 @@ class Reference:
         self.load(ctx.models.get("ref_from") or ctx.input_model)
 
     def load(self, path: str) -> None:
-        self.module = None
+        if getattr(self, "module", None) is not None:
+            # The old ZeRO-3 engine holds reference cycles: collected at a random later allocation,
+            # its teardown on one rank could meet the other rank inside a collective (a 2-rank
+            # ref_refresh run once aborted with "terminate called without an active exception").
+            # Free it here, on every rank at the same step.
+            self.module = None
+            gc.collect()
+            dist.barrier()
         self.module, _ = eng.inference_module(eng.load_causal_lm(path, self.model_cfg, self.ds, train=False), self.ds)
         self.module.eval()
 
