@@ -101,6 +101,7 @@ def _data(value, files: list[str]) -> list:
 def tiny_stage(stage: dict) -> dict:
     """One stage (or a rounds block) at tiny scale."""
     from posttrain_cli.config.schema import KINDS
+    from posttrain_cli.rewards.dispatch import uses_verifiers
 
     kind = stage.get("kind")
     out = dict(stage)
@@ -123,11 +124,9 @@ def tiny_stage(stage: dict) -> dict:
             out[key] = small
     out.pop("epochs", None)
     out.pop("resources", None)
-    if kind == "grpo" or any(stage.get(k) for k in ("verifier", "verifiers", "extra_verifiers")) or \
-            (kind == "distill" and stage.get("alpha")):
+    if kind != "eval" and uses_verifiers(stage):
         out["verifiers"] = {**TINY_VERIFIERS, **(stage.get("verifiers") or {})}
     if kind == "eval":
-        out["data"] = _sources(TINY_DATA["eval"])
         out["verifier"] = "number"
     if kind == "rejection_sampling" and stage.get("keep") == "all_pass":
         out.update(keep="best", max_per_prompt=None, threshold=None)
