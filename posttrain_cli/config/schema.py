@@ -126,6 +126,9 @@ TRAINING = {
     "adam_betas": ("list", [0.9, 0.999]),
     "adam_eps": ("float", 1.0e-8),
     "grad_clip": ("?float", 1.0),
+    # A checkpoint (weights, optimizer, schedule, RNG, data position) every N optimizer steps (RL
+    # kinds: rollout steps) and on SIGUSR1 / SIGTERM; a re-run resumes from it. null: on a signal only.
+    "save_every": ("?int", 500),
 }
 
 # Both preference kinds read preference rows (data/schemas.py: preference_row).

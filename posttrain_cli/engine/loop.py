@@ -10,12 +10,15 @@ accumulation steps.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
 from typing import Callable
 
 from posttrain_cli.engine import dist
+from posttrain_cli.engine.checkpoint import Checkpoints, Preempted, stop_signals
 from posttrain_cli.errors import UserError
 
 
@@ -69,48 +72,67 @@ def forward_chunks(n: int, size: int) -> list[list[int] | None]:
 
 def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[dict]],
           loss_fn: Callable[[object, dict], tuple], what: str = "train",
-          step_metrics: Callable[[int], dict] | None = None) -> dict:
+          step_metrics: Callable[[int], dict] | None = None, unit: int = 1, state=None) -> dict:
     """micro_batches(step) -> this rank's micro-batches, each with 'weight' and 'tokens'.
     loss_fn(module, micro) -> (loss_sum tensor, extra metric sums: floats weighted like the loss).
     Extras are logged divided by the global weight, like the loss. step_metrics(step), called
-    after micro_batches(step), adds figures that are already global (RL: the rollout's reward)."""
+    after micro_batches(step), adds figures that are already global (RL: the rollout's reward).
+
+    Checkpoints (engine/checkpoint.py) fall every `save_every` x `unit` steps (RL: `unit` optimizer
+    updates per rollout step; a checkpoint only between rollouts) and on SIGUSR1 / SIGTERM, after
+    which the loop raises Preempted. `state` (state_dict / load_state_dict) is the stage's own part
+    of a checkpoint. A checkpoint a killed run of this stage left is resumed from."""
     world = dist.world()
     log_every = ctx.run["logging"]["log_every"]
+    ckpt = Checkpoints(ctx, engine, total=total_steps, unit=unit, state=state)
+    resumed = ckpt.resume() or {}
+    first = resumed.get("step", 0)
+    _trim_metrics(ctx, first)
     bar = ctx.progress(total_steps, what)
-    history: list[dict] = []
-    tokens_total = 0.0
-    start = time.perf_counter()
+    history: list[dict] = resumed.get("history", [])
+    tokens_total = resumed.get("tokens", 0.0)
+    start = time.perf_counter() - resumed.get("seconds", 0.0)
     engine.train()
     try:
-        for step in range(total_steps):
-            t0 = time.perf_counter()
-            micros = micro_batches(step)
-            weight, tokens = dist.all_sum([sum(m["weight"] for m in micros), sum(m["tokens"] for m in micros)])
-            loss_sum_local = 0.0
-            extras: dict[str, float] = {}
-            for micro in micros:
-                loss_sum, extra = loss_fn(engine, micro)
-                # DeepSpeed averages gradients over ranks; * world undoes that.
-                engine.backward(loss_sum * (world / max(weight, 1e-12)), scale_wrt_gas=False)
-                engine.step()
-                loss_sum_local += float(loss_sum.detach())
-                for k, v in extra.items():
-                    extras[k] = extras.get(k, 0.0) + float(v)
-            # Every rank reports the same extras keys (stages build them unconditionally).
-            sums = dist.all_sum([loss_sum_local, *extras.values()])
-            means = {"loss": sums[0] / max(weight, 1e-12),
-                     **{k: v / max(weight, 1e-12) for k, v in zip(extras, sums[1:])},
-                     **(step_metrics(step) if step_metrics else {})}
-            history.append(means)
-            tokens_total += tokens
-            dt = time.perf_counter() - t0
-            row = {"step": step + 1, "loss": means["loss"], "lr": engine.get_lr()[0],
-                   "grad_norm": _grad_norm(engine), "tokens": tokens, "tokens_per_s": tokens / dt,
-                   **{k: v for k, v in means.items() if k != "loss"}}
-            if (step + 1) % log_every == 0 or step + 1 == total_steps:
-                ctx.log_metrics(row)
-            shown = {"loss": means["loss"], **({"reward": means["reward"]} if "reward" in means else {})}
-            bar.update(step + 1, {**shown, "tok/s": round(tokens / dt)})
+        with stop_signals() as signals:
+            for step in range(first, total_steps):
+                t0 = time.perf_counter()
+                micros = micro_batches(step)
+                weight, tokens = dist.all_sum([sum(m["weight"] for m in micros), sum(m["tokens"] for m in micros)])
+                loss_sum_local = 0.0
+                extras: dict[str, float] = {}
+                for micro in micros:
+                    loss_sum, extra = loss_fn(engine, micro)
+                    # DeepSpeed averages gradients over ranks; * world undoes that.
+                    engine.backward(loss_sum * (world / max(weight, 1e-12)), scale_wrt_gas=False)
+                    engine.step()
+                    loss_sum_local += float(loss_sum.detach())
+                    for k, v in extra.items():
+                        extras[k] = extras.get(k, 0.0) + float(v)
+                # Every rank reports the same extras keys (stages build them unconditionally). The
+                # last number counts ranks that got a stop signal: every rank stops at the same step.
+                sums = dist.all_sum([loss_sum_local, *extras.values(), float(signals.received is not None)])
+                stop = sums.pop() > 0
+                means = {"loss": sums[0] / max(weight, 1e-12),
+                         **{k: v / max(weight, 1e-12) for k, v in zip(extras, sums[1:])},
+                         **(step_metrics(step) if step_metrics else {})}
+                history.append(means)
+                tokens_total += tokens
+                dt = time.perf_counter() - t0
+                row = {"step": step + 1, "loss": means["loss"], "lr": engine.get_lr()[0],
+                       "grad_norm": _grad_norm(engine), "tokens": tokens, "tokens_per_s": tokens / dt,
+                       **{k: v for k, v in means.items() if k != "loss"}}
+                if (step + 1) % log_every == 0 or step + 1 == total_steps:
+                    ctx.log_metrics(row)
+                shown = {"loss": means["loss"], **({"reward": means["reward"]} if "reward" in means else {})}
+                bar.update(step + 1, {**shown, "tok/s": round(tokens / dt)})
+                done = step + 1
+                if done < total_steps and done % unit == 0 and (stop or ckpt.due(done)):
+                    path = ckpt.save(done, {"step": done, "history": history, "tokens": tokens_total,
+                                            "seconds": time.perf_counter() - start})
+                    if stop:
+                        raise Preempted(signals.received or "a signal on another rank", done // unit,
+                                        total_steps // unit, path)
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -119,6 +141,19 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
     final = {k: sum(h[k] for h in tail) / len(tail) for k in (tail[0] if tail else {})}
     return {"steps": total_steps, **final, "first_loss": history[0]["loss"] if history else None,
             "tokens": int(tokens_total), "tokens_per_s": tokens_total / elapsed, "train_seconds": elapsed}
+
+
+def _trim_metrics(ctx, step: int) -> None:
+    """metrics.jsonl keeps the rows up to the step a run starts (or resumes) from."""
+    if not dist.is_main():
+        return
+    path = ctx.stage_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _grad_norm(engine) -> float | None:

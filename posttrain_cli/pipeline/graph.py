@@ -241,7 +241,7 @@ def model_key(ref: tuple, run: dict, fps: dict):
 
 def training_part(cfg: dict) -> dict:
     """What decides a stage's output: everything but where it runs and the eval block."""
-    return {k: v for k, v in cfg.items() if k not in ("eval", "resources", "deepspeed")}
+    return {k: v for k, v in cfg.items() if k not in ("eval", "resources", "deepspeed", "save_every")}
 
 
 def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
@@ -263,6 +263,8 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
             "attn": run["model"]["attn_implementation"],
         }
         fps[node.name] = _hash(payload)
+        # What a mid-stage checkpoint must agree on to be resumed (engine/checkpoint.py).
+        resume = {"data": _hash({"data": train_cfg["data"]}), "inputs": _hash([payload["model"], payload["refs"]])}
         ev = node.cfg.get("eval")
         eval_fp = None
         if ev:
@@ -270,7 +272,7 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
                              "data": [source_key(s, fps) for s in ev["data"]],
                              "refs": {k: model_key(r, run, fps) for k, r in node.refs.items()
                                       if k.startswith("eval.")}})
-        out[node.name] = {"fingerprint": fps[node.name], "eval_fingerprint": eval_fp}
+        out[node.name] = {"fingerprint": fps[node.name], "eval_fingerprint": eval_fp, "resume_key": resume}
     return out
 
 

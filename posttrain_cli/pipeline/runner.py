@@ -25,6 +25,7 @@ from posttrain_cli.data.sources import load_source
 from posttrain_cli.errors import StageFailed, UserError
 from posttrain_cli.pipeline import graph, manifest
 from posttrain_cli.pipeline.graph import Node
+from posttrain_cli.pipeline.worker import EXIT_STOPPED
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Step:
     action: str  # run | eval | skip
     batch: dict
     stage_dir: Path
+    resume_key: dict | None = None
 
 
 def plan(run: dict) -> list[Step]:
@@ -55,7 +57,7 @@ def plan(run: dict) -> list[Step]:
             action = "skip" if same_eval or fp["eval_fingerprint"] is None else "eval"
         else:
             action = "run"
-        steps.append(Step(node, fp["fingerprint"], fp["eval_fingerprint"], action, batch, sdir))
+        steps.append(Step(node, fp["fingerprint"], fp["eval_fingerprint"], action, batch, sdir, fp["resume_key"]))
     return steps
 
 
@@ -127,6 +129,7 @@ def write_spec(run: dict, step: Step, eval_only: bool) -> Path:
         "fingerprint": step.fingerprint,
         "eval_fingerprint": step.eval_fingerprint,
         "eval_only": eval_only,
+        "resume_key": step.resume_key,
         "stage": node.cfg,
         "run": {"seed": run["seed"], "run_dir": str(Path(run["run_dir"]).resolve()), "model": run["model"],
                 "deepspeed": graph.effective_deepspeed(run, node), "logging": run["logging"],
@@ -175,7 +178,11 @@ def _prepare(run: dict, step: Step, say) -> Path:
         shutil.rmtree(f, ignore_errors=True)
     spec = write_spec(run, step, eval_only)
     if not eval_only:
-        (step.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+        from posttrain_cli.engine import checkpoint
+
+        if checkpoint.latest(step.stage_dir) is None:
+            # A resumed stage keeps its rows up to the checkpoint (the loop trims the rest).
+            (step.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
         manifest.write(step.stage_dir, {"status": "running", "kind": step.node.kind,
                                         "fingerprint": step.fingerprint, "started": time.time()})
     return spec
@@ -190,7 +197,10 @@ def _outcome(step: Step, code: int) -> Exception | None:
     message, exit_code = err if err else (f"worker exited with code {code}", 1)
     log = step.stage_dir / "logs" / "rank0.log"
     if not eval_only:
-        manifest.update(step.stage_dir, status="failed", error=message, log=str(log), finished=time.time())
+        status = "stopped" if exit_code == EXIT_STOPPED else "failed"
+        manifest.update(step.stage_dir, status=status, error=message, log=str(log), finished=time.time())
+    if exit_code == EXIT_STOPPED:
+        return StageFailed(f"stage '{name}' {message}")
     if exit_code == 2:
         return UserError(message if f"stages.{name}" in message else f"stage '{name}': {message}")
     return StageFailed(f"stage '{name}' failed: {message} (log: {log})")

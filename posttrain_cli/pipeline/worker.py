@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 
 ERROR_FILE = "error.json"
+# The stage stopped on a signal (a preemption, a time limit) after saving a checkpoint.
+EXIT_STOPPED = 75
 
 
 def _setup_logging(stage_dir: Path, rank: int) -> logging.Logger:
@@ -80,6 +82,7 @@ def run_stage(spec_path: str | Path) -> int:
     dist.init()
     rank = dist.rank()
     log = _setup_logging(stage_dir, rank)
+    from posttrain_cli.engine.checkpoint import Preempted
     from posttrain_cli.errors import UserError
     from posttrain_cli.pipeline import manifest
     from posttrain_cli.pipeline.context import StageContext
@@ -117,7 +120,19 @@ def run_stage(spec_path: str | Path) -> int:
                 "log": str(stage_dir / "logs" / "rank0.log"),
             })
         dist.barrier()
+        if rank == 0 and not spec.get("eval_only"):
+            from posttrain_cli.engine import checkpoint
+
+            checkpoint.clear(stage_dir)
         return 0
+    except Preempted as e:
+        log.warning("%s", e)
+        _write_error(stage_dir, rank, f"{e}; the same command resumes it", EXIT_STOPPED)
+        if rank == 0 and os.environ.get("POSTTRAIN_SLURM_JOB"):
+            from posttrain_cli.launch import slurm
+
+            slurm.requeue_self(log)
+        return EXIT_STOPPED
     except UserError as e:
         log.error("input error: %s", e)
         _write_error(stage_dir, rank, str(e), 2)

@@ -99,6 +99,15 @@ class Rewards:
         self._resolved: dict = {}
         self._ready: set[str] = set()
 
+    def counts(self) -> dict:
+        """The call and failure counters (a mid-stage checkpoint keeps them)."""
+        return {"calls": dict(self.calls), "failures": dict(self.failures), "timeouts": dict(self.timeouts)}
+
+    def set_counts(self, counts: dict) -> None:
+        for name in ("calls", "failures", "timeouts"):
+            getattr(self, name).clear()
+            getattr(self, name).update(counts.get(name, {}))
+
     def verifiers_for(self, row: dict) -> tuple[str, ...]:
         """The verifiers that grade `row`, in order; UserError when none does."""
         dataset = row.get("dataset")

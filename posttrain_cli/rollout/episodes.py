@@ -205,3 +205,36 @@ class Reference:
         path = self.ctx.work_dir / "ref_refresh"
         eng.save_hf(engine, tokenizer, path)
         self.load(str(path))
+
+
+def rl_state(stream: PromptStream, history: list, rewards, ref: Reference | None = None, flags: dict | None = None):
+    """An RL stage's part of a mid-stage checkpoint: the prompt stream's position, the rollout
+    metrics so far, the verifiers' counters and, once refreshed, the reference's weights."""
+    import shutil
+
+    from posttrain_cli.engine.checkpoint import StageState
+
+    refreshed = ref is not None and flags is not None
+
+    def get() -> dict:
+        return {"cursor": stream.cursor, "history": list(history),
+                "rewards": rewards.counts() if rewards is not None else None,
+                "refreshed": bool(refreshed and flags.get("refreshed"))}
+
+    def put(d: dict) -> None:
+        stream.cursor = d["cursor"]
+        history[:] = d["history"]
+        if rewards is not None and d["rewards"] is not None:
+            rewards.set_counts(d["rewards"])
+        if refreshed:
+            flags["refreshed"] = d["refreshed"]
+
+    def files(out) -> None:
+        if refreshed and flags.get("refreshed"):
+            shutil.copytree(ref.ctx.work_dir / "ref_refresh", out / "ref")
+
+    def load_files(src) -> None:
+        if refreshed and flags.get("refreshed"):
+            ref.load(str(src / "ref"))
+
+    return StageState(get, put, files, load_files)

@@ -50,6 +50,7 @@ from posttrain_cli.data.schemas import open_prompt_row
 from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
+from posttrain_cli.engine.checkpoint import StageState
 from posttrain_cli.engine.loop import total_steps, train
 from posttrain_cli.errors import UserError
 from posttrain_cli.losses import ADVANTAGES, LOSS_AGGREGATIONS
@@ -305,7 +306,8 @@ def run(ctx) -> dict:
     def micro_batches(update: int) -> list[dict]:
         s, j = divmod(update, k)
         if j == 0:
-            if heldout is not None and cfg["eval_every"] and s and s % cfg["eval_every"] == 0:
+            # Step 0 inside the loop, so a resumed run does not measure (and log) it again.
+            if heldout is not None and (s == 0 or (cfg["eval_every"] and s % cfg["eval_every"] == 0)):
                 heldout.measure(s)
             eps, state["metrics"] = rollouts.step()
             rollout_history.append(state["metrics"])
@@ -338,10 +340,20 @@ def run(ctx) -> dict:
              f"({batch['prompts_per_rank']} prompts per rank), {k} update(s) per step; teachers "
              f"{', '.join(keys)} ({cfg['combine']}), reverse KL {cfg['kl']}, adv_clip {cfg['adv_clip']:g}, "
              f"is_cap {cfg['is_cap']}, alpha {cfg['alpha']:g}, ZeRO-{ctx.run['deepspeed']['zero_stage']}")
-    if heldout is not None:
-        heldout.measure(0)
+    base = ep.rl_state(rollouts.stream, rollout_history, rewards)
+
+    def get() -> dict:
+        return {**base.get(), "kl_history": list(kl_history),
+                "heldout": list(heldout.history) if heldout is not None else None}
+
+    def put(d: dict) -> None:
+        base.put(d)
+        kl_history[:] = d["kl_history"]
+        if heldout is not None:
+            heldout.history[:] = d["heldout"]
+
     metrics = train(ctx, engine, total_steps=steps * k, micro_batches=micro_batches, loss_fn=loss_fn,
-                    step_metrics=step_metrics)
+                    step_metrics=step_metrics, unit=k, state=StageState(get, put))
     out = {**metrics, "rl_steps": steps}
     for name in kl_history[0]:
         suffix = "" if name == "all" else "/" + name.split("/", 1)[1]

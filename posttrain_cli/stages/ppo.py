@@ -228,7 +228,8 @@ def run(ctx) -> dict:
                                       + ([f"{cfg['verifiable_reward']:g} x verifiers"] if rewards else []))
              + f", ZeRO-{ctx.run['deepspeed']['zero_stage']}")
     metrics = train(ctx, engine, total_steps=steps * per_step, micro_batches=micro_batches, loss_fn=loss_fn,
-                    step_metrics=lambda _: state["metrics"])
+                    step_metrics=lambda _: state["metrics"], unit=per_step,
+                    state=ep.rl_state(stream, history, rewards))
     trend = ep.reward_trend(ctx, history)
     ref = scorer = None
     eng.save_hf(engine, tokenizer, ctx.work_dir / "model", part="policy")

@@ -1,0 +1,224 @@
+"""Mid-stage checkpoints: a stage stopped by SIGTERM (SLURM's preemption) or killed with SIGKILL,
+then run again with the same command, ends with the weights of a run that was never stopped.
+
+One recipe holds a stage of every training kind (sft -> reward_model -> dpo -> grpo with a
+reference refresh -> ppo -> distill). It runs once straight through; then again from scratch,
+stopped once inside each stage and re-run until it finishes. The signal lands whenever the test
+sees the stage's metrics pass a step, so the step it stops at varies: the final weights must not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_DATA, mini_recipe, posttrain, stage_manifest, write_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+
+KINDS = ["sft", "rm", "dpo", "grpo", "ppo", "distill"]
+# The logged step (an optimizer update) after which the signal is sent. grpo (2 updates per step,
+# reference refreshed every 3 steps) stops past its first refresh: the refreshed reference must
+# come back from the checkpoint.
+STOP_AFTER = {"grpo": 8}
+
+
+def _recipe(tmp: Path) -> Path:
+    rl = write_jsonl(tmp / "rl.jsonl", (TINY_DATA / "rl_train.jsonl").read_text().splitlines()[:64])
+    pref = write_jsonl(tmp / "pref.jsonl", (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:128])
+    rl_common = """
+        data: [{{path: {rl}}}]
+        prompts_per_step: 8
+        max_new_tokens: 6
+        max_seq_len: 64
+        micro_batch_size: 8
+        rollout_batch_size: 32
+        save_every: 3
+    """.format(rl=rl)
+    body = textwrap.dedent(f"""
+      sft:
+        kind: sft
+        data: [{{path: {tmp}/train.jsonl}}]
+        lr: 3.0e-3
+        max_steps: 40
+        global_batch_size: 8
+        micro_batch_size: 4
+        max_seq_len: 64
+        save_every: 7
+      rm:
+        kind: reward_model
+        data: [{{path: {pref}}}]
+        lr: 3.0e-3
+        max_steps: 30
+        global_batch_size: 8
+        micro_batch_size: 4
+        max_seq_len: 64
+        save_every: 7
+      dpo:
+        kind: dpo
+        from: sft
+        data: [{{path: {pref}}}]
+        lr: 1.0e-3
+        max_steps: 30
+        global_batch_size: 8
+        micro_batch_size: 4
+        max_seq_len: 64
+        save_every: null
+      grpo:
+        kind: grpo
+        from: dpo
+        verifier: number
+        num_generations: 4
+        max_steps: 10
+        lr: 2.0e-3
+        beta: 0.1
+        ref_refresh_every: 3
+        mini_batches: 2
+    """) + textwrap.indent(textwrap.dedent(rl_common), "  ") + textwrap.dedent(f"""
+      ppo:
+        kind: ppo
+        from: grpo
+        reward_model: rm
+        num_generations: 2
+        max_steps: 8
+        lr: 1.0e-3
+        beta: 0.02
+        ppo_epochs: 2
+        mini_batches: 2
+    """) + textwrap.indent(textwrap.dedent(rl_common), "  ") + textwrap.dedent(f"""
+      distill:
+        kind: distill
+        from: sft
+        verifier: number
+        teachers: {{add: ppo}}
+        num_generations: 2
+        max_steps: 8
+        lr: 1.0e-3
+        alpha: 0.5
+        heldout: [{{path: {rl}}}]
+        eval_every: 4
+    """) + textwrap.indent(textwrap.dedent(rl_common), "  ")
+    return mini_recipe(tmp, stages=body, name="resume")
+
+
+def _last_step(run_dir: Path, stage: str) -> int:
+    try:
+        lines = (run_dir / stage / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(l).get("step", 0) for l in lines if l.strip()]
+    return max(steps, default=0)
+
+
+def _run_until(cmd: list[str], cwd: Path, run_dir: Path, stage: str, after: int, sig: int) -> int:
+    """Start `posttrain run`, send `sig` to it and every process under it once `stage` logged
+    step `after`; -> its exit code."""
+    exe = Path(sys.executable).parent / "posttrain"
+    proc = subprocess.Popen([str(exe), *cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if _last_step(run_dir, stage) >= after and _status(run_dir, stage) == "running":
+            for pid in _tree(proc.pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=600)
+    (cwd / f"log-{stage}-{sig}.txt").write_text(out)
+    return proc.returncode
+
+
+def _status(run_dir: Path, stage: str) -> str | None:
+    try:
+        return stage_manifest(run_dir, stage).get("status")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and every process under it (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _weights(run_dir: Path, stage: str) -> dict:
+    return load_file(run_dir / stage / "model" / "model.safetensors")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    rec = _recipe(tmp)
+    straight = tmp / "straight"
+    r = posttrain("run", f"recipe={rec}", f"run_dir={straight}", cwd=tmp, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    stopped = tmp / "stopped"
+    codes = {}
+    for stage in KINDS:
+        cmd = ["run", f"recipe={rec}", f"run_dir={stopped}"]
+        codes[stage] = _run_until(cmd, tmp, stopped, stage, after=STOP_AFTER.get(stage, 2), sig=signal.SIGTERM)
+    r = posttrain("run", f"recipe={rec}", f"run_dir={stopped}", cwd=tmp, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {"tmp": tmp, "recipe": rec, "straight": straight, "stopped": stopped, "codes": codes}
+
+
+def test_every_kind_was_stopped_and_resumed(runs):
+    for stage in KINDS:
+        log = (runs["tmp"] / f"log-{stage}-{int(signal.SIGTERM)}.txt").read_text()
+        assert runs["codes"][stage] == 1, log[-2000:]
+        assert f"stage '{stage}' stopped by SIGTERM at step" in log and "the same command resumes it" in log, log[-2000:]
+    # Each later run resumed the stage the previous one stopped in.
+    logs = [(runs["tmp"] / f"log-{s}-{int(signal.SIGTERM)}.txt").read_text() for s in KINDS[1:]]
+    for stage, log in zip(KINDS, logs):
+        assert f"[{stage}] resumed from step-" in log, log[-2000:]
+    grpo = (runs["tmp"] / f"log-grpo-{int(signal.SIGTERM)}.txt").read_text()
+    assert "the reference becomes the current policy" in grpo.split("stopped by SIGTERM")[0]
+
+
+@pytest.mark.parametrize("stage", KINDS)
+def test_resumed_weights_equal_uninterrupted(runs, stage):
+    diff = _max_diff(_weights(runs["straight"], stage), _weights(runs["stopped"], stage))
+    assert diff <= 1e-5, f"{stage}: max |w_resumed - w_straight| = {diff}"
+
+
+def test_resumed_metrics_have_each_step_once(runs):
+    for stage in ("sft", "grpo"):
+        steps = [json.loads(l)["step"] for l in (runs["stopped"] / stage / "metrics.jsonl").read_text().splitlines()]
+        straight = [json.loads(l)["step"] for l in
+                    (runs["straight"] / stage / "metrics.jsonl").read_text().splitlines()]
+        assert steps == straight
+
+
+def test_finished_stage_drops_its_checkpoints(runs):
+    for stage in KINDS:
+        assert not (runs["stopped"] / stage / "checkpoints").exists()
+        assert stage_manifest(runs["stopped"], stage)["status"] == "completed"
