@@ -35,20 +35,31 @@ def _fail(e: Exception) -> None:
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def run(overrides: Optional[List[str]] = OVERRIDES) -> None:
-    """Run a recipe: every stage that is not already done."""
+def run(overrides: Optional[List[str]] = OVERRIDES,
+        dry_run: bool = typer.Option(False, "--dry-run", help="Write each stage's spec (cluster=slurm: its job "
+                                     "script) into RUN_DIR and print what would run; run nothing."),
+        wait: bool = typer.Option(False, "--wait", help="cluster=slurm: follow the jobs until they end (exit 1 if "
+                                  "a stage fails) instead of returning after submitting.")) -> None:
+    """Run a recipe: every stage that is not already done (cluster=slurm: submit one job per stage)."""
     from posttrain_cli.config.compose import compose
     from posttrain_cli.pipeline import runner
     from posttrain_cli.ui import console, stage_table
 
     try:
         cfg, recipe_path = compose(list(overrides or []))
-        steps = runner.execute(cfg, recipe_path, say=lambda m: console.print(m, markup=False, highlight=False))
+        steps = runner.execute(cfg, recipe_path, say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+                               dry_run=dry_run, wait=wait)
     except (UserError, StageFailed) as e:
         _fail(e)
+    if dry_run:
+        return
+    slurm = cfg["cluster"]["launcher"] == "slurm"
     console.print()
     console.print(stage_table(Path(cfg["run_dir"]), [s.node.name for s in steps],
-                              {s.node.name: s.action for s in steps}, title=f"posttrain {cfg['name']}: {cfg['run_dir']}"))
+                              {s.node.name: s.action for s in steps}, title=f"posttrain {cfg['name']}: {cfg['run_dir']}",
+                              jobs=_jobs(Path(cfg["run_dir"]), [s.node.name for s in steps]) if slurm else None))
+    if slurm and not wait:
+        console.print(f"Submitted. Follow with: posttrain status {cfg['run_dir']}", markup=False)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -89,6 +100,7 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
     """Print the stage table of a run from its manifests."""
     import yaml
 
+    from posttrain_cli.pipeline import manifest
     from posttrain_cli.ui import console, stage_table
 
     resolved = run_dir / "resolved.yaml"
@@ -96,7 +108,20 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
         _fail(UserError(f"{run_dir}: not a posttrain run directory (no resolved.yaml)"))
     cfg = yaml.safe_load(resolved.read_text())
     names = list((cfg or {}).get("stages") or {})
-    console.print(stage_table(run_dir, names, title=f"posttrain {cfg.get('name', '')}: {run_dir}"))
+    slurm = ((cfg or {}).get("cluster") or {}).get("launcher") == "slurm"
+    jobs = _jobs(run_dir, names) if slurm else None
+    console.print(stage_table(run_dir, names, title=f"posttrain {cfg.get('name', '')}: {run_dir}", jobs=jobs))
+    for name in names:
+        m = manifest.read(run_dir / name) or {}
+        if m.get("status") in ("failed", "stopped", "cancelled") and m.get("error"):
+            console.print(f"{name}: {m['error']}" + (f" (log: {m['log']})" if m.get("log") else ""), markup=False)
+
+
+def _jobs(run_dir: Path, names: list[str]) -> dict:
+    """Each stage's SLURM job and its state; manifests of jobs that ended badly are marked failed."""
+    from posttrain_cli.launch import slurm
+
+    return slurm.reconcile(run_dir, names)
 
 
 def main() -> None:

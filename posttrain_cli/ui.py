@@ -27,7 +27,7 @@ def _fmt(v, pct: bool = False) -> str:
 
 
 def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None = None,
-                title: str | None = None) -> Table:
+                title: str | None = None, jobs: dict[str, dict] | None = None) -> Table:
     """One row per stage from its manifest. The `pref` columns (held-out preference pairs ranked
     chosen-first) appear when a stage measured them."""
     from rich import box
@@ -46,7 +46,8 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
         status = m.get("status", "not run")
         if actions and name in actions and status == "completed":
             status = {"skip": "skipped", "eval": "eval re-run"}.get(actions[name], "completed")
-        style = {"failed": "red", "running": "yellow"}.get(m.get("status"), "")
+        style = {"failed": "red", "cancelled": "red", "running": "yellow", "queued": "yellow",
+                 "stopped": "yellow"}.get(m.get("status"), "")
         secs = (m.get("timings") or {}).get("seconds")
         rows.append([name, m.get("kind", "-"), f"[{style}]{status}[/]" if style else status,
                      _fmt(metrics.get("steps")), _fmt(metrics.get("loss")),
@@ -56,7 +57,8 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
                      _fmt((held.get("before") or {}).get("accuracy"), pct=True),
                      _fmt((held.get("after") or {}).get("accuracy"), pct=True),
                      trend,
-                     data, f"{secs:.0f}s" if secs is not None else "-"])
+                     data, f"{secs:.0f}s" if secs is not None else "-",
+                     (jobs or {}).get(name, {}).get("job", "-"), _slurm_cell((jobs or {}).get(name))])
     table = Table(title=title or f"posttrain: {run_dir}", title_justify="left", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, collapse_padding=True,
                   caption=" ".join(n for n, on in ((PREF_NOTE, any_pref), (RL_NOTE, any_rl), (DATA_NOTE, any_data))
@@ -64,15 +66,25 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
                   caption_justify="left")
     columns = [("stage", "left"), ("kind", "left"), ("status", "left"), ("steps", "right"), ("loss", "right"),
                ("tok/s", "right"), ("acc before", "right"), ("acc after", "right"), ("pref before", "right"),
-               ("pref after", "right"), ("train reward", "right"), ("data out", "right"), ("time", "right")]
+               ("pref after", "right"), ("train reward", "right"), ("data out", "right"), ("time", "right"),
+               ("job", "right"), ("slurm", "left")]
     keep = [i for i, (col, _) in enumerate(columns)
             if (any_pref or not col.startswith("pref")) and (any_rl or col != "train reward")
-            and (any_data or col != "data out")]
+            and (any_data or col != "data out") and (jobs is not None or col not in ("job", "slurm"))]
     for i in keep:
         table.add_column(columns[i][0], justify=columns[i][1], no_wrap=True)
     for row in rows:
         table.add_row(*[row[i] for i in keep])
     return table
+
+
+def _slurm_cell(job: dict | None) -> str:
+    """A job's SLURM state, with the reason a pending job waits (Dependency, Priority, ...)."""
+    if not job:
+        return "-"
+    state = job["state"].lower()
+    reason = job.get("reason") or ""
+    return f"{state} ({reason})" if reason and reason != "None" and state in ("pending", "cancelled") else state
 
 
 def _trend_cell(metrics: dict) -> str:

@@ -33,7 +33,6 @@ Expected failures end with one line on stderr: `local_slurm: <why>`.
 from __future__ import annotations
 
 import argparse
-import grp
 import os
 import pwd
 import random
@@ -525,10 +524,10 @@ def up(cluster: Cluster, install: bool, timeout: float) -> None:
         log(f"a cluster already runs in {cluster.root}")
         return
     started = time.monotonic()
-    cluster.root.mkdir(parents=True, exist_ok=True)
     longest = len(str(cluster.spool)) + len(short_hostname()) + len("/_4294967295.4294967295")
     if longest > UNIX_PATH_MAX:
         raise Failed(f"--dir {cluster.root} is too long for slurmd's unix sockets in it; use a shorter path")
+    cluster.root.mkdir(parents=True, exist_ok=True)
     stop_cluster(cluster)  # what is left of an earlier, partly running cluster in DIR
     ensure_munge(cluster.root)
     for d in (cluster.state, cluster.spool):

@@ -51,13 +51,42 @@ SECTIONS = {
         "config": ("dict", {}),
     },
     "cluster": {
-        "launcher": (("local",), "local"),
-        "nproc_per_node": ("int", 1),
+        # local: this machine (in-process, or torchrun); slurm: one SLURM job per stage.
+        "launcher": (("local", "slurm"), "local"),
+        # Ranks per node: GPUs, or CPU processes with gloo. slurm: null is one per GPU
+        # (gpus_per_node, or 1 without GPUs).
+        "nproc_per_node": ("?int", 1),
+        # local only (one node).
         "nnodes": ("int", 1),
         "master_port": ("?int", None),
         # Stages that do not depend on each other (branches) run at once, up to this many;
-        # on GPUs each running stage gets its own nproc_per_node devices.
+        # on GPUs each running stage gets its own nproc_per_node devices. (slurm: every branch
+        # is its own job; the scheduler decides.)
         "parallel_stages": ("int", 1),
+        # slurm (conf/cluster/slurm.yaml): what each stage's job asks for; a stage's `resources`
+        # block overrides any of them.
+        "nodes": ("int", 1),
+        "gpus_per_node": ("int", 0),
+        "cpus_per_task": ("?int", None),
+        "mem": ("?str", None),
+        "time": ("?str", None),
+        "partition": ("?str", None),
+        "account": ("?str", None),
+        "qos": ("?str", None),
+        "constraint": ("?str", None),
+        # Shell lines run before the stage (module loads, environment activation).
+        "setup": ("list", []),
+        # Extra arguments for srun, and extra #SBATCH options ("--exclusive", "--mail-type=FAIL").
+        "srun_args": ("list", []),
+        "sbatch_args": ("list", []),
+        # Seconds before the time limit at which SLURM sends USR1: the stage saves a checkpoint
+        # and requeues itself (0: no warning signal).
+        "signal_seconds": ("int", 300),
+        "requeue": ("bool", True),
+        # The Python that runs the stages on the nodes; null: the one running `posttrain`.
+        "python": ("?str", None),
+        # --wait: seconds between looks at the queue.
+        "poll_seconds": ("float", 10.0),
     },
     "logging": {
         "progress": (("auto", "always", "never"), "auto"),
@@ -75,11 +104,18 @@ SOURCE = {
     "weight": ("float", 1.0),
 }
 
+# A stage's own SLURM resources (cluster=slurm): any key set here wins over cluster.<key>.
 RESOURCES = {
     "nodes": ("?int", None),
     "gpus_per_node": ("?int", None),
+    "nproc_per_node": ("?int", None),
+    "cpus_per_task": ("?int", None),
+    "mem": ("?str", None),
     "time": ("?str", None),
     "partition": ("?str", None),
+    "account": ("?str", None),
+    "qos": ("?str", None),
+    "constraint": ("?str", None),
 }
 
 EVAL = {

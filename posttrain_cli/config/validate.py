@@ -418,13 +418,36 @@ def check_run(cfg: dict) -> dict:
             raise UserError(f"'{key}' is required at the top of the recipe")
         else:
             out[key] = default
-    for key in ("nproc_per_node", "nnodes", "parallel_stages"):
-        if out["cluster"][key] < 1:
-            raise UserError(f"cluster.{key}={out['cluster'][key]} must be >= 1")
+    c = out["cluster"]
+    if c["launcher"] == "local" and c["nproc_per_node"] is None:
+        raise UserError("cluster.nproc_per_node=null: cluster=local needs a rank count (1, or the GPUs to use)")
+    for key in ("nproc_per_node", "nnodes", "parallel_stages", "nodes"):
+        if c[key] is not None and c[key] < 1:
+            raise UserError(f"cluster.{key}={c[key]} must be >= 1")
+    if c["gpus_per_node"] < 0 or c["signal_seconds"] < 0:
+        key = "gpus_per_node" if c["gpus_per_node"] < 0 else "signal_seconds"
+        raise UserError(f"cluster.{key}={c[key]} must be >= 0")
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None
     return out
 
 
-def world_size(cfg: dict) -> int:
-    return cfg["cluster"]["nproc_per_node"] * cfg["cluster"]["nnodes"]
+def job_resources(cluster: dict, stage: dict | None = None) -> dict:
+    """cluster.* with a stage's `resources` laid over it (the keys it sets)."""
+    res = (stage or {}).get("resources") or {}
+    return {**cluster, **{k: v for k, v in res.items() if v is not None}}
+
+
+def ranks_per_node(res: dict) -> int:
+    """nproc_per_node, or (slurm, null) one rank per GPU, 1 without GPUs."""
+    return res["nproc_per_node"] if res["nproc_per_node"] is not None else max(1, res["gpus_per_node"])
+
+
+def world_size(cfg: dict, stage: dict | None = None) -> int:
+    """Ranks of a stage: local runs nproc_per_node x nnodes (1); slurm nodes x ranks per node of the
+    stage's job (its `resources` win over cluster.*)."""
+    c = cfg["cluster"]
+    if c["launcher"] == "slurm":
+        res = job_resources(c, stage)
+        return res["nodes"] * ranks_per_node(res)
+    return c["nproc_per_node"] * c["nnodes"]

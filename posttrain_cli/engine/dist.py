@@ -22,6 +22,7 @@ def init() -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    from_slurm()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -38,6 +39,17 @@ def init() -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
+
+
+def from_slurm(env=os.environ) -> None:
+    """A rank started by srun in a posttrain job (launch/slurm.py): rank, world size and local rank
+    from SLURM's variables; the job script exported MASTER_ADDR / MASTER_PORT."""
+    if "POSTTRAIN_SLURM_JOB" not in env or "RANK" in env or "SLURM_PROCID" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS") or "1"
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
 
 
 def rank() -> int:

@@ -11,6 +11,7 @@ started in slot k sees devices [k x nproc, (k + 1) x nproc) only.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from posttrain_cli.errors import UserError
 
 
-def _command(spec_path: Path, cluster: dict, port_offset: int = 0) -> list[str]:
+def command(spec_path: Path, cluster: dict, port_offset: int = 0) -> list[str]:
     nproc = cluster["nproc_per_node"]
     if nproc == 1:
         return [sys.executable, "-m", "posttrain_cli.pipeline.worker", str(spec_path)]
@@ -49,7 +50,29 @@ def launch(spec_path: Path, cluster: dict) -> int:
 
         return run_stage(spec_path)
     with _launcher_log(spec_path) as err:
-        return subprocess.run(_command(spec_path, cluster), env=_env(spec_path, cluster, 1), stderr=err).returncode
+        return subprocess.run(command(spec_path, cluster), env=_env(spec_path, cluster, 1), stderr=err,
+                              preexec_fn=die_with_parent).returncode
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies. torchrun and its ranks run in sessions
+    of their own; without this a killed `posttrain run` would leave them training. SIGTERM, not
+    SIGKILL: the ranks save a checkpoint at the next step and stop (engine/checkpoint.py)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def _libc():
+    """Loaded before any fork: a preexec_fn must not import."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def _launcher_log(spec_path: Path):
@@ -85,5 +108,5 @@ def start(spec_path: Path, cluster: dict, slot: int) -> subprocess.Popen:
             [str(i) for i in range(gpus)]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[slot * nproc + i] for i in range(nproc))
     with _launcher_log(spec_path) as err:
-        return subprocess.Popen(_command(spec_path, cluster, port_offset=slot), env=env,
-                                stderr=err if nproc > 1 else None)
+        return subprocess.Popen(command(spec_path, cluster, port_offset=slot), env=env,
+                                stderr=err if nproc > 1 else None, preexec_fn=die_with_parent)

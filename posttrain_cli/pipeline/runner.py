@@ -45,11 +45,11 @@ def plan(run: dict) -> list[Step]:
         raise UserError(f"cluster.nnodes={run['cluster']['nnodes']}: cluster=local runs on one node")
     nodes = graph.build(run)
     fps = graph.fingerprints(run, nodes)
-    ws = world_size(run)
     steps = []
     for node in nodes:
         fp = fps[node.name]
         sdir = graph.stage_dir(run, node.name)
+        ws = world_size(run, node.cfg)
         batch = (batch_arithmetic(f"stages.{node.name}", node.cfg, ws)
                  if node.kind in schema.TRAINING_KINDS else {"world_size": ws})
         if manifest.is_done(sdir, fp["fingerprint"]):
@@ -167,8 +167,8 @@ def _worker_error(stage_dir: Path) -> tuple[str, int] | None:
     return None
 
 
-def _prepare(run: dict, step: Step, say) -> Path:
-    """Clear a stage's leftovers, write its spec and a `running` manifest; -> the spec."""
+def _prepare(run: dict, step: Step, say, status: str = "running") -> Path:
+    """Clear a stage's leftovers, write its spec and a `running` (slurm: `queued`) manifest; -> the spec."""
     name, eval_only = step.node.name, step.action == "eval"
     if eval_only:
         say(f"[{name}] model up to date; only its eval changed, re-running the eval")
@@ -183,9 +183,20 @@ def _prepare(run: dict, step: Step, say) -> Path:
         if checkpoint.latest(step.stage_dir) is None:
             # A resumed stage keeps its rows up to the checkpoint (the loop trims the rest).
             (step.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
-        manifest.write(step.stage_dir, {"status": "running", "kind": step.node.kind,
+        manifest.write(step.stage_dir, {"status": status, "kind": step.node.kind,
                                         "fingerprint": step.fingerprint, "started": time.time()})
     return spec
+
+
+def record_failure(stage_dir: Path, code: int, log: Path, eval_only: bool) -> tuple[str, int]:
+    """A stage's worker exited without completing: its manifest says failed (or stopped, with a
+    checkpoint to resume from), the worker's message and the log -> (message, exit code)."""
+    err = _worker_error(stage_dir)
+    message, exit_code = err if err else (f"worker exited with code {code}", 1)
+    if not eval_only:
+        status = "stopped" if exit_code == EXIT_STOPPED else "failed"
+        manifest.update(stage_dir, status=status, error=message, log=str(Path(log).resolve()), finished=time.time())
+    return message, exit_code
 
 
 def _outcome(step: Step, code: int) -> Exception | None:
@@ -193,12 +204,8 @@ def _outcome(step: Step, code: int) -> Exception | None:
     name, eval_only = step.node.name, step.action == "eval"
     if code == 0 and (manifest.read(step.stage_dir) or {}).get("status") == "completed":
         return None
-    err = _worker_error(step.stage_dir)
-    message, exit_code = err if err else (f"worker exited with code {code}", 1)
     log = step.stage_dir / "logs" / "rank0.log"
-    if not eval_only:
-        status = "stopped" if exit_code == EXIT_STOPPED else "failed"
-        manifest.update(step.stage_dir, status=status, error=message, log=str(log), finished=time.time())
+    message, exit_code = record_failure(step.stage_dir, code, log, eval_only)
     if exit_code == EXIT_STOPPED:
         return StageFailed(f"stage '{name}' {message}")
     if exit_code == 2:
@@ -206,16 +213,34 @@ def _outcome(step: Step, code: int) -> Exception | None:
     return StageFailed(f"stage '{name}' failed: {message} (log: {log})")
 
 
-def execute(run: dict, recipe_path: Path, say=print) -> list[Step]:
+def execute(run: dict, recipe_path: Path, say=print, *, dry_run: bool = False, wait: bool = False) -> list[Step]:
     """Run every stage that is not done, each as soon as its inputs are (up to
     cluster.parallel_stages at once). Raises UserError (exit 2) or StageFailed (exit 1).
 
-    After a failure no new stage starts; stages already running finish (a re-run skips them)."""
+    After a failure no new stage starts; stages already running finish (a re-run skips them).
+    cluster=slurm submits one job per stage and returns (`wait`: follows them to the end);
+    `dry_run` writes what would run (slurm: the job scripts) and prints it, running nothing."""
     from posttrain_cli.launch import local
 
     steps = plan(run)
     preflight(run, steps)
     cluster = run["cluster"]
+    if cluster["launcher"] == "slurm":
+        from posttrain_cli.launch import slurm
+
+        write_resolved(run, recipe_path)
+        jobs = slurm.submit(run, steps, say, dry_run=dry_run)
+        if wait and jobs and not dry_run:
+            slurm.wait(Path(run["run_dir"]), jobs, cluster["poll_seconds"], say)
+        return steps
+    if dry_run:
+        for step in steps:
+            if step.action == "skip":
+                say(f"[{step.node.name}] skipped: completed with the same fingerprint {step.fingerprint}")
+                continue
+            spec = write_spec(run, step, step.action == "eval")
+            say(f"[{step.node.name}] " + " ".join(local.command(spec, cluster)))
+        return steps
     if cluster["parallel_stages"] > 1:
         local.check_slots(cluster)
     write_resolved(run, recipe_path)

@@ -93,7 +93,11 @@ def run_stage(spec_path: str | Path) -> int:
     try:
         _seed(spec["run"]["seed"])
         if rank == 0:
-            work_dir.mkdir(parents=True, exist_ok=True)
+            # A requeued SLURM job runs the same attempt again: start from an empty work dir.
+            shutil.rmtree(work_dir, ignore_errors=True)
+            work_dir.mkdir(parents=True)
+            if not spec.get("eval_only"):
+                manifest.update(stage_dir, status="running", started=started)
         dist.barrier()
         result = _execute(ctx, spec)
         dist.barrier()
@@ -207,6 +211,10 @@ def main() -> None:
     if len(sys.argv) != 2:
         print("usage: python -m posttrain_cli.pipeline.worker RUN_DIR/<stage>/stage.yaml", file=sys.stderr)
         sys.exit(2)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        from posttrain_cli.launch.local import die_with_parent
+
+        die_with_parent()
     sys.exit(run_stage(sys.argv[1]))
 
 

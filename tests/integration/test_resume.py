@@ -222,3 +222,76 @@ def test_finished_stage_drops_its_checkpoints(runs):
     for stage in KINDS:
         assert not (runs["stopped"] / stage / "checkpoints").exists()
         assert stage_manifest(runs["stopped"], stage)["status"] == "completed"
+
+
+SFT_ONLY = """
+  sft:
+    kind: sft
+    data: [{{path: {train}}}]
+    lr: {lr}
+    max_steps: 40
+    global_batch_size: {gbs}
+    micro_batch_size: 4
+    max_seq_len: 64
+    save_every: 5
+"""
+
+
+def _sft_recipe(tmp: Path, lr: str = "3.0e-3", gbs: int = 8, train: str = "train.jsonl") -> Path:
+    rec = mini_recipe(tmp, stages=SFT_ONLY.format(train=tmp / train, lr=lr, gbs=gbs), name="sft")
+    return rec
+
+
+def test_sigkill_two_ranks_zero3_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL (no chance to save): the rerun starts from the last periodic checkpoint."""
+    rec = _sft_recipe(tmp_path)
+    args = ["deepspeed=zero3", "cluster.nproc_per_node=2"]
+    r = posttrain("run", f"recipe={rec}", f"run_dir={tmp_path / 'straight'}", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    killed = tmp_path / "killed"
+    code = _run_until(["run", f"recipe={rec}", f"run_dir={killed}", *args], tmp_path, killed, "sft", after=12,
+                      sig=signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    ckpt = (killed / "sft" / "checkpoints" / "latest").read_text().strip()
+    assert ckpt.startswith("step-0000"), ckpt
+    time.sleep(1)
+    assert not [p for p in _tree(os.getpid())[1:] if "pipeline.worker" in _cmdline(p)], "a rank outlived the kill"
+    r = posttrain("run", f"recipe={rec}", f"run_dir={killed}", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"[sft] resumed from {ckpt}" in r.stdout
+    assert _max_diff(_weights(tmp_path / "straight", "sft"), _weights(killed, "sft")) <= 1e-5
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_changed_batch_or_data_is_refused_other_changes_start_over(tmp_path):
+    rec = _sft_recipe(tmp_path)
+    run_dir = tmp_path / "runs" / "sft"
+    code = _run_until(["run", f"recipe={rec}"], tmp_path, run_dir, "sft", after=3, sig=signal.SIGTERM)
+    assert code == 1
+    ckpt = run_dir / "sft" / "checkpoints"
+    step = (ckpt / "latest").read_text().strip()
+
+    r = posttrain("run", f"recipe={_sft_recipe(tmp_path, gbs=16)}", cwd=tmp_path)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "stages.sft: the checkpoint at step" in r.stderr and "global_batch_size 8 -> 16" in r.stderr, r.stderr
+    assert f"delete {ckpt}" in r.stderr and "Traceback" not in r.stderr
+    assert (ckpt / "latest").read_text().strip() == step
+
+    rows = (tmp_path / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train2.jsonl").write_text("\n".join(rows[1:] + rows[:1]) + "\n")
+    r = posttrain("run", f"recipe={_sft_recipe(tmp_path, train='train2.jsonl')}", cwd=tmp_path)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "was written for other data" in r.stderr, r.stderr
+    assert (ckpt / "latest").read_text().strip() == step
+
+    r = posttrain("run", f"recipe={_sft_recipe(tmp_path, lr='1.0e-3')}", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "is stale (lr 0.003 -> 0.001); starting the stage over" in r.stdout, r.stdout
+    assert "resumed" not in r.stdout
+    assert stage_manifest(run_dir, "sft")["metrics"]["steps"] == 40
