@@ -13,7 +13,7 @@ from posttrain_cli.config import schema
 from posttrain_cli.pipeline import manifest
 
 # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables need more.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _fmt(v, pct: bool = False) -> str:
