@@ -126,6 +126,17 @@ def waves(steps) -> dict[str, int]:
     return out
 
 
+def _ranks_text(c: dict) -> str:
+    if c["launcher"] == "slurm":
+        from posttrain_cli.config.validate import ranks_per_node
+
+        gpus = f", {c['gpus_per_node']} GPU(s) each" if c["gpus_per_node"] else ""
+        return (f"  [bold]slurm[/] a job per stage: {c['nodes']} node(s) x {ranks_per_node(c)} rank(s){gpus}"
+                + (f", partition {c['partition']}" if c["partition"] else "") + " (stages' resources: override)")
+    return (f"  [bold]ranks[/] {c['nproc_per_node']} x {c['nnodes']} node(s)"
+            + (f"  [bold]parallel stages[/] {c['parallel_stages']}" if c["parallel_stages"] > 1 else ""))
+
+
 def print_graph(steps) -> None:
     """The stage graph, in run order: each stage's wave, kind and inputs, rounds under a header."""
     wave = waves(steps)
@@ -152,9 +163,7 @@ def print_plan(run: dict, steps) -> None:
     console.print(f"[bold]recipe[/] {run['name']}  [bold]run_dir[/] {run['run_dir']}  "
                   f"[bold]model[/] {run['model']['path']}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
                   f"{' +offload' if run['deepspeed']['offload_optimizer'] or run['deepspeed']['offload_param'] else ''}"
-                  f"  [bold]ranks[/] {run['cluster']['nproc_per_node']} x {run['cluster']['nnodes']} node(s)"
-                  + (f"  [bold]parallel stages[/] {run['cluster']['parallel_stages']}"
-                     if run["cluster"]["parallel_stages"] > 1 else ""))
+                  + _ranks_text(run["cluster"]))
     print_graph(steps)
     for i, step in enumerate(steps, 1):
         node, cfg = step.node, step.node.cfg

@@ -121,24 +121,34 @@ def sbatch(script: Path, after: list[str], what: str) -> str:
     args = ["sbatch", "--parsable"]
     if after:
         args.append("--dependency=afterok:" + ":".join(after))
-    out = _slurm(args + [str(script)], what).strip()
+    out = _slurm(args + [str(Path(script).resolve())], what).strip()
     return out.split(";")[0]
 
 
 def job_states(ids: list[str]) -> dict[str, dict]:
     """{job id: {"state", "reason", "restarts", "exit_code"}} for the jobs SLURM still knows
-    (`scontrol show job`: pending, running and recently finished; no accounting store needed)."""
+    (`scontrol show job ID`: pending, running and recently finished; no accounting store needed).
+    A job SLURM no longer lists is left out; SlurmUnreachable when the controller does not answer."""
     if not ids or shutil.which("scontrol") is None:
         return {}
-    r = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True)
     out = {}
-    for line in r.stdout.splitlines():
-        fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-        jid = fields.get("JobId")
-        if jid in ids:
-            out[jid] = {"state": fields.get("JobState", "UNKNOWN"), "reason": fields.get("Reason", ""),
-                        "restarts": int(fields.get("Restarts", "0") or 0), "exit_code": fields.get("ExitCode", "")}
+    for jid in dict.fromkeys(ids):
+        r = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True)
+        if r.returncode != 0:
+            err = (r.stderr or r.stdout).strip()
+            if "Invalid job id" in err:
+                continue  # finished long enough ago that SLURM forgot it
+            raise SlurmUnreachable(err.splitlines()[-1:] or [f"exit code {r.returncode}"])
+        for line in r.stdout.splitlines():
+            fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+            if fields.get("JobId") == jid:
+                out[jid] = {"state": fields.get("JobState", "UNKNOWN"), "reason": fields.get("Reason", ""),
+                            "restarts": int(fields.get("Restarts", "0") or 0), "exit_code": fields.get("ExitCode", "")}
     return out
+
+
+class SlurmUnreachable(Exception):
+    """scontrol failed: job states are unknown (not: the jobs are gone)."""
 
 
 def requeue_self(log) -> None:
@@ -213,7 +223,11 @@ def _live_jobs(steps: list) -> dict[str, tuple[str, str]]:
         m = manifest.read(step.stage_dir) or {}
         if m.get("status") in LIVE_STATUS and m.get("job_id"):
             recorded[step.node.name] = (str(m["job_id"]), m.get("fingerprint"))
-    states = job_states([jid for jid, _ in recorded.values()])
+    try:
+        states = job_states([jid for jid, _ in recorded.values()])
+    except SlurmUnreachable as e:
+        raise UserError(f"cluster=slurm: scontrol cannot reach the controller ({e.args[0][0]}); stages "
+                        f"{', '.join(recorded)} may still be queued: try again when SLURM answers") from None
     return {name: rec for name, rec in recorded.items() if alive(states.get(rec[0]))}
 
 
@@ -234,8 +248,11 @@ def reconcile(run_dir: Path, names: list[str]) -> dict[str, dict]:
         m = manifest.read(Path(run_dir) / name) or {}
         if m.get("job_id"):
             recs[name] = str(m["job_id"])
-    states = job_states(list(recs.values()))
-    have_slurm = shutil.which("scontrol") is not None
+    try:
+        states = job_states(list(recs.values()))
+        have_slurm = shutil.which("scontrol") is not None
+    except SlurmUnreachable:
+        states, have_slurm = {}, False
     out = {}
     for name, jid in recs.items():
         st = states.get(jid)
