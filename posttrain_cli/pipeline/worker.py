@@ -215,7 +215,26 @@ def main() -> None:
         from posttrain_cli.launch.local import die_with_parent
 
         die_with_parent()
-    sys.exit(run_stage(sys.argv[1]))
+    code = run_stage(sys.argv[1])
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Leave a rank process without the interpreter's teardown. With a live gloo process group and
+    DeepSpeed's engines, destructors running at exit in a random order now and then hit a joinable
+    C++ thread ("terminate called without an active exception", SIGABRT) after the stage had
+    finished and published. Everything is written and flushed by now."""
+    try:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - leaving anyway; the exit code is the stage's
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

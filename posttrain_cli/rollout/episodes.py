@@ -235,6 +235,12 @@ def rl_state(stream: PromptStream, history: list, rewards, ref: Reference | None
 
     def load_files(src) -> None:
         if refreshed and flags.get("refreshed"):
-            ref.load(str(src / "ref"))
+            # Back where a refresh writes it: the next checkpoint copies it from there.
+            here = ref.ctx.work_dir / "ref_refresh"
+            if dist.is_main():
+                shutil.rmtree(here, ignore_errors=True)
+                shutil.copytree(src / "ref", here)
+            dist.barrier()
+            ref.load(str(here))
 
     return StageState(get, put, files, load_files)
