@@ -104,19 +104,11 @@ SOURCE = {
     "weight": ("float", 1.0),
 }
 
-# A stage's own SLURM resources (cluster=slurm): any key set here wins over cluster.<key>.
-RESOURCES = {
-    "nodes": ("?int", None),
-    "gpus_per_node": ("?int", None),
-    "nproc_per_node": ("?int", None),
-    "cpus_per_task": ("?int", None),
-    "mem": ("?str", None),
-    "time": ("?str", None),
-    "partition": ("?str", None),
-    "account": ("?str", None),
-    "qos": ("?str", None),
-    "constraint": ("?str", None),
-}
+# A stage's own SLURM resources (cluster=slurm): any of these keys set in a stage's `resources`
+# block wins over cluster.<key> for that stage's job.
+JOB_KEYS = ("nodes", "gpus_per_node", "nproc_per_node", "cpus_per_task", "mem", "time", "partition", "account",
+            "qos", "constraint")
+RESOURCES = {k: ("?" + SECTIONS["cluster"][k][0].lstrip("?"), None) for k in JOB_KEYS}
 
 EVAL = {
     "data": ("list", REQUIRED),
@@ -209,6 +201,8 @@ RL = {
     "verifier_timeout": ("float", 10.0),
     # The reward of a completion that hit max_new_tokens without EOS (Tulu 3: -10); null: unchanged.
     "no_eos_penalty": ("?float", None),
+    # A rollout step costs minutes at scale: checkpoint more often than the trainers' 500.
+    "save_every": ("?int", 50),
     # KL to the reference: beta 0 loads no reference.
     "beta": ("float", 0.0),
     "kl_estimator": (KL_ESTIMATORS, "k3"),
