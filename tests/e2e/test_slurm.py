@@ -104,9 +104,11 @@ def _sft(train: Path, steps: int, extra: str = "") -> str:
 """
 
 
-def test_two_task_job_trains_like_one_rank(slurm_cluster, tmp_path):
+def test_two_task_job_trains_like_one_rank_and_branches_run_at_once(slurm_cluster, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", (TINY_DATA / "sft_train.jsonl").read_text().splitlines()[:256])
+    # `one` and `three` are independent 1-CPU jobs on a 2-CPU node: they run at the same time.
     body = (_sft(train, 6).format(name="one") +
+            _sft(train, 6, "from: ${model.path}").format(name="three") +
             _sft(train, 6, "resources: {nproc_per_node: 2}\n    from: ${model.path}").format(name="two"))
     rec = mini_recipe(tmp_path, stages=body, name="tasks")
     run_dir = tmp_path / "runs" / "tasks"
@@ -121,6 +123,8 @@ def test_two_task_job_trains_like_one_rank(slurm_cluster, tmp_path):
     two_l = [json.loads(l)["loss"] for l in (run_dir / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(one) == len(two_l) == 6
     assert max(abs(a - b) for a, b in zip(one, two_l)) < 1e-4, (one, two_l)
+    t1, t3 = (stage_manifest(run_dir, s)["timings"] for s in ("one", "three"))
+    assert t1["started"] < t3["finished"] and t3["started"] < t1["finished"], (t1, t3)
 
 
 def test_preempted_stage_requeues_and_resumes_to_the_same_weights(slurm_cluster, tmp_path):
