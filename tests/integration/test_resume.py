@@ -295,3 +295,29 @@ def test_changed_batch_or_data_is_refused_other_changes_start_over(tmp_path):
     assert "is stale (lr 0.003 -> 0.001); starting the stage over" in r.stdout, r.stdout
     assert "resumed" not in r.stdout
     assert stage_manifest(run_dir, "sft")["metrics"]["steps"] == 40
+
+
+def test_killing_the_cli_stops_its_ranks_with_a_checkpoint(tmp_path):
+    """kill -9 of `posttrain run` alone: torchrun and the ranks (sessions of their own) get SIGTERM
+    from the kernel as their parent dies, save a checkpoint and stop; nothing trains on unseen."""
+    rec = _sft_recipe(tmp_path)
+    run_dir = tmp_path / "runs" / "sft"
+    args = ["run", f"recipe={rec}", "cluster.nproc_per_node=2", "stages.sft.save_every=null"]
+    exe = Path(sys.executable).parent / "posttrain"
+    proc = subprocess.Popen([str(exe), *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _last_step(run_dir, "sft") < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    under = {p: _cmdline(p) for p in _tree(proc.pid)[1:]}
+    ranks = [p for p, c in under.items() if "pipeline.worker" in c and "torch.distributed.run" not in c]
+    assert len(ranks) == 2 and any("torch.distributed.run" in c for c in under.values()), under
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while any(_cmdline(p) == c for p, c in under.items()):  # torchrun and both ranks gone
+        assert time.time() < deadline, "the ranks outlived the killed CLI by a minute"
+        time.sleep(0.2)
+    ckpt = (run_dir / "sft" / "checkpoints" / "latest").read_text().strip()
+    assert "stopped by SIGTERM" in (run_dir / "sft" / "logs" / "rank0.log").read_text()
+    r = posttrain("run", f"recipe={rec}", "cluster.nproc_per_node=2", "stages.sft.save_every=null", cwd=tmp_path)
+    assert r.returncode == 0 and f"[sft] resumed from {ckpt}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
