@@ -33,13 +33,14 @@ import random
 import shutil
 import signal
 import threading
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import torch
-
-from posttrain_cli.engine import dist
 from posttrain_cli.errors import UserError
+
+# torch and engine.dist are imported where a checkpoint is written or read: the runner asks
+# `latest()` when it prepares a stage, and `posttrain run cluster=slurm` should not load torch.
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -79,6 +80,8 @@ def read_meta(path: Path) -> dict:
 
 def resume_key(ctx) -> dict:
     """What a checkpoint records about the run that wrote it."""
+    from posttrain_cli.pipeline.graph import training_part
+
     cfg = ctx.cfg
     key = ctx.spec.get("resume_key") or {}
     return {
@@ -87,7 +90,7 @@ def resume_key(ctx) -> dict:
         "inputs": key.get("inputs"),
         "seed": ctx.seed,
         "batch": {**{k: cfg[k] for k in BATCH_KEYS if k in cfg}, **{k: v for k, v in ctx.arith.items()}},
-        "config": {k: v for k, v in cfg.items() if k not in ("eval", "resources", "deepspeed", "save_every", "data")},
+        "config": {k: v for k, v in training_part(cfg).items() if k != "data"},
         "zero_stage": ctx.run["deepspeed"]["zero_stage"],
     }
 
@@ -125,7 +128,7 @@ def check(ctx, meta: dict, path: Path) -> bool:
 
 class Checkpoints:
     """Saves and restores one training loop: its engine, RNG states, loop counters and the stage's
-    own state (an object with state_dict() / load_state_dict(d), or None)."""
+    own state (a StageState, or None)."""
 
     def __init__(self, ctx, engine, *, total: int, unit: int = 1, state=None):
         self.ctx, self.engine, self.total, self.unit, self.state = ctx, engine, total, unit, state
@@ -146,20 +149,24 @@ class Checkpoints:
         if meta["total"] != self.total and meta["fingerprint"] == self.ctx.spec["fingerprint"]:
             raise UserError(f"{self.ctx.where()}: the checkpoint at {path} counts {meta['total']} steps, this run "
                             f"{self.total}; delete {self.dir} to start this stage over")
+        import torch
+
+        from posttrain_cli.engine import dist
+
         if not check(self.ctx, meta, path):
             dist.barrier()
             if dist.is_main():
                 shutil.rmtree(self.dir, ignore_errors=True)
             dist.barrier()
             return None
-        load_path, tag = self.engine.load_checkpoint(str(path / "ds"), tag="state", load_optimizer_states=True,
+        load_path, _ = self.engine.load_checkpoint(str(path / "ds"), tag="state", load_optimizer_states=True,
                                                      load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path / 'ds'}")
         mine = torch.load(path / f"rank{dist.rank()}.pt", weights_only=False)
         if self.state is not None:
-            self.state.load_state_dict(mine["stage"])
-            if getattr(self.state, "load_files", None) is not None:
+            self.state.put(mine["stage"])
+            if self.state.load_files is not None:
                 self.state.load_files(path / "files")
         set_rng(mine["rng"])
         self.ctx.info(f"resumed from {path.name}: step {meta['step'] // self.unit} of {self.total // self.unit}")
@@ -167,6 +174,10 @@ class Checkpoints:
 
     def save(self, done: int, loop: dict) -> Path:
         """Every rank: its part into a temporary folder; rank 0 renames it into place when all are in."""
+        import torch
+
+        from posttrain_cli.engine import dist
+
         name = f"step-{done // self.unit:06d}"
         final, tmp = self.dir / name, self.dir / f".{name}.partial"
         if dist.is_main():
@@ -174,10 +185,9 @@ class Checkpoints:
             tmp.mkdir(parents=True)
         dist.barrier()
         self.engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
-        if self.state is not None and getattr(self.state, "files", None) is not None and dist.is_main():
+        if self.state is not None and self.state.files is not None and dist.is_main():
             self.state.files(tmp / "files")
-        torch.save({"rng": get_rng(), "loop": loop,
-                    "stage": self.state.state_dict() if self.state is not None else None},
+        torch.save({"rng": get_rng(), "loop": loop, "stage": self.state.get() if self.state is not None else None},
                    tmp / f"rank{dist.rank()}.pt")
         dist.barrier()
         if dist.is_main():
@@ -198,18 +208,15 @@ class Checkpoints:
         return final
 
 
+@dataclass
 class StageState:
-    """A stage's own part of a checkpoint, from two functions: get() -> a picklable dict, put(dict)
-    restores it. With files(dir) / load_files(dir) a stage also keeps files (rank 0 writes them)."""
+    """A stage's own part of a checkpoint: get() -> a picklable dict, put(dict) restores it; with
+    files(dir) / load_files(dir) it also keeps files (rank 0 writes them, every rank reads)."""
 
-    def __init__(self, get, put, files=None, load_files=None):
-        self.get, self.put, self.files, self.load_files = get, put, files, load_files
-
-    def state_dict(self) -> dict:
-        return self.get()
-
-    def load_state_dict(self, d: dict) -> None:
-        self.put(d)
+    get: Callable[[], dict]
+    put: Callable[[dict], None]
+    files: Callable[[Path], None] | None = None
+    load_files: Callable[[Path], None] | None = None
 
 
 def clear(stage_dir: Path) -> None:
@@ -219,6 +226,7 @@ def clear(stage_dir: Path) -> None:
 
 def get_rng() -> dict:
     import numpy as np
+    import torch
 
     out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -228,6 +236,7 @@ def get_rng() -> dict:
 
 def set_rng(state: dict) -> None:
     import numpy as np
+    import torch
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -261,8 +270,3 @@ class StopSignals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-
-@contextmanager
-def stop_signals():
-    with StopSignals() as s:
-        yield s

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from posttrain_cli.engine import dist
-from posttrain_cli.engine.checkpoint import Checkpoints, Preempted, stop_signals
+from posttrain_cli.engine.checkpoint import Checkpoints, Preempted, StopSignals
 from posttrain_cli.errors import UserError
 
 
@@ -94,7 +94,7 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
     start = time.perf_counter() - resumed.get("seconds", 0.0)
     engine.train()
     try:
-        with stop_signals() as signals:
+        with StopSignals() as signals:
             for step in range(first, total_steps):
                 t0 = time.perf_counter()
                 micros = micro_batches(step)

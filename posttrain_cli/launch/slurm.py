@@ -166,19 +166,17 @@ def requeue_self(log) -> None:
 # ---------------------------------------------------------------------------------------- submit
 
 
-def submit(run: dict, steps: list, say, *, dry_run: bool = False) -> dict[str, str]:
+def submit(run: dict, pending: list, say, *, dry_run: bool = False) -> dict[str, str]:
     """Write each pending stage's spec and job script; submit them in graph order with `afterok`
     on the jobs of their inputs -> {stage: job id}. A stage whose job is still queued or running
-    with the same fingerprint is not submitted again."""
+    with the same fingerprint is not submitted again. `dry_run`: print the scripts, submit nothing."""
     from posttrain_cli.pipeline import runner
 
     jobs: dict[str, str] = {}
-    live = _live_jobs(steps)
-    for step in steps:
+    names = {s.node.name for s in pending}
+    live = {} if dry_run else _live_jobs(pending)
+    for step in pending:
         name = step.node.name
-        if step.action == "skip":
-            say(f"[{name}] skipped: completed with the same fingerprint {step.fingerprint}")
-            continue
         if name in live:
             jid, fp = live[name]
             if fp == step.fingerprint:
@@ -187,19 +185,19 @@ def submit(run: dict, steps: list, say, *, dry_run: bool = False) -> dict[str, s
                 continue
             raise UserError(f"stages.{name}: job {jid} is still queued or running an earlier config of this "
                             f"stage; cancel it first (scancel {jid}) or wait for it")
-        after = [jobs[d] for d in step.node.deps if d in jobs]
         if dry_run:
             spec = runner.write_spec(run, step, step.action == "eval")
-            script = step.stage_dir / JOB_FILE
-            script.write_text(job_script(run, step, spec))
-            deps = " ".join(f"--dependency=afterok:<job of {d}>" for d in step.node.deps if d in _pending(steps))
+        else:
+            spec = runner._prepare(run, step, say, status="queued")
+            (step.stage_dir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch --output needs it
+        script = step.stage_dir / JOB_FILE
+        script.write_text(job_script(run, step, spec))
+        if dry_run:
+            deps = " ".join(f"--dependency=afterok:<job of {d}>" for d in step.node.deps if d in names)
             say(f"# {script}" + (f"   (sbatch {deps})" if deps else ""))
             say(script.read_text())
             continue
-        spec = runner._prepare(run, step, say, status="queued")
-        (step.stage_dir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch --output needs it
-        script = step.stage_dir / JOB_FILE
-        script.write_text(job_script(run, step, spec))
+        after = [jobs[d] for d in step.node.deps if d in jobs]
         try:
             jid = sbatch(script, after, f"stage '{name}'")
         except Exception:
@@ -210,10 +208,6 @@ def submit(run: dict, steps: list, say, *, dry_run: bool = False) -> dict[str, s
                         log=str((step.stage_dir / "logs" / f"slurm-{jid}.out").resolve()), submitted=time.time())
         say(f"[{name}] submitted job {jid}" + (f" (after {', '.join(after)})" if after else ""))
     return jobs
-
-
-def _pending(steps: list) -> set:
-    return {s.node.name for s in steps if s.action != "skip"}
 
 
 def _live_jobs(steps: list) -> dict[str, tuple[str, str]]:
@@ -257,7 +251,7 @@ def reconcile(run_dir: Path, names: list[str]) -> dict[str, dict]:
     for name, jid in recs.items():
         st = states.get(jid)
         out[name] = {"job": jid, "state": st["state"] if st else ("gone" if have_slurm else "unknown"),
-                     "reason": st["reason"] if st else ""}
+                     "reason": st["reason"] if st else "", "alive": alive(st)}
         sdir = Path(run_dir) / name
         m = manifest.read(sdir) or {}
         # "stopped": the stage saved a checkpoint and its job was not requeued; a re-run resumes it.
@@ -288,15 +282,14 @@ def wait(run_dir: Path, jobs: dict[str, str], poll: float, say) -> None:
             if last.get(name) != now:
                 say(f"[{name}] job {jobs[name]}: {now}")
                 last[name] = now
-        if not any(alive({"state": seen[n]["state"]}) for n in jobs if n in seen and seen[n]["state"] not in
-                   ("gone", "unknown")):
+        if not any(seen[n]["alive"] for n in jobs if n in seen):
             break
         time.sleep(poll)
-    failed = [n for n in jobs if (manifest.read(run_dir / n) or {}).get("status") != "completed"]
+    final = {n: manifest.read(run_dir / n) or {} for n in jobs}
+    failed = [n for n in jobs if final[n].get("status") != "completed"]
     if failed:
-        first = next((n for n in failed if (manifest.read(run_dir / n) or {}).get("status") in ("failed", "stopped")),
-                     failed[0])
-        m = manifest.read(run_dir / first) or {}
+        first = next((n for n in failed if final[n].get("status") in ("failed", "stopped")), failed[0])
+        m = final[first]
         others = [n for n in failed if n != first]
         raise StageFailed(f"stage '{first}' {m.get('status')}: {m.get('error')} (log: {m.get('log')})"
                           + (f"; not completed either: {', '.join(others)}" if others else ""))

@@ -225,31 +225,25 @@ def execute(run: dict, recipe_path: Path, say=print, *, dry_run: bool = False, w
     steps = plan(run)
     preflight(run, steps)
     cluster = run["cluster"]
+    if cluster["launcher"] == "local" and cluster["parallel_stages"] > 1 and not dry_run:
+        local.check_slots(cluster)
+    write_resolved(run, recipe_path)
+    for step in steps:
+        if step.action == "skip":
+            say(f"[{step.node.name}] skipped: completed with the same fingerprint {step.fingerprint}")
+    pending = [s for s in steps if s.action != "skip"]
     if cluster["launcher"] == "slurm":
         from posttrain_cli.launch import slurm
 
-        write_resolved(run, recipe_path)
-        jobs = slurm.submit(run, steps, say, dry_run=dry_run)
+        jobs = slurm.submit(run, pending, say, dry_run=dry_run)
         if wait and jobs and not dry_run:
             slurm.wait(Path(run["run_dir"]), jobs, cluster["poll_seconds"], say)
         return steps
     if dry_run:
-        for step in steps:
-            if step.action == "skip":
-                say(f"[{step.node.name}] skipped: completed with the same fingerprint {step.fingerprint}")
-                continue
+        for step in pending:
             spec = write_spec(run, step, step.action == "eval")
             say(f"[{step.node.name}] " + " ".join(local.command(spec, cluster)))
         return steps
-    if cluster["parallel_stages"] > 1:
-        local.check_slots(cluster)
-    write_resolved(run, recipe_path)
-    done = set()
-    for step in steps:
-        if step.action == "skip":
-            say(f"[{step.node.name}] skipped: completed with the same fingerprint {step.fingerprint}")
-            done.add(step.node.name)
-    pending = [s for s in steps if s.action != "skip"]
     if cluster["parallel_stages"] == 1:
         # One at a time, in recipe order (an order the graph allows), in this process where it can.
         for step in pending:
@@ -257,6 +251,7 @@ def execute(run: dict, recipe_path: Path, say=print, *, dry_run: bool = False, w
             if error is not None:
                 raise error
         return steps
+    done = {s.node.name for s in steps if s.action == "skip"}
     return _execute_parallel(run, steps, pending, done, say)
 
 

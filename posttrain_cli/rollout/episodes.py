@@ -187,6 +187,7 @@ class Reference:
     def __init__(self, ctx, model_cfg):
         self.ctx, self.model_cfg = ctx, model_cfg
         self.ds = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
+        self.refreshed = False  # True once the policy replaced the input model (ref_refresh_every)
         self.load(ctx.models.get("ref_from") or ctx.input_model)
 
     def load(self, path: str) -> None:
@@ -201,46 +202,48 @@ class Reference:
         self.module, _ = eng.inference_module(eng.load_causal_lm(path, self.model_cfg, self.ds, train=False), self.ds)
         self.module.eval()
 
+    @property
+    def path(self):
+        """Where a refreshed reference's weights are written."""
+        return self.ctx.work_dir / "ref_refresh"
+
     def refresh(self, engine, tokenizer) -> None:
-        path = self.ctx.work_dir / "ref_refresh"
-        eng.save_hf(engine, tokenizer, path)
-        self.load(str(path))
+        eng.save_hf(engine, tokenizer, self.path)
+        self.load(str(self.path))
+        self.refreshed = True
 
 
-def rl_state(stream: PromptStream, history: list, rewards, ref: Reference | None = None, flags: dict | None = None):
+def rl_state(stream: PromptStream, history: list, rewards, ref: Reference | None = None):
     """An RL stage's part of a mid-stage checkpoint: the prompt stream's position, the rollout
     metrics so far, the verifiers' counters and, once refreshed, the reference's weights."""
     import shutil
 
     from posttrain_cli.engine.checkpoint import StageState
 
-    refreshed = ref is not None and flags is not None
-
     def get() -> dict:
         return {"cursor": stream.cursor, "history": list(history),
                 "rewards": rewards.counts() if rewards is not None else None,
-                "refreshed": bool(refreshed and flags.get("refreshed"))}
+                "refreshed": bool(ref is not None and ref.refreshed)}
 
     def put(d: dict) -> None:
         stream.cursor = d["cursor"]
         history[:] = d["history"]
         if rewards is not None and d["rewards"] is not None:
             rewards.set_counts(d["rewards"])
-        if refreshed:
-            flags["refreshed"] = d["refreshed"]
+        if ref is not None:
+            ref.refreshed = d["refreshed"]
 
     def files(out) -> None:
-        if refreshed and flags.get("refreshed"):
-            shutil.copytree(ref.ctx.work_dir / "ref_refresh", out / "ref")
+        if ref is not None and ref.refreshed:
+            shutil.copytree(ref.path, out / "ref")
 
     def load_files(src) -> None:
-        if refreshed and flags.get("refreshed"):
+        if ref is not None and ref.refreshed:
             # Back where a refresh writes it: the next checkpoint copies it from there.
-            here = ref.ctx.work_dir / "ref_refresh"
             if dist.is_main():
-                shutil.rmtree(here, ignore_errors=True)
-                shutil.copytree(src / "ref", here)
+                shutil.rmtree(ref.path, ignore_errors=True)
+                shutil.copytree(src / "ref", ref.path)
             dist.barrier()
-            ref.load(str(here))
+            ref.load(str(ref.path))
 
     return StageState(get, put, files, load_files)

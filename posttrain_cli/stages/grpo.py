@@ -138,7 +138,7 @@ def run(ctx) -> dict:
         ctx.info("beta 0: no reference model, no KL term")
     rollouts = Rollouts(ctx, engine, tokenizer, rows, prompts, rewards, names)
     agg, kl_fn = LOSS_AGGREGATIONS[cfg["loss_agg"]], KL_ESTIMATORS[cfg["kl_estimator"]]
-    state: dict = {"updates": [], "metrics": {}, "refreshed": False}
+    state: dict = {"updates": [], "metrics": {}}
     history: list[dict] = []
 
     def micro_batches(update: int) -> list[dict]:
@@ -147,7 +147,6 @@ def run(ctx) -> dict:
             if ref is not None and cfg["ref_refresh_every"] and s and s % cfg["ref_refresh_every"] == 0:
                 ctx.info(f"step {s}: the reference becomes the current policy")
                 ref.refresh(engine, tokenizer)
-                state["refreshed"] = True
             eps, state["metrics"] = rollouts.step()
             history.append(state["metrics"])
             state["updates"] = ep.split_updates(eps, k, batch["micro_batch_size"],
@@ -178,7 +177,7 @@ def run(ctx) -> dict:
              f"ZeRO-{ctx.run['deepspeed']['zero_stage']}")
     metrics = train(ctx, engine, total_steps=steps * k, micro_batches=micro_batches, loss_fn=loss_fn,
                     step_metrics=lambda _: state["metrics"], unit=k,
-                    state=ep.rl_state(rollouts.stream, history, rewards, ref, state))
+                    state=ep.rl_state(rollouts.stream, history, rewards, ref))
     trend = ep.reward_trend(ctx, history)
     ref = None
     eng.save_hf(engine, tokenizer, ctx.work_dir / "model")

@@ -95,7 +95,7 @@ def test_latest_ignores_a_checkpoint_without_meta(tmp_path):
 
 def test_stop_signals_set_a_flag_and_restore_the_handlers():
     before = signal.getsignal(signal.SIGUSR1)
-    with checkpoint.stop_signals() as s:
+    with checkpoint.StopSignals() as s:
         assert s.received is None
         os.kill(os.getpid(), signal.SIGUSR1)
         assert s.received == "SIGUSR1"
