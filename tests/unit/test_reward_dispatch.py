@@ -14,6 +14,11 @@ from posttrain_cli.errors import UserError
 from posttrain_cli.rewards import VERIFIERS, dispatch
 from posttrain_cli.rewards.dispatch import Rewards, check_config
 
+# The code sandbox runs as `nobody` under RLIMIT_NPROC, a per-user count: sandboxes of two test
+# files running at once on two xdist workers share it, and a fork in one failed with EAGAIN. The
+# files that run sandboxes share an xdist group, so they run one after another.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 
 def row(dataset, truth="42", src="p.jsonl: row 1", **extra) -> dict:
     return {"messages": [{"role": "user", "content": "q"}], "dataset": dataset, "ground_truth": truth,

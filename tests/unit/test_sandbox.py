@@ -15,6 +15,11 @@ import pytest
 from posttrain_cli.rewards import sandbox
 from posttrain_cli.rewards.sandbox import Limits, Tests
 
+# The code sandbox runs as `nobody` under RLIMIT_NPROC, a per-user count: sandboxes of two test
+# files running at once on two xdist workers share it, and a fork in one failed with EAGAIN. The
+# files that run sandboxes share an xdist group, so they run one after another.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 FAST = Limits(timeout=3)
 INC = "def inc(x):\n    return x + 1\n"
 

@@ -4,6 +4,11 @@ import pytest
 
 from posttrain_cli.rewards import VERIFIERS
 
+# The code sandbox runs as `nobody` under RLIMIT_NPROC, a per-user count: sandboxes of two test
+# files running at once on two xdist workers share it, and a fork in one failed with EAGAIN. The
+# files that run sandboxes share an xdist group, so they run one after another.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 
 @pytest.mark.parametrize("completion,truth,score", [
     ("68", "68", 1.0),
