@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from posttrain_cli.errors import UserError
-from posttrain_cli.pipeline.graph import is_local, resolve_source_path
+from posttrain_cli.data.paths import is_local, resolve_source_path
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 

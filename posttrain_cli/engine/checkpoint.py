@@ -80,8 +80,6 @@ def read_meta(path: Path) -> dict:
 
 def resume_key(ctx) -> dict:
     """What a checkpoint records about the run that wrote it."""
-    from posttrain_cli.pipeline.graph import training_part
-
     cfg = ctx.cfg
     key = ctx.spec.get("resume_key") or {}
     return {
@@ -90,7 +88,8 @@ def resume_key(ctx) -> dict:
         "inputs": key.get("inputs"),
         "seed": ctx.seed,
         "batch": {**{k: cfg[k] for k in BATCH_KEYS if k in cfg}, **{k: v for k, v in ctx.arith.items()}},
-        "config": {k: v for k, v in training_part(cfg).items() if k != "data"},
+        # The stage's training settings (pipeline/graph.py: what decides its output, data aside).
+        "config": key.get("config"),
         "zero_stage": ctx.run["deepspeed"]["zero_stage"],
     }
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain_cli.config import schema
+from posttrain_cli.data.paths import is_local, resolve_source_path
 from posttrain_cli.errors import UserError
 
 TINY = "tiny"
@@ -201,21 +202,6 @@ def _file_signature(path: str) -> str:
     return "missing"
 
 
-def resolve_source_path(path: str) -> str:
-    """pkg://posttrain_cli/data/tiny/x.jsonl -> the file inside the installed package."""
-    if path.startswith("pkg://"):
-        rel = path[len("pkg://"):]
-        root = Path(__file__).resolve().parent.parent.parent
-        return str(root / rel)
-    return path
-
-
-def is_local(path: str) -> bool:
-    p = resolve_source_path(path)
-    return path.startswith(("pkg://", "/", "./", "../", "~")) or Path(p).expanduser().exists() or \
-        p.endswith((".jsonl", ".json", ".parquet"))
-
-
 def source_key(src: dict, fps: dict) -> dict:
     if src["from"] is not None:
         return {"from": fps[src["from"]]}
@@ -264,7 +250,8 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
         }
         fps[node.name] = _hash(payload)
         # What a mid-stage checkpoint must agree on to be resumed (engine/checkpoint.py).
-        resume = {"data": _hash({"data": train_cfg["data"]}), "inputs": _hash([payload["model"], payload["refs"]])}
+        resume = {"data": _hash({"data": train_cfg["data"]}), "inputs": _hash([payload["model"], payload["refs"]]),
+                  "config": {k: v for k, v in training_part(node.cfg).items() if k != "data"}}
         ev = node.cfg.get("eval")
         eval_fp = None
         if ev:

@@ -15,6 +15,7 @@ from posttrain_cli.engine import checkpoint
 from posttrain_cli.engine.loop import _trim_metrics
 from posttrain_cli.errors import UserError
 from posttrain_cli.pipeline.context import StageContext
+from posttrain_cli.pipeline.graph import training_part
 
 
 def _ctx(tmp_path: Path, **changes) -> StageContext:
@@ -35,6 +36,8 @@ def _ctx(tmp_path: Path, **changes) -> StageContext:
             spec["run"]["deepspeed"]["zero_stage"] = value
         else:
             spec[key] = value
+    # What the pipeline writes into the spec: the training settings a checkpoint records.
+    spec["resume_key"].setdefault("config", {k: v for k, v in training_part(cfg).items() if k != "data"})
     return StageContext(spec, tmp_path, tmp_path / ".work", logging.getLogger("test"))
 
 
