@@ -14,25 +14,28 @@ a time, so memory stays at one [batch, vocab] slice, not the whole generation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from posttrain_cli.engine import dist
+from posttrain_cli.engine.inference import eval_mode
+from posttrain_cli.rollout.backend import Completion
+from posttrain_cli.rollout.backend import shard  # noqa: F401  (stages/distill.py's name until it moves to backend)
 
 
-@dataclass
-class Completion:
-    token_ids: list[int]  # the answer, without the EOS token
-    text: str
-    finish_reason: str  # "eos" | "length"
-    stop_id: int | None = None  # the EOS token that ended it ("eos")
-    logprobs: list[float] | None = None  # one per token of `sampled`
+class HFSampler:
+    """rollout/backend.Sampler on Hugging Face generate over the live module: `sync` has nothing
+    to do, the next generate already sees the updated weights."""
 
-    @property
-    def sampled(self) -> list[int]:
-        """Every token the policy sampled: the answer and its EOS (what RL trains on)."""
-        return self.token_ids + ([self.stop_id] if self.stop_id is not None else [])
+    def __init__(self, module, tokenizer, *, synced: bool):
+        self.module, self.tokenizer, self.synced = module, tokenizer, synced
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                 batch_size: int, calls: int | None = None, logprobs: bool = False) -> list[Completion]:
+        return generate(self.module, self.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        temperature=temperature, top_p=top_p, synced=self.synced, calls=calls, logprobs=logprobs)
+
+    def sync(self, module) -> None:
+        self.module = module
 
 
 class _LogpRecorder:
@@ -69,48 +72,45 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     each completion carries the sampling log-prob of every sampled token."""
     from transformers import LogitsProcessorList
 
-    was_training = model.training
-    model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_ids(model, tokenizer)
     eos_id = stops[0]
     dev = next(model.parameters()).device
     n_calls = calls if calls is not None else math.ceil(len(prompts) / batch_size)
     out: list[Completion] = []
-    for c in range(n_calls):
-        chunk = prompts[c * batch_size:(c + 1) * batch_size]
-        real = len(chunk)
-        if not chunk:
-            chunk = [prompts[0] if prompts else [eos_id]]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p):] = torch.tensor(p)
-            attn[r, width - len(p):] = 1
-        sample = temperature > 0
-        recorder = _LogpRecorder(temperature) if logprobs else None
-        gen = model.generate(
-            input_ids=ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
-            do_sample=sample, temperature=temperature if sample else None,
-            top_p=top_p if sample else None, top_k=None if not sample else 0,
-            pad_token_id=pad_id, eos_token_id=stops, synced_gpus=synced,
-            logits_processor=LogitsProcessorList([recorder]) if recorder else None,
-        )
-        lp = recorder.finish(gen[:, -1]) if recorder else None
-        for r in range(real):
-            new = gen[r, width:].tolist()
-            end = next((i for i, t in enumerate(new) if t in stops), None)
-            if end is not None:
-                reason, stop, n = "eos", new[end], end + 1
-                new = new[:end]
-            else:
-                # Without EOS no padding follows, so every token was sampled.
-                reason, stop, n = "length", None, len(new)
-            out.append(Completion(new, tokenizer.decode(new, skip_special_tokens=True), reason, stop,
-                                  lp[r, :n].tolist() if lp is not None else None))
-    if was_training:
-        model.train()
+    with eval_mode(model):
+        for c in range(n_calls):
+            chunk = prompts[c * batch_size:(c + 1) * batch_size]
+            real = len(chunk)
+            if not chunk:
+                chunk = [prompts[0] if prompts else [eos_id]]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, p in enumerate(chunk):
+                ids[r, width - len(p):] = torch.tensor(p)
+                attn[r, width - len(p):] = 1
+            sample = temperature > 0
+            recorder = _LogpRecorder(temperature) if logprobs else None
+            gen = model.generate(
+                input_ids=ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
+                do_sample=sample, temperature=temperature if sample else None,
+                top_p=top_p if sample else None, top_k=None if not sample else 0,
+                pad_token_id=pad_id, eos_token_id=stops, synced_gpus=synced,
+                logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+            )
+            lp = recorder.finish(gen[:, -1]) if recorder else None
+            for r in range(real):
+                new = gen[r, width:].tolist()
+                end = next((i for i, t in enumerate(new) if t in stops), None)
+                if end is not None:
+                    reason, stop, n = "eos", new[end], end + 1
+                    new = new[:end]
+                else:
+                    # Without EOS no padding follows, so every token was sampled.
+                    reason, stop, n = "length", None, len(new)
+                out.append(Completion(new, tokenizer.decode(new, skip_special_tokens=True), reason, stop,
+                                      lp[r, :n].tolist() if lp is not None else None))
     return out
 
 
@@ -121,10 +121,3 @@ def stop_ids(model, tokenizer) -> list[int]:
     gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += gen if isinstance(gen, (list, tuple)) else [gen]
     return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def shard(items: list, batch_size: int) -> tuple[list, int]:
-    """This rank's share of items and the number of generate calls every rank makes."""
-    mine = items[dist.rank()::dist.world()]
-    most = math.ceil(len(items) / dist.world())
-    return mine, math.ceil(most / batch_size)
