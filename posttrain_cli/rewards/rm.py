@@ -1,7 +1,7 @@
 """A reward model as a scorer: a `reward_model` stage's output (or any one-label
 AutoModelForSequenceClassification directory) scoring prompt + answer pairs.
 
-    scorer = RewardScorer(path, model_cfg, ds_cfg)
+    scorer = RewardScorer(path, model_cfg, ds_section)             # the run's `deepspeed` section
     scorer.score(prompts=[messages, ...], answers=["...", ...])    # -> [float]
 
 A sequence's reward is the scalar head read at its last token (the end-of-turn
@@ -48,18 +48,14 @@ def scalar_scores(model, micro: dict) -> torch.Tensor:
 class RewardScorer:
     """Load a reward model for inference (sharded under ZeRO-3) and score answers."""
 
-    def __init__(self, path: str, model_cfg: dict, ds_cfg: dict, batch_size: int = 32):
-        from transformers import AutoTokenizer
-
+    def __init__(self, path: str, model_cfg: dict, ds_section: dict, batch_size: int = 32):
         from posttrain_cli.engine import deepspeed_engine as eng
+        from posttrain_cli.engine.inference import frozen_scorer, load_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+        self.tokenizer = load_tokenizer(path, model_cfg)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        model = eng.load_scorer(path, model_cfg, ds_cfg, train=False, pad_token_id=pad)
-        self.module, self.synced = eng.inference_module(model, ds_cfg)
-        self.module.eval()
-        attn = eng.attn_implementation(model_cfg)
-        self.boundaries = eng.packed_boundaries(attn)
+        self.module = frozen_scorer(path, model_cfg, ds_section, pad)
+        self.boundaries = eng.packed_boundaries(eng.attn_implementation(model_cfg))
         self.batch_size = batch_size
 
     @torch.no_grad()

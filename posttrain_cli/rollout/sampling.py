@@ -1,8 +1,8 @@
 """Sampling a model into a dataset: what `generate` and `rejection_sampling` share.
 
-    prompts = load(ctx, tokenizer)                        # rows, token ids, long ones dropped
-    samples = sample(ctx, prompts, n=4)                   # this rank's prompts x n completions
-    write_rows(ctx, [output_row(...) for s in kept])      # rank 0: data.jsonl, in prompt order
+    prompts = load(ctx, tokenizer)                          # rows, token ids, long ones dropped
+    samples = sample(ctx, input_sampler(ctx, tokenizer), prompts, n=4)  # this rank's prompts x n
+    write_rows(ctx, [output_row(...) for s in kept])        # rank 0: data.jsonl, in prompt order
 
 Prompts are dealt round-robin over ranks and a prompt's n completions stay on its rank, so
 per-prompt decisions (best-of-K) need no communication. Every rank makes the same number of
@@ -86,25 +86,18 @@ def mine(n_prompts: int) -> tuple[list[int], int]:
     return list(range(dist.rank(), n_prompts, dist.world())), math.ceil(n_prompts / dist.world())
 
 
-def load_policy(ctx, path: str):
-    """-> (module for generation, synced): the model sharded under ZeRO-3, else on this rank's device."""
-    from posttrain_cli.engine import deepspeed_engine as eng
+def input_sampler(ctx, tokenizer):
+    """A Sampler (rollout/backend.py) over the stage's input model, frozen and sharded like a policy."""
+    from posttrain_cli.engine.inference import frozen_causal_lm, synced
+    from posttrain_cli.rollout.backend import make_sampler
 
-    ds_cfg = inference_ds_config(ctx)
-    return eng.inference_module(eng.load_causal_lm(path, ctx.run["model"], ds_cfg, train=False), ds_cfg)
-
-
-def inference_ds_config(ctx) -> dict:
-    from posttrain_cli.engine import deepspeed_engine as eng
-
-    return eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
+    ds = ctx.run["deepspeed"]
+    return make_sampler(frozen_causal_lm(ctx.input_model, ctx.run["model"], ds), tokenizer, synced=synced(ds))
 
 
-def sample(ctx, module, tokenizer, prompts: Prompts, n: int, *, synced: bool) -> list[Sample]:
+def sample(ctx, sampler, prompts: Prompts, n: int) -> list[Sample]:
     """n completions of each of this rank's prompts, a prompt's n together, in prompt order."""
     import torch
-
-    from posttrain_cli.rollout import hf
 
     cfg = ctx.cfg
     picks, most = mine(len(prompts.ids))
@@ -116,8 +109,8 @@ def sample(ctx, module, tokenizer, prompts: Prompts, n: int, *, synced: bool) ->
     bar = ctx.progress(calls, "sampling")
     for c in range(calls):
         chunk = flat[c * bs:(c + 1) * bs]
-        got = hf.generate(module, tokenizer, [prompts.ids[p] for p, _ in chunk], max_new_tokens=cfg["max_new_tokens"],
-                          batch_size=bs, temperature=cfg["temperature"], top_p=cfg["top_p"], synced=synced, calls=1)
+        got = sampler.generate([prompts.ids[p] for p, _ in chunk], max_new_tokens=cfg["max_new_tokens"],
+                               temperature=cfg["temperature"], top_p=cfg["top_p"], batch_size=bs, calls=1)
         out += [Sample(p, k, o.text, o.finish_reason, len(o.token_ids)) for (p, k), o in zip(chunk, got)]
         bar.update(c + 1, {"completions": len(out)})
     bar.close()

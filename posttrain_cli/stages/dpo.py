@@ -38,6 +38,7 @@ import torch
 from posttrain_cli.data import preference as pref
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
+from posttrain_cli.engine.inference import eval_mode, frozen_causal_lm, load_tokenizer, packed_logits
 from posttrain_cli.engine.loop import StepPlan, forward_chunks, total_steps, train
 from posttrain_cli.losses.preference import (PairLogps, PrefOptions, length_normalized, preference_loss,
                                              sequence_logps, uses_reference)
@@ -53,8 +54,7 @@ def micro_batch(pairs: list[dict], idx: list[int], *, boundaries: str, mask_dtyp
 
 def answer_logps(module, micro: dict) -> torch.Tensor:
     """[2m] summed log-probs of each packed answer (chosen first, then rejected)."""
-    logits = module(**micro["inputs"], logits_to_keep=micro["positions"], use_cache=False).logits[0]
-    return sequence_logps(logits, micro["targets"], micro["seq"], micro["n"])
+    return sequence_logps(packed_logits(module, micro), micro["targets"], micro["seq"], micro["n"])
 
 
 def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,16 +100,13 @@ def logps_pass(module, pairs: list[dict], micro_size: int, only: list[int] | Non
     others are NaN), split over ranks, gathered on all."""
     idx = list(range(len(pairs))) if only is None else only
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    was_training = module.training
-    module.eval()
-    for chunk in forward_chunks(len(idx), micro_size):
-        rows = [idx[i] for i in chunk] if chunk is not None else None
-        micro = micro_batch(pairs, rows or [idx[0]], **mb)
-        c, r = split(answer_logps(module, micro).double().cpu())
-        if rows is not None:
-            out[rows, 0], out[rows, 1] = c, r
-    if was_training:
-        module.train()
+    with eval_mode(module):
+        for chunk in forward_chunks(len(idx), micro_size):
+            rows = [idx[i] for i in chunk] if chunk is not None else None
+            micro = micro_batch(pairs, rows or [idx[0]], **mb)
+            c, r = split(answer_logps(module, micro).double().cpu())
+            if rows is not None:
+                out[rows, 0], out[rows, 1] = c, r
     out = dist.all_sum_tensor(out)
     if only is not None and len(only) < len(pairs):
         skipped = torch.ones(len(pairs), dtype=torch.bool)
@@ -139,8 +136,7 @@ def _reference_logps(ctx, engine, model_cfg: dict, pairs: list[dict], held: list
             module = engine
         else:
             ctx.info(f"reference log-probs: computed once with {ref_path}, then freed")
-            ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
-            module, _ = eng.inference_module(eng.load_causal_lm(ref_path, model_cfg, ds_cfg, train=False), ds_cfg)
+            module = frozen_causal_lm(ref_path, model_cfg, ctx.run["deepspeed"])
         return {"train": logps_pass(module, pairs, micro_size, only=visited, **mb),
                 "heldout": logps_pass(module, held, micro_size, **mb) if held else None}
 
@@ -148,11 +144,9 @@ def _reference_logps(ctx, engine, model_cfg: dict, pairs: list[dict], held: list
 
 
 def run(ctx) -> dict:
-    from transformers import AutoTokenizer
-
     cfg = ctx.cfg
     model_cfg = ctx.run["model"]
-    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"])
+    tokenizer = load_tokenizer(ctx.input_model, model_cfg)
     data = pref.prepare(ctx, tokenizer)
     pairs, held = pref.as_pairs(data["train"]), pref.as_pairs(data["heldout"])
 
@@ -172,9 +166,7 @@ def run(ctx) -> dict:
         else:
             ref_path = ctx.models.get("ref_from") or ctx.input_model
             ctx.info(f"reference: a live copy of {ref_path} next to the policy (precompute_ref: false)")
-            ref_ds = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
-            live_ref, _ = eng.inference_module(eng.load_causal_lm(ref_path, model_cfg, ref_ds, train=False), ref_ds)
-            live_ref.eval()
+            live_ref = frozen_causal_lm(ref_path, model_cfg, ctx.run["deepspeed"])
     else:
         ctx.info(f"loss {cfg['loss']} is reference-free: no reference model")
     ref_seconds = time.perf_counter() - t_ref

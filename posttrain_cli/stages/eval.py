@@ -16,31 +16,26 @@ import time
 from posttrain_cli.data.chat import prompt_ids
 from posttrain_cli.data.schemas import prompt_row
 from posttrain_cli.data.sources import load_mixture
-from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
+from posttrain_cli.engine.inference import frozen_causal_lm, load_tokenizer, synced
 from posttrain_cli.rewards import VERIFIERS
-from posttrain_cli.rollout import hf
+from posttrain_cli.rollout.backend import make_sampler, shard
 
 
 def evaluate(ctx, model_path: str, ecfg: dict, where: str, reward_model: str | None = None) -> dict:
     """Accuracy of model_path's generations; with reward_model (a path), also their mean reward."""
-    from transformers import AutoTokenizer
-
     verify = VERIFIERS[ecfg["verifier"]]
-    model_cfg = ctx.run["model"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model_cfg["trust_remote_code"])
+    model_cfg, ds = ctx.run["model"], ctx.run["deepspeed"]
+    tokenizer = load_tokenizer(model_path, model_cfg)
     rows = load_mixture(ecfg["data"], f"{where}.data", prompt_row, ctx.seed, resolved_from=ctx.datasets)
     if ecfg["limit"]:
         rows = rows[: ecfg["limit"]]
     start = time.perf_counter()
-    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
-    model = eng.load_causal_lm(model_path, model_cfg, ds_cfg, train=False)
-    module, zero3 = eng.inference_module(model, ds_cfg)
-    mine, calls = hf.shard(list(range(len(rows))), ecfg["batch_size"])
+    sampler = make_sampler(frozen_causal_lm(model_path, model_cfg, ds), tokenizer, synced=synced(ds))
+    mine, calls = shard(list(range(len(rows))), ecfg["batch_size"])
     prompts = [prompt_ids(tokenizer, rows[i]["messages"]) for i in mine]
-    outs = hf.generate(module, tokenizer, prompts, max_new_tokens=ecfg["max_new_tokens"],
-                       batch_size=ecfg["batch_size"], temperature=ecfg["temperature"], top_p=ecfg["top_p"],
-                       synced=zero3, calls=calls)
+    outs = sampler.generate(prompts, max_new_tokens=ecfg["max_new_tokens"], temperature=ecfg["temperature"],
+                            top_p=ecfg["top_p"], batch_size=ecfg["batch_size"], calls=calls)
     correct = sum(verify(o.text, rows[i]["ground_truth"], rows[i]) for i, o in zip(mine, outs))
     eos = sum(o.finish_reason == "eos" for o in outs)
     length = sum(len(o.token_ids) for o in outs)
@@ -48,13 +43,13 @@ def evaluate(ctx, model_path: str, ecfg: dict, where: str, reward_model: str | N
     if dist.is_main() and outs:
         ctx.log.info("sample: %r -> %r (truth %r)", rows[mine[0]]["messages"][-1]["content"], outs[0].text,
                      rows[mine[0]]["ground_truth"])
-    del model, module
+    del sampler
     result = {"accuracy": correct / n, "n": int(n), "eos_rate": eos / n, "mean_length": length / n,
               "verifier": ecfg["verifier"]}
     if reward_model:
         from posttrain_cli.rewards.rm import RewardScorer
 
-        scorer = RewardScorer(reward_model, model_cfg, ds_cfg, batch_size=ecfg["batch_size"])
+        scorer = RewardScorer(reward_model, model_cfg, ds, batch_size=ecfg["batch_size"])
         rewards = scorer.score([rows[i]["messages"] for i in mine], [o.text for o in outs], calls=calls)
         total, count = dist.all_sum([sum(rewards), len(rewards)])
         result["reward"] = total / count

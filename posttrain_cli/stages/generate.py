@@ -26,20 +26,19 @@ from __future__ import annotations
 import time
 
 from posttrain_cli.engine import dist
+from posttrain_cli.engine.inference import load_tokenizer
 from posttrain_cli.errors import UserError
 from posttrain_cli.rollout import sampling
 
 
 def run(ctx) -> dict:
-    from transformers import AutoTokenizer
-
     cfg = ctx.cfg
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=ctx.run["model"]["trust_remote_code"])
+    tokenizer = load_tokenizer(ctx.input_model, ctx.run["model"])
     prompts = sampling.load(ctx, tokenizer)
-    module, synced = sampling.load_policy(ctx, ctx.input_model)
-    samples = sampling.sample(ctx, module, tokenizer, prompts, cfg["num_generations"], synced=synced)
-    del module
+    sampler = sampling.input_sampler(ctx, tokenizer)
+    samples = sampling.sample(ctx, sampler, prompts, cfg["num_generations"])
+    del sampler
     kept = [s for s in samples if not (cfg["drop_truncated"] and s.truncated)]
     n, eos, tokens, rows = dist.all_sum(sampling.generation_sums(samples) + [len(kept)])
     if not rows:

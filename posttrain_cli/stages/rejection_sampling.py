@@ -35,6 +35,7 @@ import math
 import time
 
 from posttrain_cli.engine import dist
+from posttrain_cli.engine.inference import load_tokenizer
 from posttrain_cli.errors import UserError
 from posttrain_cli.rollout import sampling
 from posttrain_cli.rollout.sampling import Sample
@@ -87,8 +88,7 @@ def score(ctx, prompts: sampling.Prompts, samples: list[Sample], rewards, calls:
     if rm_path:
         from posttrain_cli.rewards.rm import RewardScorer
 
-        scorer = RewardScorer(rm_path, ctx.run["model"], sampling.inference_ds_config(ctx),
-                              batch_size=cfg["batch_size"])
+        scorer = RewardScorer(rm_path, ctx.run["model"], ctx.run["deepspeed"], batch_size=cfg["batch_size"])
         got = scorer.score([prompts.rows[s.prompt]["messages"] for s in samples], [s.text for s in samples],
                            calls=calls)
         del scorer
@@ -120,23 +120,21 @@ def _nothing_kept(ctx, n_prompts: int, best: float, truncated: int) -> UserError
 
 
 def run(ctx) -> dict:
-    from transformers import AutoTokenizer
-
     from posttrain_cli.rewards.dispatch import Rewards, uses_verifiers
 
     cfg = ctx.cfg
     k = cfg["num_samples"]
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=ctx.run["model"]["trust_remote_code"])
+    tokenizer = load_tokenizer(ctx.input_model, ctx.run["model"])
     rewards = Rewards(cfg, warn=ctx.info, where=ctx.where()) if uses_verifiers(cfg) else None
     prompts = sampling.load(ctx, tokenizer)
     names = []
     if rewards is not None:
         rewards.check_rows(prompts.rows)  # rows from an earlier stage's dataset are checked only here
         names = rewards.names(prompts.rows)
-    module, synced = sampling.load_policy(ctx, ctx.input_model)
-    samples = sampling.sample(ctx, module, tokenizer, prompts, k, synced=synced)
-    del module
+    sampler = sampling.input_sampler(ctx, tokenizer)
+    samples = sampling.sample(ctx, sampler, prompts, k)
+    del sampler
     gc.collect()
     _, most = sampling.mine(len(prompts.rows))
     score(ctx, prompts, samples, rewards, calls=math.ceil(most * k / cfg["batch_size"]))

@@ -30,6 +30,7 @@ import torch
 from posttrain_cli.data import preference as pref
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
+from posttrain_cli.engine.inference import eval_mode, load_tokenizer
 from posttrain_cli.engine.loop import StepPlan, forward_chunks, total_steps, train
 from posttrain_cli.losses.preference import bradley_terry
 from posttrain_cli.rewards.rm import scalar_scores
@@ -73,27 +74,22 @@ def heldout_metrics(module, examples: list[dict], micro_size: int, **mb) -> dict
     """Pairwise accuracy, mean margin and loss over held-out rows, every pair weighted 1, split over ranks."""
     if not examples:
         return None
-    was_training = module.training
-    module.eval()
     sums = torch.zeros(4, dtype=torch.float64)
-    for chunk in forward_chunks(len(examples), micro_size):
-        micro = micro_batch(examples, chunk or [0], weighting="pair", **mb)
-        loss, extra = pair_terms(scalar_scores(module, micro), micro)
-        if chunk is not None:
-            sums += torch.tensor([float(loss), extra["accuracy"], extra["margin"], float(micro["pair_weight"].sum())],
-                                 dtype=torch.float64)
-    if was_training:
-        module.train()
+    with eval_mode(module):
+        for chunk in forward_chunks(len(examples), micro_size):
+            micro = micro_batch(examples, chunk or [0], weighting="pair", **mb)
+            loss, extra = pair_terms(scalar_scores(module, micro), micro)
+            if chunk is not None:
+                sums += torch.tensor([float(loss), extra["accuracy"], extra["margin"],
+                                      float(micro["pair_weight"].sum())], dtype=torch.float64)
     loss, acc, margin, pairs = dist.all_sum(sums.tolist())
     return {"accuracy": acc / pairs, "margin": margin / pairs, "loss": loss / pairs, "pairs": int(pairs)}
 
 
 def run(ctx) -> dict:
-    from transformers import AutoTokenizer
-
     cfg = ctx.cfg
     model_cfg = ctx.run["model"]
-    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"])
+    tokenizer = load_tokenizer(ctx.input_model, model_cfg)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     data = pref.prepare(ctx, tokenizer, need_margin=cfg["margin"])

@@ -23,6 +23,7 @@ from posttrain_cli.data.schemas import sft_messages
 from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
+from posttrain_cli.engine.inference import load_tokenizer, packed_logits
 from posttrain_cli.engine.loop import StepPlan, total_steps, train
 from posttrain_cli.errors import UserError
 from posttrain_cli.losses import LOSSES
@@ -52,11 +53,9 @@ def tokenize_rows(ctx, tokenizer, rows: list) -> tuple[list, dict]:
 
 
 def run(ctx) -> dict:
-    from transformers import AutoTokenizer
-
     cfg = ctx.cfg
     model_cfg = ctx.run["model"]
-    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"])
+    tokenizer = load_tokenizer(ctx.input_model, model_cfg)
     rows = load_mixture(cfg["data"], ctx.where("data"), sft_messages, ctx.seed, resolved_from=ctx.datasets)
     examples, stats = tokenize_rows(ctx, tokenizer, rows)
     if not examples:
@@ -68,8 +67,7 @@ def run(ctx) -> dict:
 
     steps = total_steps(cfg, len(examples), ctx.where())
     batch = ctx.arith
-    ds_cfg = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=batch["micro_batch_size"],
-                           grad_accum=batch["grad_accum"], grad_clip=cfg["grad_clip"])
+    ds_cfg = eng.train_ds_config(ctx)
     model = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
     engine = eng.initialize(model, ds_cfg, cfg, steps)
     boundaries = eng.packed_boundaries(eng.attn_implementation(model_cfg))
@@ -89,17 +87,18 @@ def run(ctx) -> dict:
             targets = shifted_targets(b.pop("labels"))
             keep = targets != packing.IGNORE
             inputs = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
-            out.append({"inputs": inputs, "targets": targets.to(dev),
-                        "keep": keep, "weight": float(keep.sum()), "tokens": float(sum(len(s) for s, _ in seqs))})
+            micro = {"inputs": inputs, "targets": targets.to(dev),
+                     "weight": float(keep.sum()), "tokens": float(sum(len(s) for s, _ in seqs))}
+            if keep.shape[0] == 1:
+                # Packed: one row; logits are computed only where a target counts.
+                micro["positions"] = keep[0].nonzero().squeeze(-1).to(dev)
+            out.append(micro)
         return out
 
     def loss_fn(module, micro) -> tuple:
-        keep = micro["keep"]
-        if keep.shape[0] == 1:
-            # Packed: one row; compute logits only where a target counts.
-            positions = keep[0].nonzero().squeeze(-1).to(micro["targets"].device)
-            logits = module(**micro["inputs"], logits_to_keep=positions, use_cache=False).logits[0]
-            targets = micro["targets"][0, positions]
+        if "positions" in micro:
+            logits = packed_logits(module, micro)
+            targets = micro["targets"][0, micro["positions"]]
         else:
             logits = module(**micro["inputs"], use_cache=False).logits
             logits, targets = logits.flatten(0, 1), micro["targets"].flatten()

@@ -185,7 +185,7 @@ def test_reward_model_reloads_as_a_scorer(runs):
     path = runs["1rank"] / "rm" / "model"
     held = [preference_row(json.loads(l), "held", i)
             for i, l in enumerate((runs["1rank"].parent.parent / "held.jsonl").read_text().splitlines(), 1)]
-    ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    ds = {"zero_stage": 0, "precision": "fp32", "offload_optimizer": False, "offload_param": False}
     scorer = RewardScorer(str(path), {"trust_remote_code": False, "attn_implementation": None}, ds, batch_size=7)
     prompts = [r["prompt"] for r in held for _ in (0, 1)]
     answers = [r["responses"][k]["content"] for r in held for k in (0, 1)]
