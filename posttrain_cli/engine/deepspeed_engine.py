@@ -1,7 +1,14 @@
-"""DeepSpeed ZeRO 0-3 around a Hugging Face model: config, optimizer, schedule, save.
+"""DeepSpeed ZeRO 0-3 around a Hugging Face model: config, loading, attention, optimizer, schedule, save.
 
-Stages hand in hyperparameters; this module owns every DeepSpeed detail, so a
-stage module never builds a DeepSpeed config itself.
+    engine, pack = train_policy(ctx, total_steps)      # causal LM, dropout off, AdamW + schedule
+    ...                                                # engine/loop.train steps it
+    save_hf(engine, tokenizer, ctx.work_dir / "model")
+
+A stage hands in its config and batch arithmetic (train_ds_config) and gets an engine back;
+DeepSpeed's own keys are built here only (the run's `deepspeed.config` merges over them).
+The attention implementation and how a packed row marks its sequences (pack_options) are
+chosen here too. Frozen models (references, teachers, reward scorers, samplers) load through
+engine/inference.py; the step loop is engine/loop.py, mid-stage checkpoints engine/checkpoint.py.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The training-loop skeleton every training stage shares, and its batching.
 
 A stage supplies the micro-batches of each optimizer step (this rank's
-share) and a loss function returning a *sum* and the micro-batch's weight
-(loss tokens for SFT, pairs for DPO, rows for a reward model); the loop
-divides by the weight summed over the whole global batch, all ranks, so
-gradients do not depend on how the batch is split into ranks and
-accumulation steps.
+share), each carrying its weight (loss tokens for SFT, pairs for DPO, rows
+for a reward model, the loss aggregation's unit for RL), and a loss function
+returning a *sum* over a micro-batch; the loop divides by the weight summed
+over the whole global batch, all ranks, so gradients do not depend on how
+the batch is split into ranks and accumulation steps.
 """
 
 from __future__ import annotations
