@@ -24,6 +24,11 @@ def load_tokenizer(path: str, model_cfg: dict):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
 
 
+def pad_id(tokenizer) -> int:
+    """The pad token, else EOS (many base tokenizers define none; padded positions are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def inference_ds_config(ds_section: dict) -> dict:
     """The DeepSpeed config of a model that only runs forwards (the run's `deepspeed` section)."""
     from posttrain_cli.engine import deepspeed_engine as eng

@@ -50,11 +50,10 @@ class RewardScorer:
 
     def __init__(self, path: str, model_cfg: dict, ds_section: dict, batch_size: int = 32):
         from posttrain_cli.engine import deepspeed_engine as eng
-        from posttrain_cli.engine.inference import frozen_scorer, load_tokenizer
+        from posttrain_cli.engine.inference import frozen_scorer, load_tokenizer, pad_id
 
         self.tokenizer = load_tokenizer(path, model_cfg)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.module = frozen_scorer(path, model_cfg, ds_section, pad)
+        self.module = frozen_scorer(path, model_cfg, ds_section, pad_id(self.tokenizer))
         self.boundaries = eng.packed_boundaries(eng.attn_implementation(model_cfg))
         self.batch_size = batch_size
 

@@ -1,5 +1,6 @@
-"""Batched Hugging Face generation: left padding, KV cache, stop at EOS, and the
-log-prob of every sampled token under the sampling distribution.
+"""The `hf` sampling backend (rollout/backend.py): batched Hugging Face generation with left
+padding, KV cache, stop at EOS, and the log-prob of every sampled token under the sampling
+distribution.
 
 Under ZeRO-3 with several ranks every rank must take part in every forward
 (parameters are gathered collectively), so generate runs with synced_gpus and
@@ -17,7 +18,7 @@ import math
 
 import torch
 
-from posttrain_cli.engine.inference import eval_mode
+from posttrain_cli.engine.inference import eval_mode, pad_id
 from posttrain_cli.rollout.backend import Completion
 from posttrain_cli.rollout.backend import shard  # noqa: F401  (stages/distill.py's name until it moves to backend)
 
@@ -72,7 +73,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     each completion carries the sampling log-prob of every sampled token."""
     from transformers import LogitsProcessorList
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     stops = stop_ids(model, tokenizer)
     eos_id = stops[0]
     dev = next(model.parameters()).device
@@ -85,7 +86,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             if not chunk:
                 chunk = [prompts[0] if prompts else [eos_id]]
             width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             attn = torch.zeros((len(chunk), width), dtype=torch.long)
             for r, p in enumerate(chunk):
                 ids[r, width - len(p):] = torch.tensor(p)
@@ -96,7 +97,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 input_ids=ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
                 do_sample=sample, temperature=temperature if sample else None,
                 top_p=top_p if sample else None, top_k=None if not sample else 0,
-                pad_token_id=pad_id, eos_token_id=stops, synced_gpus=synced,
+                pad_token_id=pad, eos_token_id=stops, synced_gpus=synced,
                 logits_processor=LogitsProcessorList([recorder]) if recorder else None,
             )
             lp = recorder.finish(gen[:, -1]) if recorder else None
