@@ -1,8 +1,9 @@
 """Sampling a model into a dataset: what `generate` and `rejection_sampling` share.
 
-    prompts = load(ctx, tokenizer)                          # rows, token ids, long ones dropped
-    samples = sample(ctx, input_sampler(ctx, tokenizer), prompts, n=4)  # this rank's prompts x n
-    write_rows(ctx, [output_row(...) for s in kept])        # rank 0: data.jsonl, in prompt order
+    prompts = load(ctx, tokenizer)                     # rows, token ids, long ones dropped
+    sampler = input_sampler(ctx, tokenizer)            # rollout/backend.py, over the input model
+    samples = sample(ctx, sampler, prompts, n=4)       # this rank's prompts x n completions
+    write_rows(ctx, [output_row(...) for s in kept])   # rank 0: data.jsonl, in prompt order
 
 Prompts are dealt round-robin over ranks and a prompt's n completions stay on its rank, so
 per-prompt decisions (best-of-K) need no communication. Every rank makes the same number of
