@@ -83,11 +83,12 @@ def check_config(cfg: dict, where: str) -> None:
 
 class Rewards:
     def __init__(self, cfg: dict, warn: Callable[[str], None] | None = None, where: str = "",
-                 max_workers: int | None = None):
+                 max_workers: int | None = None, *, suggest_reward_model: bool = False):
         """`warn(msg)` gets one-line warnings (default: logging). `max_workers` bounds the
-        concurrent code sandboxes (default: CPU count, at most 8)."""
+        concurrent code sandboxes (default: CPU count, at most 8). `suggest_reward_model`: the
+        stage could score with `reward_model` instead, so a row without a verifier says so."""
         check_config(cfg, where)
-        self.where, self.kind = where, cfg.get("kind")
+        self.where, self.suggest_reward_model = where, suggest_reward_model
         self.default, self.mapping, self.extra = _names(cfg, where)
         self.weights = {name: float(w) for name, w in (cfg.get("reward_weights") or {}).items()}
         self.timeout = float(cfg.get("verifier_timeout", 10.0))
@@ -179,7 +180,7 @@ class Rewards:
         if not base:
             stage = f"{self.where}." if self.where else ""
             known = f"(verifiers: {', '.join(sorted(VERIFIERS))})"
-            if self.kind == "rejection_sampling":
+            if self.suggest_reward_model:
                 known += f", or score with a reward model: {stage}reward_model"
             if dataset is None:
                 raise UserError(f"{_src(row)}: no verifier: the row has no 'dataset' field and "
