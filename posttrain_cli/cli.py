@@ -42,12 +42,14 @@ def run(overrides: Optional[List[str]] = OVERRIDES,
                                   "a stage fails) instead of returning after submitting.")) -> None:
     """Run a recipe: every stage that is not already done (cluster=slurm: submit one job per stage)."""
     from posttrain_cli.config.compose import compose
+    from posttrain_cli.launch.base import for_cluster
     from posttrain_cli.pipeline import runner
     from posttrain_cli.ui import console, stage_table
 
     try:
         cfg, recipe_path = compose(list(overrides or []))
-        steps = runner.execute(cfg, recipe_path, say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+        steps = runner.execute(cfg, recipe_path, for_cluster(cfg["cluster"]),
+                               say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
                                dry_run=dry_run, wait=wait)
     except (UserError, StageFailed) as e:
         _fail(e)

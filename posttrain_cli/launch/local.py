@@ -3,20 +3,103 @@
     posttrain run recipe=tiny cluster.nproc_per_node=2      # 2 ranks (GPUs, or CPU + gloo)
     posttrain run recipe=mopd cluster.parallel_stages=2     # independent branches at once
 
-`launch` runs one stage and returns its exit code; `start` runs one in a child process
-and returns at once (the runner's way to run branches in parallel). On GPUs, a stage
-started in slot k sees devices [k x nproc, (k + 1) x nproc) only.
+`execute` runs the pending stages one at a time in recipe order (`launch`: in this process for
+one rank), or with cluster.parallel_stages > 1 each as soon as its inputs are done, up to that
+many at once (`start`: a child process each). On GPUs, a stage started in slot k sees devices
+[k x nproc, (k + 1) x nproc) only.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from posttrain_cli.errors import UserError
+from posttrain_cli.pipeline import stagedir
+from posttrain_cli.pipeline.stagedir import Step
+from posttrain_cli.procs import die_with_parent
+
+
+def execute(run: dict, pending: list[Step], say, *, dry_run: bool = False, wait: bool = False) -> None:
+    """Run the pending stages on this machine; raises the first failure's error. A local run
+    always runs to the end (`wait` changes nothing)."""
+    cluster = run["cluster"]
+    if dry_run:
+        for step in pending:
+            spec = stagedir.write_spec(run, step, step.action == "eval")
+            say(f"[{step.node.name}] " + " ".join(command(spec, cluster)))
+        return
+    if cluster["parallel_stages"] == 1:
+        # One at a time, in recipe order (an order the graph allows), in this process where it can.
+        for step in pending:
+            error = stagedir.outcome(step, launch(stagedir.prepare(run, step, say), cluster))
+            if error is not None:
+                raise error
+        return
+    _execute_parallel(run, pending, say)
+
+
+def _execute_parallel(run: dict, pending: list[Step], say) -> None:
+    """Each stage as soon as its inputs are done. After a failure no new stage starts; stages
+    already running finish (a re-run skips them)."""
+    cluster = run["cluster"]
+    pending = list(pending)
+    planned = {s.node.name for s in pending}  # inputs outside it were done before this run
+    done: set[str] = set()
+    free = list(range(cluster["parallel_stages"]))
+    running: dict[str, tuple] = {}  # name -> (step, process, slot)
+    errors: list[Exception] = []
+    try:
+        while pending or running:
+            if not errors:
+                for step in list(pending):
+                    if not free:
+                        break
+                    if all(d in done or d not in planned for d in step.node.deps):
+                        pending.remove(step)
+                        slot = free.pop(0)
+                        others = ", ".join(running)
+                        say(f"[{step.node.name}] started" + (f" (alongside {others})" if others else ""))
+                        running[step.node.name] = (step, start(stagedir.prepare(run, step, say), cluster, slot), slot)
+            if not running:
+                break
+            time.sleep(0.2)
+            for name, (step, proc, slot) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[name]
+                free.append(slot)
+                error = stagedir.outcome(step, code)
+                if error is None:
+                    done.add(name)
+                else:
+                    errors.append(error)
+                    if running:
+                        say(f"[{name}] failed; waiting for {', '.join(running)} to finish, starting nothing new")
+    finally:
+        for _, proc, _ in running.values():
+            proc.terminate()
+        for _, proc, _ in running.values():
+            try:
+                proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - the user interrupted; do not hang on a stuck child
+                proc.kill()
+    if errors:
+        # A bad input (exit 2) is the user's to fix first.
+        raise next((e for e in errors if isinstance(e, UserError)), errors[0])
+
+
+def check(cluster: dict) -> None:
+    """On GPUs, parallel stages need their own devices each."""
+    parallel, nproc = cluster["parallel_stages"], cluster["nproc_per_node"]
+    gpus = gpu_count() if parallel > 1 else 0
+    if gpus and parallel * nproc > gpus:
+        raise UserError(f"cluster.parallel_stages={parallel} x cluster.nproc_per_node={nproc} needs "
+                        f"{parallel * nproc} GPUs; this machine has {gpus}")
 
 
 def command(spec_path: Path, cluster: dict, port_offset: int = 0) -> list[str]:
@@ -54,27 +137,6 @@ def launch(spec_path: Path, cluster: dict) -> int:
                               preexec_fn=die_with_parent).returncode
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when its parent dies. torchrun and its ranks run in sessions
-    of their own; without this a killed `posttrain run` would leave them training. SIGTERM, not
-    SIGKILL: the ranks save a checkpoint at the next step and stop (engine/checkpoint.py)."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
-def _libc():
-    """Loaded before any fork: a preexec_fn must not import."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
 def _launcher_log(spec_path: Path):
     """torchrun's stderr (its own tracebacks when a rank exits non-zero) goes to logs/launcher.log:
     the stage's message and rank logs say what went wrong without 40 lines of launcher noise."""
@@ -87,15 +149,6 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def check_slots(cluster: dict) -> None:
-    """On GPUs, parallel stages need their own devices each."""
-    parallel, nproc = cluster["parallel_stages"], cluster["nproc_per_node"]
-    gpus = gpu_count() if parallel > 1 else 0
-    if gpus and parallel * nproc > gpus:
-        raise UserError(f"cluster.parallel_stages={parallel} x cluster.nproc_per_node={nproc} needs "
-                        f"{parallel * nproc} GPUs; this machine has {gpus}")
 
 
 def start(spec_path: Path, cluster: dict, slot: int) -> subprocess.Popen:

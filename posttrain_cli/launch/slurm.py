@@ -13,8 +13,9 @@
   world size and local rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, and the rendezvous
   is the job's first node (engine/dist.py).
 - `--signal=USR1@<signal_seconds>` warns the ranks before the time limit; a stage then saves a
-  checkpoint and requeues its own job, which resumes from it (engine/checkpoint.py). A preemption's
-  SIGTERM does the same.
+  checkpoint and exits 75 (EXIT_STOPPED), on which the job script requeues the job (cluster.requeue);
+  the requeued job resumes from the checkpoint (engine/checkpoint.py). A preemption's SIGTERM does
+  the same.
 - After srun, the job records the outcome in the stage's manifest (`finish`), so a failed stage
   says so with its log even when no `posttrain` process is watching. What the job could not
   record (killed at its time limit, a node lost) `posttrain status` finds from SLURM's own state.
@@ -33,7 +34,8 @@ import time
 from pathlib import Path
 
 from posttrain_cli.errors import StageFailed, UserError
-from posttrain_cli.pipeline import manifest
+from posttrain_cli.pipeline import manifest, stagedir
+from posttrain_cli.pipeline.stagedir import EXIT_STOPPED, Step
 
 JOB_FILE = "job.sbatch"
 # Job states after which a job does nothing more (squeue / scontrol spelling).
@@ -47,7 +49,7 @@ def _python(cluster: dict) -> str:
     return cluster["python"] or sys.executable
 
 
-def directives(run: dict, step) -> list[str]:
+def directives(run: dict, step: Step) -> list[str]:
     """The #SBATCH lines of a stage's job."""
     from posttrain_cli.config.validate import job_resources, ranks_per_node
 
@@ -75,7 +77,7 @@ def directives(run: dict, step) -> list[str]:
     return out
 
 
-def job_script(run: dict, step, spec_path: Path) -> str:
+def job_script(run: dict, step: Step, spec_path: Path) -> str:
     cluster = run["cluster"]
     py = shlex.quote(_python(cluster))
     stage_dir = shlex.quote(str(step.stage_dir.resolve()))
@@ -97,9 +99,22 @@ def job_script(run: dict, step, spec_path: Path) -> str:
              srun,
              "rc=$?",
              f"{py} -m posttrain_cli.launch.slurm finish {stage_dir} $rc",
+             *(_requeue_lines() if cluster["requeue"] else []),
              "exit $rc",
              ""]
     return "\n".join(lines)
+
+
+def _requeue_lines() -> list[str]:
+    """A stage that stopped on a signal with its checkpoint saved puts its job back in the queue
+    (after `finish` recorded it stopped: requeueing ends this script)."""
+    return [f"if [ $rc -eq {EXIT_STOPPED} ]; then",
+            '  if scontrol requeue "$SLURM_JOB_ID"; then',
+            '    echo "posttrain: job $SLURM_JOB_ID requeued; it resumes from the checkpoint"',
+            "  else",
+            '    echo "posttrain: scontrol requeue $SLURM_JOB_ID failed (run the same command to resume)"',
+            "  fi",
+            "fi"]
 
 
 # ---------------------------------------------------------------------------------------- SLURM calls
@@ -151,27 +166,24 @@ class SlurmUnreachable(Exception):
     """scontrol failed: job states are unknown (not: the jobs are gone)."""
 
 
-def requeue_self(log) -> None:
-    """A stage stopped on a signal with its checkpoint saved: put its job back in the queue."""
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("POSTTRAIN_SLURM_JOB")
-    if not job or shutil.which("scontrol") is None:
-        return
-    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if r.returncode == 0:
-        log.info("job %s requeued; it resumes from the checkpoint", job)
-    else:
-        log.warning("scontrol requeue %s failed: %s (run the same command to resume)", job, r.stderr.strip())
-
-
 # ---------------------------------------------------------------------------------------- submit
 
 
-def submit(run: dict, pending: list, say, *, dry_run: bool = False) -> dict[str, str]:
+def check(cluster: dict) -> None:
+    """Nothing to check before the specs are written: `sbatch` says what SLURM refuses."""
+
+
+def execute(run: dict, pending: list[Step], say, *, dry_run: bool = False, wait: bool = False) -> None:
+    """Submit the pending stages and return; `wait`: follow their jobs to the end."""
+    jobs = submit(run, pending, say, dry_run=dry_run)
+    if wait and jobs and not dry_run:
+        follow(Path(run["run_dir"]), jobs, run["cluster"]["poll_seconds"], say)
+
+
+def submit(run: dict, pending: list[Step], say, *, dry_run: bool = False) -> dict[str, str]:
     """Write each pending stage's spec and job script; submit them in graph order with `afterok`
     on the jobs of their inputs -> {stage: job id}. A stage whose job is still queued or running
     with the same fingerprint is not submitted again. `dry_run`: print the scripts, submit nothing."""
-    from posttrain_cli.pipeline import runner
-
     jobs: dict[str, str] = {}
     names = {s.node.name for s in pending}
     live = {} if dry_run else _live_jobs(pending)
@@ -186,9 +198,9 @@ def submit(run: dict, pending: list, say, *, dry_run: bool = False) -> dict[str,
             raise UserError(f"stages.{name}: job {jid} is still queued or running an earlier config of this "
                             f"stage; cancel it first (scancel {jid}) or wait for it")
         if dry_run:
-            spec = runner.write_spec(run, step, step.action == "eval")
+            spec = stagedir.write_spec(run, step, step.action == "eval")
         else:
-            spec = runner._prepare(run, step, say, status="queued")
+            spec = stagedir.prepare(run, step, say, status="queued")
             (step.stage_dir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch --output needs it
         script = step.stage_dir / JOB_FILE
         script.write_text(job_script(run, step, spec))
@@ -210,7 +222,7 @@ def submit(run: dict, pending: list, say, *, dry_run: bool = False) -> dict[str,
     return jobs
 
 
-def _live_jobs(steps: list) -> dict[str, tuple[str, str]]:
+def _live_jobs(steps: list[Step]) -> dict[str, tuple[str, str]]:
     """Stages whose recorded job SLURM still runs or holds -> (job id, fingerprint)."""
     recorded = {}
     for step in steps:
@@ -268,7 +280,7 @@ def reconcile(run_dir: Path, names: list[str]) -> dict[str, dict]:
     return out
 
 
-def wait(run_dir: Path, jobs: dict[str, str], poll: float, say) -> None:
+def follow(run_dir: Path, jobs: dict[str, str], poll: float, say) -> None:
     """Follow the jobs until SLURM holds none of them; say each change of state. Raises StageFailed
     (exit 1) naming the first stage that did not complete and its log."""
     run_dir, last = Path(run_dir), {}
@@ -304,11 +316,9 @@ def finish(stage_dir: Path, code: int) -> None:
     m = manifest.read(stage_dir) or {}
     if code == 0 and m.get("status") == "completed":
         return
-    from posttrain_cli.pipeline.runner import record_failure
-
     job = os.environ.get("SLURM_JOB_ID")
     log = stage_dir / "logs" / f"slurm-{job}.out" if job else stage_dir / "logs" / "rank0.log"
-    record_failure(stage_dir, code, log, eval_only=False)
+    stagedir.record_failure(stage_dir, code, log, eval_only=False)
 
 
 def main(argv: list[str]) -> int:

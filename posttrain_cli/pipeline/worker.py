@@ -10,7 +10,6 @@ A failure leaves the previous outputs untouched-or-absent, never half-written.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -19,9 +18,8 @@ import time
 import traceback
 from pathlib import Path
 
-ERROR_FILE = "error.json"
-# The stage stopped on a signal (a preemption, a time limit) after saving a checkpoint.
-EXIT_STOPPED = 75
+from posttrain_cli.pipeline.stagedir import EXIT_STOPPED, write_error
+from posttrain_cli.procs import die_with_parent, quiet_libraries
 
 
 def _setup_logging(stage_dir: Path, rank: int) -> logging.Logger:
@@ -38,28 +36,6 @@ def _setup_logging(stage_dir: Path, rank: int) -> logging.Logger:
     return log
 
 
-def quiet_libraries() -> None:
-    """Keep library chatter (progress bars, accelerator notices) off the user's screen."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        pass
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _publish(stage_dir: Path, work_dir: Path, outputs: dict) -> None:
     for rel in outputs.values():
         src, dst = work_dir / rel, stage_dir / rel
@@ -70,7 +46,8 @@ def _publish(stage_dir: Path, work_dir: Path, outputs: dict) -> None:
 
 
 def run_stage(spec_path: str | Path) -> int:
-    """Run one stage; returns the exit code (0 ok, 2 user input, 1 crash)."""
+    """Run one stage; returns the exit code (0 ok, 2 user input, 1 crash, EXIT_STOPPED stopped on a
+    signal with a checkpoint: under SLURM the job script requeues the job on it)."""
     import yaml
 
     spec_path = Path(spec_path).resolve()
@@ -131,19 +108,15 @@ def run_stage(spec_path: str | Path) -> int:
         return 0
     except Preempted as e:
         log.warning("%s", e)
-        _write_error(stage_dir, rank, f"{e}; the same command resumes it", EXIT_STOPPED)
-        if rank == 0 and os.environ.get("POSTTRAIN_SLURM_JOB"):
-            from posttrain_cli.launch import slurm
-
-            slurm.requeue_self(log)
+        write_error(stage_dir, rank, f"{e}; the same command resumes it", EXIT_STOPPED)
         return EXIT_STOPPED
     except UserError as e:
         log.error("input error: %s", e)
-        _write_error(stage_dir, rank, str(e), 2)
+        write_error(stage_dir, rank, str(e), 2)
         return 2
     except BaseException as e:  # noqa: BLE001 - recorded, then the launcher reports it
         log.error("stage crashed:\n%s", traceback.format_exc())
-        _write_error(stage_dir, rank, f"{type(e).__name__}: {e}", 1)
+        write_error(stage_dir, rank, f"{type(e).__name__}: {e}", 1)
         return 1
 
 
@@ -200,20 +173,11 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_error(stage_dir: Path, rank: int, message: str, code: int) -> None:
-    try:
-        (stage_dir / f"{ERROR_FILE}.rank{rank}").write_text(json.dumps({"message": message, "exit_code": code}))
-    except OSError:
-        pass
-
-
 def main() -> None:
     if len(sys.argv) != 2:
         print("usage: python -m posttrain_cli.pipeline.worker RUN_DIR/<stage>/stage.yaml", file=sys.stderr)
         sys.exit(2)
     if os.environ.get("TORCHELASTIC_RUN_ID"):
-        from posttrain_cli.launch.local import die_with_parent
-
         die_with_parent()
     code = run_stage(sys.argv[1])
     _exit(code)

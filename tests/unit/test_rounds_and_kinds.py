@@ -7,7 +7,7 @@ import pytest
 
 from posttrain_cli.config.compose import compose
 from posttrain_cli.errors import UserError
-from posttrain_cli.pipeline import graph, runner
+from posttrain_cli.pipeline import graph, runner, stagedir
 from posttrain_cli.ui import waves
 from tests.conftest import TINY_DATA, write_recipe
 
@@ -175,6 +175,6 @@ def test_list_and_mapping_references_reach_the_stage_spec(tmp_path):
     body = _stages(f"  m: {{kind: merge, method: task_arithmetic, models: [a, b], base: {tmp_path / 'base-model'}}}\n")
     cfg = _cfg(tmp_path, body)
     step = next(s for s in runner.plan(cfg) if s.node.name == "m")
-    spec = runner.write_spec(cfg, step, eval_only=False).read_text()
+    spec = stagedir.write_spec(cfg, step, eval_only=False).read_text()
     assert "models[0]:" in spec and "models[1]:" in spec and f"base: {tmp_path / 'base-model'}" in spec
     assert graph.model_refs(step.node.cfg) == {"models[0]": "a", "models[1]": "b", "base": str(tmp_path / "base-model")}

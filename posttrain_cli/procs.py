@@ -1,0 +1,55 @@
+"""Set-up of the processes posttrain starts, shared by the launchers and the stage worker.
+
+Low on purpose: it imports nothing of posttrain, so the worker needs no launcher and a launcher
+no worker internals to start one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies. torchrun and its ranks run in sessions
+    of their own; without this a killed `posttrain run` would leave them training. SIGTERM, not
+    SIGKILL: the ranks save a checkpoint at the next step and stop (engine/checkpoint.py)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def _libc():
+    """Loaded before any fork: a preexec_fn must not import."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, accelerator notices) off the user's screen."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
