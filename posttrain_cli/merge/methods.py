@@ -5,9 +5,17 @@
 
 Every method gets float32 tensors of one shape (one per model, in `models` order) and
 keyword options, and returns a float32 tensor; the caller casts to the output dtype.
-Attributes set by `register`: `url` (where the method comes from), `uses_base` (a task-vector
-method: needs `base`), `elementwise` (entry i of the output depends only on entry i of the
-inputs, so a large tensor may be merged a slice at a time) and `random` (draws from `generator`).
+What a method reads (its parameters, whether it needs `base`, how many models) is declared
+in merge/spec.py, which validation and `plan` read without torch; `register` accepts only a
+name declared there. Attributes set by `register`: `url` and `uses_base` (a task-vector method:
+needs `base`) from that declaration, `elementwise` (entry i of the output depends only on
+entry i of the inputs, so a large tensor may be merged a slice at a time) and `random` (draws
+from `generator`).
+
+task_arithmetic, ties, dare_linear and dare_ties are configurations of one general task-vector
+merge (`task_vector_merge`, mergekit's generalized task arithmetic): how each task vector is
+sparsified (not at all, TIES' magnitude trim, DARE's random drop) and whether the vectors are
+summed or combined by TIES' sign election.
 
 Semantics follow the papers as mergekit implements them, with these choices:
 - linear always normalises its weights (sum w_i x_i / sum w_i).
@@ -28,24 +36,31 @@ from typing import Callable
 
 import torch
 
+from posttrain_cli.merge.spec import METHODS
+
 MERGE_METHODS: dict[str, Callable] = {}
 
 # |cos(angle)| above this: the vectors are treated as colinear and slerp becomes lerp (mergekit's).
 COLINEAR = 0.9995
 
 
-def register(name: str, *, url: str, uses_base: bool = False, elementwise: bool = False, random: bool = False):
+def register(name: str, *, elementwise: bool = False, random: bool = False):
+    """Register a tensor function under a method declared in merge/spec.py METHODS."""
+    if name not in METHODS:
+        raise ValueError(f"merge method {name!r} is not declared in posttrain_cli/merge/spec.py METHODS")
+    spec = METHODS[name]
+
     def wrap(fn: Callable) -> Callable:
         if name in MERGE_METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        fn.url, fn.uses_base, fn.elementwise, fn.random = url, uses_base, elementwise, random
+        fn.url, fn.uses_base, fn.elementwise, fn.random = spec.url, spec.task_vectors, elementwise, random
         MERGE_METHODS[name] = fn
         return fn
 
     return wrap
 
 
-@register("linear", url="https://arxiv.org/abs/2203.05482", elementwise=True)
+@register("linear", elementwise=True)
 def linear(tensors: list[torch.Tensor], *, weights: list[float], **_) -> torch.Tensor:
     """Model soups (Wortsman et al. 2022), Llama 3's checkpoint averaging: sum w_i x_i / sum w_i."""
     total = sum(weights)
@@ -55,7 +70,7 @@ def linear(tensors: list[torch.Tensor], *, weights: list[float], **_) -> torch.T
     return out
 
 
-@register("slerp", url="https://dl.acm.org/doi/10.1145/325165.325242")
+@register("slerp")
 def slerp(tensors: list[torch.Tensor], *, t: float, **_) -> torch.Tensor:
     """Spherical interpolation (Shoemake 1985) between the two flattened parameter vectors:
     sin((1-t) theta) / sin(theta) a + sin(t theta) / sin(theta) b, theta the angle between them."""
@@ -69,15 +84,6 @@ def slerp(tensors: list[torch.Tensor], *, t: float, **_) -> torch.Tensor:
     theta = torch.tensor(min(1.0, max(-1.0, cos)), dtype=torch.float64).acos()
     s0, s1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
     return a * float(s0) + b * float(s1)
-
-
-@register("task_arithmetic", url="https://arxiv.org/abs/2212.04089", uses_base=True, elementwise=True)
-def task_arithmetic(tensors: list[torch.Tensor], *, weights: list[float], base: torch.Tensor, **_) -> torch.Tensor:
-    """Editing models with task arithmetic (Ilharco et al. 2023): base + sum w_i (x_i - base)."""
-    out = base.clone()
-    for w, x in zip(weights, tensors):
-        out.add_(x - base, alpha=w)
-    return out
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -117,27 +123,47 @@ def disjoint_merge(deltas: list[torch.Tensor], weights: list[float], normalize: 
     return merged
 
 
-@register("ties", url="https://arxiv.org/abs/2306.01708", uses_base=True)
-def ties(tensors: list[torch.Tensor], *, weights: list[float], base: torch.Tensor, density: list[float],
-         normalize: bool, **_) -> torch.Tensor:
-    """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge, added to base."""
-    deltas = [trim(x - base, d) for x, d in zip(tensors, density)]
-    return base + disjoint_merge(deltas, weights, normalize)
-
-
-@register("dare_linear", url="https://arxiv.org/abs/2311.03099", uses_base=True, random=True)
-def dare_linear(tensors: list[torch.Tensor], *, weights: list[float], base: torch.Tensor, density: list[float],
-                generator: torch.Generator, **_) -> torch.Tensor:
-    """DARE (Yu et al. 2024) then task arithmetic: base + sum w_i dare(x_i - base)."""
+def task_vector_merge(tensors: list[torch.Tensor], *, weights: list[float], base: torch.Tensor,
+                      sparsify: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                      sign_consensus: bool = False, normalize: bool = False) -> torch.Tensor:
+    """The general task-vector merge: base + combine(sparsify(x_i - base)). `sparsify(delta, i)`
+    thins model i's task vector (None keeps it whole); with `sign_consensus` the vectors go
+    through TIES' sign election and disjoint merge, else they are summed with their weights."""
+    deltas = ((x - base) if sparsify is None else sparsify(x - base, i) for i, x in enumerate(tensors))
+    if sign_consensus:
+        return base + disjoint_merge(list(deltas), weights, normalize)
     out = base.clone()
-    for w, x, d in zip(weights, tensors, density):
-        out.add_(drop(x - base, d, generator), alpha=w)
+    for w, delta in zip(weights, deltas):  # one task vector alive at a time
+        out.add_(delta, alpha=w)
     return out
 
 
-@register("dare_ties", url="https://arxiv.org/abs/2311.03099", uses_base=True, random=True)
+@register("task_arithmetic", elementwise=True)
+def task_arithmetic(tensors: list[torch.Tensor], *, weights: list[float], base: torch.Tensor, **_) -> torch.Tensor:
+    """Editing models with task arithmetic (Ilharco et al. 2023): base + sum w_i (x_i - base)."""
+    return task_vector_merge(tensors, weights=weights, base=base)
+
+
+@register("ties")
+def ties(tensors: list[torch.Tensor], *, weights: list[float], base: torch.Tensor, density: list[float],
+         normalize: bool, **_) -> torch.Tensor:
+    """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge, added to base."""
+    return task_vector_merge(tensors, weights=weights, base=base, sparsify=lambda d, i: trim(d, density[i]),
+                             sign_consensus=True, normalize=normalize)
+
+
+@register("dare_linear", random=True)
+def dare_linear(tensors: list[torch.Tensor], *, weights: list[float], base: torch.Tensor, density: list[float],
+                generator: torch.Generator, **_) -> torch.Tensor:
+    """DARE (Yu et al. 2024) then task arithmetic: base + sum w_i dare(x_i - base)."""
+    return task_vector_merge(tensors, weights=weights, base=base,
+                             sparsify=lambda d, i: drop(d, density[i], generator))
+
+
+@register("dare_ties", random=True)
 def dare_ties(tensors: list[torch.Tensor], *, weights: list[float], base: torch.Tensor, density: list[float],
               normalize: bool, generator: torch.Generator, **_) -> torch.Tensor:
     """DARE's random drop in place of TIES' trim, then TIES' sign election and disjoint merge."""
-    deltas = [drop(x - base, d, generator) for x, d in zip(tensors, density)]
-    return base + disjoint_merge(deltas, weights, normalize)
+    return task_vector_merge(tensors, weights=weights, base=base,
+                             sparsify=lambda d, i: drop(d, density[i], generator),
+                             sign_consensus=True, normalize=normalize)

@@ -31,6 +31,17 @@ def test_registry_matches_schema():
     assert all(f.url.startswith("https://") for f in MERGE_METHODS.values())
 
 
+def test_registry_matches_spec():
+    """merge/spec.py declares exactly the registered methods, in the same order, and the
+    registered functions take their url and base requirement from it."""
+    from posttrain_cli.merge.spec import METHODS
+
+    assert tuple(MERGE_METHODS) == tuple(METHODS)
+    for name, fn in MERGE_METHODS.items():
+        assert METHODS[name].name == name
+        assert (fn.url, fn.uses_base) == (METHODS[name].url, METHODS[name].task_vectors)
+
+
 def test_linear_weighted():
     """(1 x [1, 2, 3] + 3 x [3, 2, -1]) / 4 = [10, 8, 0] / 4 = [2.5, 2, 0]."""
     assert close(merge("linear", [[1, 2, 3], [3, 2, -1]], weights=[1, 3]), [2.5, 2, 0])
