@@ -1,4 +1,8 @@
-"""Shared fixtures: small recipes written into tmp dirs, and the CLI as a user types it."""
+"""Shared fixtures: small recipes written into tmp dirs, and the CLI as a user types it.
+
+Recipes: `mini_recipe` writes a recipe on the tiny model; `sft_stage` is the SFT stage most tests
+train before the stage they test; `tiny_rows` reads the shipped tiny data and `with_bad_rows`
+writes a copy of good rows with bad ones at a row number an error message names."""
 
 from __future__ import annotations
 
@@ -79,33 +83,64 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def mini_recipe(tmp: Path, *, stages: str | None = None, name: str = "mini") -> Path:
-    """Two chained SFT stages on a slice of the tiny data, a few steps each."""
-    train = write_jsonl(tmp / "train.jsonl", [json.loads(l) for l in
-                                              (TINY_DATA / "sft_train.jsonl").read_text().splitlines()[:256]])
-    evald = write_jsonl(tmp / "eval.jsonl", [json.loads(l) for l in
-                                             (TINY_DATA / "sft_eval.jsonl").read_text().splitlines()[:16]])
-    stages = stages or f"""
-      sft:
-        kind: sft
-        data: [{{path: {train}}}]
-        lr: 1.0e-3
-        max_steps: 3
-        global_batch_size: 16
-        micro_batch_size: 8
-        max_seq_len: 64
-        eval: {{data: [{{path: {evald}}}], max_new_tokens: 4}}
-      sft2:
-        kind: sft
-        data: [{{path: {train}}}]
-        lr: 1.0e-3
-        max_steps: 2
-        global_batch_size: 16
-        micro_batch_size: 8
-        max_seq_len: 64
-    """
+def tiny_rows(name: str, n: int, *, parse: bool = True) -> list:
+    """The first n rows of posttrain_cli/data/tiny/NAME: dicts, or with parse=False the lines as
+    shipped (write_jsonl copies those byte for byte; dicts it writes with json.dumps' spacing)."""
+    lines = (TINY_DATA / name).read_text().splitlines()[:n]
+    return [json.loads(l) for l in lines] if parse else lines
+
+
+def with_bad_rows(path: Path, good: list, row_number: int, bad: list) -> Path:
+    """`good` written to path with `bad` inserted so that the first bad row is row `row_number`
+    (1-based, as error messages count); no bad rows: the good file."""
+    return write_jsonl(path, good[:row_number - 1] + bad + good[row_number - 1:])
+
+
+def _yaml(value) -> str:
+    """A value as the recipes here write it: small floats as 3.0e-3 (YAML 1.1 reads 3e-3 as a
+    string), so a test may edit the text (`lr: 1.0e-3` -> `lrr: 1.0e-3`)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and 0 < abs(value) < 0.1:
+        mantissa, exponent = f"{value:.15e}".split("e")
+        return f"{float(mantissa)}e{int(exponent)}"
+    return str(value)
+
+
+def sft_stage(name: str = "sft", *, data, max_steps: int, lr: float | None = None, global_batch_size: int = 16,
+              micro_batch_size: int = 8, max_seq_len: int = 64, from_: str | None = None, **more) -> str:
+    """One SFT stage as a YAML block at indent 0: the warm-up (or teacher, or later fine-tune)
+    that tests train around the stage they test. `data` is a file (-> `[{path: FILE}]`) or the
+    YAML of the list as a string; `more` adds keys after these, in order, values as YAML text
+    (a string is written as it is: `eval="{data: [...]}"`). lr None leaves the base default."""
+    if isinstance(data, Path):
+        data = f"[{{path: {data}}}]"
+    keys = {"kind": "sft", "from": from_, "data": data, "lr": lr, "max_steps": max_steps,
+            "global_batch_size": global_batch_size, "micro_batch_size": micro_batch_size,
+            "max_seq_len": max_seq_len}
+    keys = {k: v for k, v in keys.items() if v is not None}
+    lines = [f"{name}:"] + [f"  {k}: {_yaml(v)}" for k, v in {**keys, **more}.items()]
+    return "\n".join(lines) + "\n"
+
+
+def mini_recipe(tmp: Path, *, stages: str | list[str] | None = None, name: str = "mini") -> Path:
+    """A recipe on the tiny model (MINI_MODEL) with `stages`: YAML text, or a list of blocks
+    (each dedented on its own, so `sft_stage(...)` joins blocks written at any indent; blank ones
+    are left out). It writes tmp/train.jsonl (256 SFT rows) and tmp/eval.jsonl (16) for stages to
+    read; without stages, two chained SFT stages on those, a few steps each."""
+    train = write_jsonl(tmp / "train.jsonl", tiny_rows("sft_train.jsonl", 256))
+    evald = write_jsonl(tmp / "eval.jsonl", tiny_rows("sft_eval.jsonl", 16))
+    if stages is None:
+        stages = [sft_stage("sft", data=train, lr=1.0e-3, max_steps=3,
+                            eval=f"{{data: [{{path: {evald}}}], max_new_tokens: 4}}"),
+                  sft_stage("sft2", data=train, lr=1.0e-3, max_steps=2)]
+    if isinstance(stages, str):
+        stages = [stages]
+    stages = "".join(textwrap.dedent(block).strip("\n") + "\n" for block in stages if block.strip())
     body = "defaults: [base, _self_]\n" + f"name: {name}\nrun_dir: {tmp / 'runs' / name}\n" + \
-        textwrap.dedent(MINI_MODEL) + "stages:\n" + textwrap.indent(textwrap.dedent(stages).strip("\n"), "  ") + "\n"
+        textwrap.dedent(MINI_MODEL) + "stages:\n" + textwrap.indent(stages, "  ")
     return write_recipe(tmp, body, name)
 
 

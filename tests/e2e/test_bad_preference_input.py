@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_DATA, mini_recipe, posttrain, write_jsonl
+from tests.conftest import mini_recipe, posttrain, sft_stage, tiny_rows, with_bad_rows
 from tests.e2e.test_bad_input import _check
 
 U = {"role": "user", "content": "1+2"}
@@ -15,17 +15,9 @@ U = {"role": "user", "content": "1+2"}
 
 def _pref_recipe(tmp, rows, extra: str = "", kind: str = "dpo"):
     # Rows without the shipped `margin`, so that `margin: true` has something to refuse.
-    good = [{k: v for k, v in json.loads(l).items() if k != "margin"}
-            for l in (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:40]]
-    data = write_jsonl(tmp / "prefs.jsonl", good[:5] + rows + good[5:])
-    return mini_recipe(tmp, stages=f"""
-      sft:
-        kind: sft
-        data: [{{path: {tmp}/train.jsonl}}]
-        max_steps: 2
-        global_batch_size: 8
-        micro_batch_size: 8
-        max_seq_len: 64
+    good = [{k: v for k, v in r.items() if k != "margin"} for r in tiny_rows("pref_train.jsonl", 40)]
+    data = with_bad_rows(tmp / "prefs.jsonl", good, 6, rows)
+    return mini_recipe(tmp, stages=[sft_stage(data=tmp / "train.jsonl", max_steps=2, global_batch_size=8), f"""
       pref:
         kind: {kind}
         data: [{{path: {data}}}]
@@ -34,7 +26,7 @@ def _pref_recipe(tmp, rows, extra: str = "", kind: str = "dpo"):
         micro_batch_size: 8
         max_seq_len: 64
         {extra}
-    """)
+    """])
 
 
 @pytest.mark.parametrize("row, field", [

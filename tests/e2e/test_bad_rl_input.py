@@ -3,25 +3,15 @@ SFT stage before it never starts."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import TINY_DATA, mini_recipe, posttrain, write_jsonl
+from tests.conftest import mini_recipe, posttrain, sft_stage, tiny_rows, with_bad_rows
 from tests.e2e.test_bad_input import _check
 
 
 def _rl_recipe(tmp, rows, extra: str = ""):
-    good = [json.loads(l) for l in (TINY_DATA / "rl_train.jsonl").read_text().splitlines()[:8]]
-    data = write_jsonl(tmp / "rl.jsonl", good[:3] + rows + good[3:])
-    return mini_recipe(tmp, stages=f"""
-      sft:
-        kind: sft
-        data: [{{path: {tmp}/train.jsonl}}]
-        max_steps: 2
-        global_batch_size: 8
-        micro_batch_size: 8
-        max_seq_len: 64
+    data = with_bad_rows(tmp / "rl.jsonl", tiny_rows("rl_train.jsonl", 8), 4, rows)
+    return mini_recipe(tmp, stages=[sft_stage(data=tmp / "train.jsonl", max_steps=2, global_batch_size=8), f"""
       grpo:
         kind: grpo
         data: [{{path: {data}}}]
@@ -30,7 +20,7 @@ def _rl_recipe(tmp, rows, extra: str = ""):
         micro_batch_size: 4
         max_steps: 1
         {extra}
-    """)
+    """])
 
 
 def test_a_dataset_without_a_verifier(tmp_path):

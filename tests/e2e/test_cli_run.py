@@ -113,23 +113,15 @@ def test_status_table_from_manifests(tmp_path):
 
 @pytest.mark.slow
 def test_eval_stage_kind(tmp_path):
-    from tests.conftest import mini_recipe
+    from tests.conftest import mini_recipe, sft_stage
 
-    rec = mini_recipe(tmp_path, stages=f"""
-      sft:
-        kind: sft
-        data: [{{path: {tmp_path}/train.jsonl}}]
-        lr: 1.0e-3
-        max_steps: 2
-        global_batch_size: 16
-        micro_batch_size: 8
-        max_seq_len: 64
+    rec = mini_recipe(tmp_path, stages=[sft_stage(data=tmp_path / "train.jsonl", lr=1.0e-3, max_steps=2), f"""
       heldout:
         kind: eval
         data: [{{path: {tmp_path}/eval.jsonl}}]
         verifier: exact
         max_new_tokens: 4
-    """)
+    """])
     r = posttrain("run", f"recipe={rec}", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     m = stage_manifest(tmp_path / "runs" / "mini", "heldout")

@@ -4,37 +4,34 @@ cluster.parallel_stages=2, and a failed branch stops its dependents but not its 
 
 from __future__ import annotations
 
-import json
+import textwrap
 
 import pytest
 
-from tests.conftest import TINY_DATA, mini_recipe, posttrain, stage_manifest, write_jsonl
+from tests.conftest import mini_recipe, posttrain, sft_stage, stage_manifest, tiny_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
 
 
 def _data(tmp_path):
-    sft = write_jsonl(tmp_path / "sft.jsonl", [json.loads(l) for l in
-                                               (TINY_DATA / "sft_train.jsonl").read_text().splitlines()[:128]])
-    pref = write_jsonl(tmp_path / "pref.jsonl", [json.loads(l) for l in
-                                                 (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:64]])
+    sft = write_jsonl(tmp_path / "sft.jsonl", tiny_rows("sft_train.jsonl", 128))
+    pref = write_jsonl(tmp_path / "pref.jsonl", tiny_rows("pref_train.jsonl", 64))
     return sft, pref
 
 
 def test_rounds_read_the_previous_round_and_grow_by_one_override(tmp_path):
     sft, pref = _data(tmp_path)
-    recipe = mini_recipe(tmp_path, stages=f"""
-      base: {{kind: sft, data: [{sft}], max_steps: 2, global_batch_size: 16, micro_batch_size: 16, max_seq_len: 64}}
+    ft = sft_stage("ft", from_="prev.dpo", data=f"[{sft}]", lr=1.0e-3, max_steps=2, micro_batch_size=16)
+    dpo = (f"dpo: {{kind: dpo, from: ft, data: [{pref}], max_steps: 2, global_batch_size: 16, micro_batch_size: 16,"
+           " max_seq_len: 64, lr: 1.0e-3}\n")
+    loop = textwrap.dedent("""
       loop:
         kind: rounds
         count: 2
-        initial: {{dpo: base}}
+        initial: {dpo: base}
         stages:
-          ft: {{kind: sft, from: prev.dpo, data: [{sft}], max_steps: 2, global_batch_size: 16, micro_batch_size: 16,
-               max_seq_len: 64, lr: 1.0e-3}}
-          dpo: {{kind: dpo, from: ft, data: [{pref}], max_steps: 2, global_batch_size: 16, micro_batch_size: 16,
-                max_seq_len: 64, lr: 1.0e-3}}
-    """)
+    """) + textwrap.indent(ft + dpo, "    ")
+    recipe = mini_recipe(tmp_path, stages=[sft_stage("base", data=f"[{sft}]", max_steps=2, micro_batch_size=16), loop])
     run_dir = tmp_path / "runs" / "mini"
     first = posttrain("run", f"recipe={recipe}", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -59,13 +56,11 @@ def test_rounds_read_the_previous_round_and_grow_by_one_override(tmp_path):
 
 def _branches(tmp_path):
     sft, _ = _data(tmp_path)
-    train = f"data: [{sft}], global_batch_size: 16, micro_batch_size: 16, max_seq_len: 64"
-    return mini_recipe(tmp_path, stages=f"""
-      base: {{kind: sft, {train}, max_steps: 2}}
-      a: {{kind: sft, from: base, {train}, max_steps: 40}}
-      b: {{kind: sft, from: base, {train}, max_steps: 40}}
-      c: {{kind: sft, from: b, {train}, max_steps: 2}}
-    """)
+    train = dict(data=f"[{sft}]", micro_batch_size=16)
+    return mini_recipe(tmp_path, stages=[sft_stage("base", **train, max_steps=2),
+                                         sft_stage("a", from_="base", **train, max_steps=40),
+                                         sft_stage("b", from_="base", **train, max_steps=40),
+                                         sft_stage("c", from_="b", **train, max_steps=2)])
 
 
 def test_independent_branches_run_at_once(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_DATA, mini_recipe, posttrain, stage_manifest, write_jsonl
+from tests.conftest import mini_recipe, posttrain, sft_stage, stage_manifest, tiny_rows, write_jsonl
 from tests.slurm_cluster import job_info, slurm_cluster  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
@@ -88,28 +88,16 @@ def test_tiny_recipe_runs_as_one_job_per_stage(slurm_cluster, tmp_path):
     assert r.returncode == 0 and "submitted job" not in r.stdout
 
 
-def _sft(train: Path, steps: int, extra: str = "") -> str:
-    extra = extra.replace("{", "{{").replace("}", "}}")
-    return f"""
-  {{name}}:
-    kind: sft
-    data: [{{{{path: {train}}}}}]
-    lr: 3.0e-3
-    max_steps: {steps}
-    global_batch_size: 8
-    micro_batch_size: 4
-    max_seq_len: 64
-    save_every: null
-    {extra}
-"""
+def _sft(name: str, train: Path, steps: int, **more) -> str:
+    return sft_stage(name, data=train, lr=3.0e-3, max_steps=steps, global_batch_size=8, micro_batch_size=4,
+                     save_every=None, **more)
 
 
 def test_two_task_job_trains_like_one_rank_and_branches_run_at_once(slurm_cluster, tmp_path):
-    train = write_jsonl(tmp_path / "t.jsonl", (TINY_DATA / "sft_train.jsonl").read_text().splitlines()[:256])
+    train = write_jsonl(tmp_path / "t.jsonl", tiny_rows("sft_train.jsonl", 256, parse=False))
     # `one` and `three` are independent 1-CPU jobs on a 2-CPU node: they run at the same time.
-    body = (_sft(train, 6).format(name="one") +
-            _sft(train, 6, "from: ${model.path}").format(name="three") +
-            _sft(train, 6, "resources: {nproc_per_node: 2}\n    from: ${model.path}").format(name="two"))
+    body = (_sft("one", train, 6) + _sft("three", train, 6, from_="${model.path}") +
+            _sft("two", train, 6, from_="${model.path}", resources="{nproc_per_node: 2}"))
     rec = mini_recipe(tmp_path, stages=body, name="tasks")
     run_dir = tmp_path / "runs" / "tasks"
     r = posttrain("run", f"recipe={rec}", *CPU, "--wait", cwd=tmp_path, env=_env(slurm_cluster))
@@ -128,8 +116,8 @@ def test_two_task_job_trains_like_one_rank_and_branches_run_at_once(slurm_cluste
 
 
 def test_preempted_stage_requeues_and_resumes_to_the_same_weights(slurm_cluster, tmp_path):
-    train = write_jsonl(tmp_path / "t.jsonl", (TINY_DATA / "sft_train.jsonl").read_text().splitlines()[:512])
-    rec = mini_recipe(tmp_path, stages=_sft(train, 400).format(name="sft"), name="pre")
+    train = write_jsonl(tmp_path / "t.jsonl", tiny_rows("sft_train.jsonl", 512, parse=False))
+    rec = mini_recipe(tmp_path, stages=_sft("sft", train, 400), name="pre")
     straight = tmp_path / "straight"
     r = posttrain("run", f"recipe={rec}", f"run_dir={straight}", cwd=tmp_path, env=_env(slurm_cluster))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -161,10 +149,10 @@ def test_preempted_stage_requeues_and_resumes_to_the_same_weights(slurm_cluster,
 
 
 def test_failed_stage_is_marked_and_its_dependents_never_start(slurm_cluster, tmp_path):
-    train = write_jsonl(tmp_path / "t.jsonl", (TINY_DATA / "sft_train.jsonl").read_text().splitlines()[:64])
+    train = write_jsonl(tmp_path / "t.jsonl", tiny_rows("sft_train.jsonl", 64, parse=False))
     # Every row is longer than 4 tokens and truncation=drop: the stage fails inside its job.
-    body = (_sft(train, 3, "truncation: drop").format(name="bad").replace("max_seq_len: 64", "max_seq_len: 4") +
-            _sft(train, 3, "from: bad").format(name="after") + _sft(train, 3, "from: after").format(name="last"))
+    body = (_sft("bad", train, 3, max_seq_len=4, truncation="drop") + _sft("after", train, 3, from_="bad") +
+            _sft("last", train, 3, from_="after"))
     rec = mini_recipe(tmp_path, stages=body, name="fail")
     run_dir = tmp_path / "runs" / "fail"
     r = posttrain("run", f"recipe={rec}", *CPU, "--wait", cwd=tmp_path, env=_env(slurm_cluster))

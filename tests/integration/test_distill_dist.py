@@ -5,16 +5,14 @@ teacher mixture, and bad input (a row no teacher takes, a teacher with another t
 
 from __future__ import annotations
 
-import json
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_DATA, mini_recipe, posttrain, stage_manifest, stage_rows, write_jsonl
+from tests.conftest import mini_recipe, posttrain, sft_stage, stage_manifest, stage_rows, tiny_rows, write_jsonl
 from tests.e2e.test_bad_input import _check
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.dist]
@@ -46,10 +44,6 @@ VARIANTS = {
 }
 
 
-def _lines(name: str, n: int) -> list[dict]:
-    return [json.loads(l) for l in (TINY_DATA / name).read_text().splitlines()[:n]]
-
-
 # Each setup runs the plain student and one variant: `full` with off-policy updates under ZeRO-2,
 # the outcome advantage with a teacher mixture (every teacher on every row) under ZeRO-3.
 SETUPS = {"zero2": ["student", "student_full"], "zero3": ["student", "student_alpha"]}
@@ -61,34 +55,26 @@ def _interleave(a: list, b: list) -> list:
 
 
 def _data(tmp: Path) -> None:
-    add, sub = _lines("sft_train.jsonl", 512), _lines("sub_sft_train.jsonl", 512)
+    add, sub = tiny_rows("sft_train.jsonl", 512), tiny_rows("sub_sft_train.jsonl", 512)
     write_jsonl(tmp / "add.jsonl", add)
     write_jsonl(tmp / "sub.jsonl", sub)
     write_jsonl(tmp / "mix.jsonl", _interleave(add, sub))
-    write_jsonl(tmp / "prompts.jsonl", _interleave(_lines("rl_train.jsonl", 64), _lines("sub_rl_train.jsonl", 64)))
-    write_jsonl(tmp / "heldout.jsonl", _interleave(_lines("sft_eval.jsonl", 16), _lines("sub_eval.jsonl", 16)))
+    write_jsonl(tmp / "prompts.jsonl",
+                _interleave(tiny_rows("rl_train.jsonl", 64), tiny_rows("sub_rl_train.jsonl", 64)))
+    write_jsonl(tmp / "heldout.jsonl", _interleave(tiny_rows("sft_eval.jsonl", 16), tiny_rows("sub_eval.jsonl", 16)))
 
 
-def _sft(name: str, data: str, steps: int, frm: str = "") -> str:
-    return textwrap.dedent(f"""
-    {name}:
-      kind: sft
-      {frm}
-      data: [{{path: {data}}}]
-      lr: 3.0e-3
-      max_steps: {steps}
-      global_batch_size: 32
-      micro_batch_size: 16
-      max_seq_len: 64
-    """)
+def _sft(name: str, data: Path, steps: int, from_: str | None = None) -> str:
+    return sft_stage(name, from_=from_, data=data, lr=3.0e-3, max_steps=steps, global_batch_size=32,
+                     micro_batch_size=16)
 
 
 def _models(tmp: Path) -> str:
     """The shared start and the two teachers fine-tuned from it."""
     _data(tmp)
     body = _sft("start", tmp / "mix.jsonl", 10)
-    body += _sft("teacher_add", tmp / "add.jsonl", 20, "from: start")
-    body += _sft("teacher_sub", tmp / "sub.jsonl", 20, "from: start")
+    body += _sft("teacher_add", tmp / "add.jsonl", 20, "start")
+    body += _sft("teacher_sub", tmp / "sub.jsonl", 20, "start")
     return body
 
 
@@ -178,7 +164,7 @@ def test_zero2_and_zero3_sample_and_train_alike(runs):
 
 def test_a_row_without_a_teacher_stops_the_run_before_training(tmp_path):
     rec = _recipe(tmp_path, ["student"])
-    rows = _lines("rl_train.jsonl", 6)
+    rows = tiny_rows("rl_train.jsonl", 6)
     rows[4]["dataset"] = "mul"
     write_jsonl(tmp_path / "prompts.jsonl", rows)
     _check(posttrain("run", f"recipe={rec}", cwd=tmp_path), "prompts.jsonl: row 5", "'mul'",

@@ -15,7 +15,7 @@ import pytest
 
 from posttrain_cli.data.schemas import open_prompt_row, sft_messages
 from posttrain_cli.rewards import VERIFIERS
-from tests.conftest import TINY_DATA, mini_recipe, posttrain, stage_manifest, write_jsonl
+from tests.conftest import mini_recipe, posttrain, sft_stage, stage_manifest, tiny_rows, write_jsonl
 from tests.e2e.test_bad_input import _check
 
 pytestmark = pytest.mark.slow
@@ -24,16 +24,9 @@ SAMPLING = """
     max_new_tokens: 6
     max_seq_len: 64"""
 
+# Stage templates: _recipe fills in {tmp}, {sft}, {rm} and {gen_from} with str.format.
 STAGES = {
-    "sft": """
-  sft:
-    kind: sft
-    data: [{{path: {tmp}/train.jsonl}}]
-    lr: 3.0e-3
-    max_steps: 10
-    global_batch_size: 16
-    micro_batch_size: 8
-    max_seq_len: 64""",
+    "sft": sft_stage(data="[{{path: {tmp}/train.jsonl}}]", lr=3.0e-3, max_steps=10),
     "gen": """
   gen:
     kind: generate{gen_from}
@@ -47,15 +40,8 @@ STAGES = {
     from: sft
     data: [{{path: {tmp}/prompts.jsonl}}]
     num_generations: 2""" + SAMPLING,
-    "sft_gen": """
-  sft_gen:
-    kind: sft
-    from: sft
-    data: [{{from: gen}}]
-    max_steps: 2
-    global_batch_size: 8
-    micro_batch_size: 4
-    max_seq_len: 64""",
+    "sft_gen": sft_stage("sft_gen", from_="sft", data="[{{from: gen}}]", max_steps=2, global_batch_size=8,
+                         micro_batch_size=4),
     "rm": """
   rm:
     kind: reward_model
@@ -75,16 +61,7 @@ STAGES = {
     rm_weight: 2.0
     num_samples: 4
     drop_truncated: false""" + SAMPLING,
-    "sft_7": """
-  sft_7:
-    kind: sft
-    from: sft
-    data: [{{path: {tmp}/sevens.jsonl}}]
-    lr: 1.0e-2
-    max_steps: 30
-    global_batch_size: 16
-    micro_batch_size: 8
-    max_seq_len: 64""",
+    "sft_7": sft_stage("sft_7", from_="sft", data="[{{path: {tmp}/sevens.jsonl}}]", lr=1.0e-2, max_steps=30),
     "rs_verifier": """
   rs_verifier:
     kind: rejection_sampling
@@ -99,15 +76,15 @@ ONE_RANK = ["sft", "gen", "gen_eos", "sft_gen", "rm", "rs_rm", "sft_7", "rs_veri
 
 def _recipe(tmp: Path, names: list[str], extra: str = "", file: str = "gen", models: dict | None = None) -> Path:
     """The stages `names`; `models` may replace the sft and rm stages by model paths."""
-    prompts = [json.loads(l) for l in (TINY_DATA / "sft_eval.jsonl").read_text().splitlines()[:12]]
+    prompts = tiny_rows("sft_eval.jsonl", 12)
     write_jsonl(tmp / "prompts.jsonl", prompts)
     write_jsonl(tmp / "verify.jsonl", [dict(r, ground_truth="7" if i % 2 == 0 else "8") for i, r in enumerate(prompts)])
-    sevens = [json.loads(l) for l in (TINY_DATA / "sft_train.jsonl").read_text().splitlines()[:256]]
+    sevens = tiny_rows("sft_train.jsonl", 256)
     write_jsonl(tmp / "sevens.jsonl", [{"messages": [r["messages"][0], {"role": "assistant", "content": "7"}]}
                                        for r in sevens])
-    write_jsonl(tmp / "pref.jsonl", (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:64])
+    write_jsonl(tmp / "pref.jsonl", tiny_rows("pref_train.jsonl", 64, parse=False))
     refs = {"sft": "sft", "rm": "rm", "gen_from": "", **(models or {})}
-    stages = "".join(STAGES[n].format(tmp=tmp, **refs) for n in names) + extra
+    stages = [STAGES[n].format(tmp=tmp, **refs) for n in names] + [extra]
     rec = mini_recipe(tmp, stages=stages, name="gen")
     return rec.rename(tmp / f"{file}.yaml")
 

@@ -18,20 +18,9 @@ import pytest
 import torch
 
 from posttrain_cli.config.schema import DPO_LOSSES
-from tests.conftest import stage_manifest, stage_rows, TINY_DATA, mini_recipe, posttrain, write_jsonl
+from tests.conftest import stage_manifest, stage_rows, mini_recipe, posttrain, sft_stage, tiny_rows, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
-
-SFT_STAGE = """
-{name}:
-  kind: sft
-  data: [{{path: {train}}}]
-  lr: 3.0e-3
-  max_steps: 10
-  global_batch_size: 32
-  micro_batch_size: 16
-  max_seq_len: 64
-"""
 
 DPO_STAGE = """
 {name}:
@@ -59,11 +48,16 @@ def _easy(row: dict) -> dict:
     return {**row, "rejected": row["rejected"][:-1] + [{"role": "assistant", "content": "no"}]}
 
 
+def _sft(name: str, train: Path, steps: int, from_: str | None = None) -> str:
+    return sft_stage(name, from_=from_, data=train, lr=3.0e-3, max_steps=steps, global_batch_size=32,
+                     micro_batch_size=16)
+
+
 def _recipe(tmp: Path, name: str, every_loss: bool) -> Path:
-    lines = lambda f, n: [_easy(json.loads(l)) for l in (TINY_DATA / f).read_text().splitlines()[:n]]  # noqa: E731
+    lines = lambda f, n: [_easy(r) for r in tiny_rows(f, n)]  # noqa: E731
     pref = write_jsonl(tmp / "pref.jsonl", lines("pref_train.jsonl", 256))
     held = write_jsonl(tmp / "held.jsonl", lines("pref_eval.jsonl", 48))
-    stages = SFT_STAGE.format(name="sft", train=tmp / "train.jsonl")
+    stages = _sft("sft", tmp / "train.jsonl", 10)
     stages += textwrap.dedent(f"""
       rm:
         kind: reward_model
@@ -84,8 +78,7 @@ def _recipe(tmp: Path, name: str, every_loss: bool) -> Path:
                                extra="precompute_ref: false")
     if every_loss:
         # sft_ref: two policies, so one dpo stage can take a reference other than its input.
-        stages += SFT_STAGE.format(name="sft_ref", train=tmp / "train.jsonl").replace(
-            "kind: sft", "kind: sft\n  from: sft").replace("max_steps: 10", "max_steps: 4")
+        stages += _sft("sft_ref", tmp / "train.jsonl", 4, from_="sft")
         stages += DPO_STAGE.format(name="dpo_ref0", pref=pref, held=held, loss="dpo", beta=BETAS["dpo"],
                                    extra="ref_from: sft_ref\n  nll_weight: 0.2")
     stages += textwrap.dedent(f"""

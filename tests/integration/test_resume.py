@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_DATA, mini_recipe, posttrain, stage_manifest, write_jsonl
+from tests.conftest import mini_recipe, posttrain, sft_stage, stage_manifest, tiny_rows, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
@@ -32,9 +32,15 @@ KINDS = ["sft", "rm", "dpo", "grpo", "ppo", "distill"]
 STOP_AFTER = {"grpo": 8}
 
 
+def _sft(train: Path, *, save_every: int, lr: str = "3.0e-3", gbs: int = 8) -> str:
+    """The SFT stage of both recipes here: 40 steps, so a signal lands mid-stage."""
+    return sft_stage(data=train, lr=lr, max_steps=40, global_batch_size=gbs, micro_batch_size=4,
+                     save_every=save_every)
+
+
 def _recipe(tmp: Path) -> Path:
-    rl = write_jsonl(tmp / "rl.jsonl", (TINY_DATA / "rl_train.jsonl").read_text().splitlines()[:64])
-    pref = write_jsonl(tmp / "pref.jsonl", (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:128])
+    rl = write_jsonl(tmp / "rl.jsonl", tiny_rows("rl_train.jsonl", 64, parse=False))
+    pref = write_jsonl(tmp / "pref.jsonl", tiny_rows("pref_train.jsonl", 128, parse=False))
     rl_common = """
         data: [{{path: {rl}}}]
         prompts_per_step: 8
@@ -44,16 +50,7 @@ def _recipe(tmp: Path) -> Path:
         rollout_batch_size: 32
         save_every: 3
     """.format(rl=rl)
-    body = textwrap.dedent(f"""
-      sft:
-        kind: sft
-        data: [{{path: {tmp}/train.jsonl}}]
-        lr: 3.0e-3
-        max_steps: 40
-        global_batch_size: 8
-        micro_batch_size: 4
-        max_seq_len: 64
-        save_every: 7
+    body = _sft(tmp / "train.jsonl", save_every=7) + textwrap.dedent(f"""
       rm:
         kind: reward_model
         data: [{{path: {pref}}}]
@@ -224,22 +221,8 @@ def test_finished_stage_drops_its_checkpoints(runs):
         assert stage_manifest(runs["stopped"], stage)["status"] == "completed"
 
 
-SFT_ONLY = """
-  sft:
-    kind: sft
-    data: [{{path: {train}}}]
-    lr: {lr}
-    max_steps: 40
-    global_batch_size: {gbs}
-    micro_batch_size: 4
-    max_seq_len: 64
-    save_every: 5
-"""
-
-
 def _sft_recipe(tmp: Path, lr: str = "3.0e-3", gbs: int = 8, train: str = "train.jsonl") -> Path:
-    rec = mini_recipe(tmp, stages=SFT_ONLY.format(train=tmp / train, lr=lr, gbs=gbs), name="sft")
-    return rec
+    return mini_recipe(tmp, stages=_sft(tmp / train, save_every=5, lr=lr, gbs=gbs), name="sft")
 
 
 def test_sigkill_two_ranks_zero3_resumes_to_the_same_weights(tmp_path):

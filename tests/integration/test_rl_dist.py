@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import stage_manifest, stage_rows, TINY_DATA, mini_recipe, posttrain, write_jsonl
+from tests.conftest import stage_manifest, stage_rows, mini_recipe, posttrain, sft_stage, tiny_rows, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
@@ -71,7 +71,7 @@ VARIANTS = {
 
 
 def _rl_rows(tmp: Path) -> Path:
-    rows = [json.loads(l) for l in (TINY_DATA / "rl_train.jsonl").read_text().splitlines()[:128]]
+    rows = tiny_rows("rl_train.jsonl", 128)
     for i, r in enumerate(rows):
         if i % 2 == 0:
             r.update(dataset="ifeval", ground_truth=LOWERCASE)
@@ -80,17 +80,8 @@ def _rl_rows(tmp: Path) -> Path:
 
 def _recipe(tmp: Path, stages: list[str]) -> Path:
     rl = _rl_rows(tmp)
-    pref = write_jsonl(tmp / "pref.jsonl", (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:128])
-    body = textwrap.dedent(f"""
-      sft:
-        kind: sft
-        data: [{{path: {tmp}/train.jsonl}}]
-        lr: 3.0e-3
-        max_steps: 10
-        global_batch_size: 32
-        micro_batch_size: 16
-        max_seq_len: 64
-    """)
+    pref = write_jsonl(tmp / "pref.jsonl", tiny_rows("pref_train.jsonl", 128, parse=False))
+    body = sft_stage(data=tmp / "train.jsonl", lr=3.0e-3, max_steps=10, global_batch_size=32, micro_batch_size=16)
     if any(name.startswith("ppo") for name in stages):
         body += textwrap.dedent(f"""
           rm:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import mini_recipe, posttrain
+from tests.conftest import mini_recipe, posttrain, sft_stage
 
 pytestmark = pytest.mark.slow
 
@@ -31,18 +31,9 @@ def _weights(run_dir: Path, stage: str = "sft") -> dict:
 def runs(tmp_path_factory):
     """The same 6-step SFT under four set-ups."""
     tmp = tmp_path_factory.mktemp("dist")
-    rec = mini_recipe(tmp, stages="""
-      sft:
-        kind: sft
-        data: [{path: %s}]
-        lr: 2.0e-3
-        max_steps: 6
-        global_batch_size: 16
-        micro_batch_size: 8
-        max_seq_len: 64
-        warmup_ratio: 0.0
-        eval: {data: [{path: %s}], max_new_tokens: 4, batch_size: 3, before: true}
-    """ % (tmp / "train.jsonl", tmp / "eval.jsonl"))
+    rec = mini_recipe(tmp, stages=sft_stage(
+        data=tmp / "train.jsonl", lr=2.0e-3, max_steps=6, warmup_ratio=0.0,
+        eval=f"{{data: [{{path: {tmp / 'eval.jsonl'}}}], max_new_tokens: 4, batch_size: 3, before: true}}"))
     setups = {
         "1rank": ["deepspeed=zero2"],
         "1rank_accum": ["deepspeed=zero2", "stages.sft.micro_batch_size=2"],
