@@ -106,14 +106,12 @@ def job_script(run: dict, step: Step, spec_path: Path) -> str:
 
 
 def _requeue_lines() -> list[str]:
-    """A stage that stopped on a signal with its checkpoint saved puts its job back in the queue
-    (after `finish` recorded it stopped: requeueing ends this script)."""
+    """A stage that stopped on a signal with its checkpoint saved puts its job back in the queue,
+    after `finish` recorded it stopped (SLURM ends this script when it requeues the job)."""
     return [f"if [ $rc -eq {EXIT_STOPPED} ]; then",
-            '  if scontrol requeue "$SLURM_JOB_ID"; then',
-            '    echo "posttrain: job $SLURM_JOB_ID requeued; it resumes from the checkpoint"',
-            "  else",
-            '    echo "posttrain: scontrol requeue $SLURM_JOB_ID failed (run the same command to resume)"',
-            "  fi",
+            '  echo "posttrain: stopped with a checkpoint; requeueing job $SLURM_JOB_ID, which resumes from it"',
+            '  scontrol requeue "$SLURM_JOB_ID" || echo "posttrain: scontrol requeue $SLURM_JOB_ID failed '
+            '(run the same command to resume)"',
             "fi"]
 
 
