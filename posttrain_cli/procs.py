@@ -1,7 +1,7 @@
 """Set-up of the processes posttrain starts, shared by the launchers and the stage worker.
 
-Low on purpose: it imports nothing of posttrain, so the worker needs no launcher and a launcher
-no worker internals to start one.
+It imports nothing of posttrain: the launchers and the worker both sit above it, so the worker
+needs no launcher to guard its ranks.
 """
 
 from __future__ import annotations
