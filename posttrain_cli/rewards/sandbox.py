@@ -4,8 +4,9 @@
     result.score       # fraction of tests passed
     run_many([(code, tests), ...], limits, max_workers=4)   # concurrent sandboxes
 
-One child process per call runs the solution, then each test in try/except, and reports one line
-per test on its stdout pipe; nothing is exec'd in the caller's process. Tests are either
+One child process per call (the program rewards/sandbox_child.py, copied into the run's private
+temp dir so the sandbox user can read it) runs the solution, then each test in try/except, and
+reports one line per test on its stdout pipe; nothing is exec'd in the caller's process. Tests are either
 "asserts" (Python snippets run in the solution's namespace, where `__name__` is not "__main__")
 or "stdio" ((stdin, expected stdout) pairs: the program runs as __main__ once per case with fd 0
 and fd 1 on files, and passes when its stdout equals the expected one up to trailing whitespace
@@ -48,6 +49,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 
 NOBODY = 65534
 _WORKDIR = "/tmp/work"  # inside the mount namespace, on its own tmpfs
@@ -98,151 +101,6 @@ class Isolation:
     prefix: tuple = field(default=(), repr=False)
     user: int | None = field(default=None, repr=False)  # subprocess user= (unprivileged mode)
     drop_to: int | None = field(default=None, repr=False)  # uid the runner drops to (namespaces as root)
-
-
-# The child: reads the spec, sets itself up (mounts, rlimits, drops root), runs the solution and
-# the tests, and reports `<nonce>{json}` lines on the pipe it got as fd 1.
-_RUNNER = r'''
-import ctypes, io, json, os, resource, sys
-
-def mount(libc, src, target, fstype, flags, data=None):
-    enc = lambda s: s.encode() if s is not None else None
-    if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}")
-
-def readonly_everything(libc):
-    # mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, {MOUNT_ATTR_RDONLY}): this namespace's mounts only
-    attr = (ctypes.c_uint64 * 4)(1, 0, 0, 0)
-    if libc.syscall(ctypes.c_long(442), ctypes.c_int(-100), b"/", ctypes.c_uint(0x8000), ctypes.byref(attr),
-                    ctypes.c_size_t(ctypes.sizeof(attr))) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount_setattr /: {os.strerror(err)}")
-
-def setup(spec):
-    libc = ctypes.CDLL(None, use_errno=True)
-    MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 2, 4, 8, 4096, 16384
-    if spec["mounts"]:
-        try:
-            readonly_everything(libc)
-        except OSError:
-            if spec["drop_to"] is None:
-                raise  # not root: nothing else keeps the code off the user's own files
-        for blocker, prefix, stage in spec["unhide"]:
-            mount(libc, prefix, stage, None, MS_BIND | MS_REC)
-            mount(libc, "tmpfs", blocker, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
-            os.makedirs(prefix, exist_ok=True)
-            mount(libc, stage, prefix, None, MS_BIND | MS_REC)
-            libc.umount2(stage.encode(), 2)
-        for d, mb in (("/tmp", 4 * spec["file_size_mb"]), ("/var/tmp", 8), ("/dev/shm", 8)):
-            if os.path.isdir(d):
-                mount(libc, "tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={mb}m")
-        try:  # only this pid namespace's processes in /proc
-            mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        except OSError:
-            pass
-        os.mkdir(spec["workdir"], 0o700)
-        if spec["drop_to"] is not None:
-            os.chown(spec["workdir"], spec["drop_to"], spec["drop_to"])
-        os.chdir(spec["workdir"])
-        os.environ["HOME"] = os.environ["TMPDIR"] = spec["workdir"]
-    mb = 1024 * 1024
-    for res, soft, hard in ((resource.RLIMIT_AS, spec["memory_mb"] * mb, spec["memory_mb"] * mb),
-                            (resource.RLIMIT_CPU, spec["cpu_s"], spec["cpu_s"] + 1),
-                            (resource.RLIMIT_FSIZE, spec["file_size_mb"] * mb, spec["file_size_mb"] * mb),
-                            (resource.RLIMIT_NPROC, spec["max_processes"], spec["max_processes"]),
-                            (resource.RLIMIT_NOFILE, 256, 256),
-                            (resource.RLIMIT_CORE, 0, 0)):
-        resource.setrlimit(res, (soft, hard))
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binaries
-    if spec["drop_to"] is not None:
-        os.setgroups([])
-        os.setgid(spec["drop_to"])
-        os.setuid(spec["drop_to"])
-    os.umask(0o077)
-
-def same_output(got, expected):
-    norm = lambda s: [line.rstrip() for line in s.strip().splitlines()]
-    return norm(got) == norm(expected)
-
-def describe(e):
-    return f"{type(e).__name__}: {e}"[:300]
-
-def main():
-    with open(sys.argv[1], "rb") as f:
-        spec = json.loads(f.read())
-    os.unlink(sys.argv[1])
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-
-    def report(**kw):
-        out.write(spec["nonce"] + json.dumps(kw) + "\n")
-
-    try:
-        setup(spec)
-    except BaseException as e:
-        report(fatal=describe(e))
-        return
-    report(ready=True)
-    base = os.getcwd()
-    try:
-        code = compile(spec["code"], "<solution>", "exec")
-    except BaseException as e:
-        report(error=describe(e))
-        return
-    if spec["kind"] == "asserts":
-        ns = {"__name__": "__solution__"}
-        try:
-            exec(code, ns)
-        except SystemExit as e:
-            if e.code not in (None, 0):
-                report(error=describe(e))
-                return
-        except BaseException as e:
-            report(error=describe(e))
-            return
-        for i, test in enumerate(spec["tests"]):
-            try:
-                exec(compile(test, f"<test {i}>", "exec"), ns)
-                report(test=i, ok=True)
-            except BaseException as e:
-                report(test=i, ok=False, error=describe(e))
-    else:
-        stdin_path, stdout_path = os.path.join(base, "stdin.txt"), os.path.join(base, "stdout.txt")
-        for i, (given, expected) in enumerate(spec["tests"]):
-            error = ""
-            try:
-                with open(stdin_path, "w", encoding="utf-8") as f:
-                    f.write(given)
-                fd = os.open(stdin_path, os.O_RDONLY)
-                os.dup2(fd, 0)
-                os.close(fd)
-                fd = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                os.dup2(fd, 1)
-                os.close(fd)
-                sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
-                sys.stdout = stdout = open(1, "w", encoding="utf-8", closefd=False)
-                try:
-                    exec(code, {"__name__": "__main__"})
-                except SystemExit as e:
-                    if e.code not in (None, 0):
-                        error = describe(e)
-                except BaseException as e:
-                    error = describe(e)
-                for f in {id(stdout): stdout, id(sys.stdout): sys.stdout}.values():
-                    f.flush()
-                with open(stdout_path, encoding="utf-8", errors="replace") as f:
-                    got = f.read()
-            except BaseException as e:
-                error = error or describe(e)
-            ok = not error and same_output(got, expected)
-            report(test=i, ok=ok, **({"error": error} if error else {}))
-    report(done=True)
-
-main()
-'''
 
 
 def run_tests(code: str, tests: Tests, limits: Limits = Limits()) -> Result:
@@ -355,19 +213,28 @@ def _run(code: str, tests: Tests, limits: Limits, iso: Isolation) -> Result:
                 stage = os.path.join(host_dir, "stage")
                 os.mkdir(stage)
                 spec["unhide"].append([blocker, os.path.realpath(sys.base_prefix), stage])
-        spec_path = os.path.join(host_dir, "spec.json")
+        spec_path, child_path = os.path.join(host_dir, "spec.json"), os.path.join(host_dir, "child.py")
         with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             json.dump(spec, f)
+        with open(os.open(child_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(_child_source())
         if iso.user is not None:
-            os.chown(host_dir, iso.user, iso.user)
-            os.chown(spec_path, iso.user, iso.user)
-        return _supervise(_command(iso, spec_path, limits), iso, host_dir, nonce, len(tests.cases), limits)
+            for path in (host_dir, spec_path, child_path):
+                os.chown(path, iso.user, iso.user)
+        return _supervise(_command(iso, child_path, spec_path, limits), iso, host_dir, nonce, len(tests.cases),
+                          limits)
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def _command(iso: Isolation, spec_path: str, limits: Limits) -> list[str]:
-    cmd = [_interpreter(), "-I", "-B", "-c", _RUNNER, spec_path]
+@cache
+def _child_source() -> str:
+    return Path(__file__).with_name("sandbox_child.py").read_text(encoding="utf-8")
+
+
+def _command(iso: Isolation, child_path: str, spec_path: str, limits: Limits) -> list[str]:
+    # -I: no PYTHON* variables, no user site, no script dir on sys.path; -B: writes no .pyc
+    cmd = [_interpreter(), "-I", "-B", child_path, spec_path]
     cmd = list(iso.prefix) + cmd
     if shutil.which("timeout"):  # kills the group even if this process dies first
         cmd = ["timeout", "-s", "KILL", f"{limits.timeout + 2:.1f}"] + cmd
