@@ -126,7 +126,8 @@ def run(ctx) -> dict:
     k = cfg["num_samples"]
     start = time.perf_counter()
     tokenizer = load_tokenizer(ctx.input_model, ctx.run["model"])
-    rewards = Rewards(cfg, warn=ctx.info, where=ctx.where()) if uses_verifiers(cfg) else None
+    rewards = (Rewards(cfg, warn=ctx.info, where=ctx.where(), suggest_reward_model=True)
+               if uses_verifiers(cfg) else None)
     prompts = sampling.load(ctx, tokenizer)
     names = []
     if rewards is not None:
