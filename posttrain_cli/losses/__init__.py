@@ -1,10 +1,16 @@
 """Losses: pure functions on tensors, registered by name.
 
-A stage looks a loss up by name (`PREFERENCE_LOSSES[cfg.loss]`); adding one is
-a function and a decorator, never a branch in a trainer. Two tables, because
-the signatures differ: token losses (`LOSSES`: logits, targets), pairwise
-preference losses (`PREFERENCE_LOSSES`: per-sequence log-probs, options), and the
-RL tables of losses/rl.py (`ADVANTAGES`, `KL_ESTIMATORS`, `LOSS_AGGREGATIONS`).
+A stage looks a loss up by name (`PREFERENCE_LOSSES[cfg["loss"]]`, `POLICY_LOSSES["clip"]`);
+adding one is a function and a decorator, never a branch in a trainer. One table per
+signature, every function in a table called the same way:
+
+- `LOSSES` (losses/sft.py): token cross-entropy, (logits, targets) -> (sum, count);
+- `PREFERENCE_LOSSES` (losses/preference.py): pairwise, (PairLogps, PrefOptions) -> per pair
+  (loss, chosen reward, rejected reward);
+- the on-policy tables of losses/rl.py: `ADVANTAGES` (group rewards -> advantages),
+  `KL_ESTIMATORS` (logp, ref_logp -> per-token KL), `LOSS_AGGREGATIONS` (token loss -> (sum,
+  weight)) and `POLICY_LOSSES` ((logp, old_logp, advantages, cfg) -> (token loss, metrics));
+- `DISTILL_LOSSES` (losses/distill.py): the student's per-token reverse KL to its teachers.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ PREFERENCE_LOSSES: dict[str, Callable] = {}
 ADVANTAGES: dict[str, Callable] = {}
 KL_ESTIMATORS: dict[str, Callable] = {}
 LOSS_AGGREGATIONS: dict[str, Callable] = {}
+POLICY_LOSSES: dict[str, Callable] = {}
 
 
 def _registrar(table: dict, what: str):

@@ -1,5 +1,6 @@
-"""On-policy RL math: group advantages, KL estimators, loss aggregation, the clipped
-policy loss, GAE and the clipped value loss. Pure tensor functions in registries.
+"""On-policy RL math: group advantages, KL estimators, loss aggregations and policy losses,
+pure tensor functions in registries (one signature per table), then GAE and the clipped value
+loss (ppo's own).
 
 Token tensors are flat over a micro-batch's completion tokens (the packed layout of
 data/preference.pack_answers): `seq[i]` says which sequence token i belongs to.
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from posttrain_cli.losses import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, _registrar
+from posttrain_cli.losses import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, _registrar
 
 register_advantage = _registrar(ADVANTAGES, "advantage normalisation")
 register_kl = _registrar(KL_ESTIMATORS, "KL estimator")
 register_aggregation = _registrar(LOSS_AGGREGATIONS, "loss aggregation")
+register_policy_loss = _registrar(POLICY_LOSSES, "policy loss")
 
 # TRL's epsilon: a group of near-equal rewards must not blow up.
 STD_EPS = 1e-4
@@ -86,17 +88,40 @@ def constant(token_loss: torch.Tensor, seq: torch.Tensor, n_seqs: int, max_len: 
     return token_loss.sum() / max_len, float(n_seqs)
 
 
+# A policy loss: (logp, old_logp, advantages, cfg) -> (token_loss, metrics), the stage's config
+# giving its parameters. Token tensors are the flat completion tokens of a micro-batch (no mask:
+# prompt tokens never enter them); token_loss is aggregated by LOSS_AGGREGATIONS and each metric
+# is a per-token tensor aggregated the same way. The log-ratio is clamped to +-MAX_LOG_RATIO
+# before exp (as verl): a stale sample, log pi - log pi_old of 100, would overflow float32 to inf
+# and the step to NaN, where the clamped one is clipped like any far-off ratio.
+MAX_LOG_RATIO = 20.0
+
+
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
                         clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate per token: -min(ratio A, clip(ratio, 1 - low, 1 + high) A),
-    ratio = pi / pi_old. Returns (loss, clipped) where clipped marks tokens whose gradient
-    the clip removed. clip_high > clip_low is DAPO's clip-higher."""
-    ratio = torch.exp(logp - old_logp)
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7): -min(ratio A,
+    clip(ratio, 1 - low, 1 + high) A), ratio = pi / pi_old. Returns (loss, clipped) where clipped
+    marks tokens whose gradient the clip removed. clip_high > clip_low is DAPO's clip-higher."""
+    ratio = torch.exp(torch.clamp(logp - old_logp, -MAX_LOG_RATIO, MAX_LOG_RATIO))
     unclipped = ratio * adv
     clipped_obj = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
     loss = -torch.minimum(unclipped, clipped_obj)
     was_clipped = (clipped_obj < unclipped).detach()
     return loss, was_clipped
+
+
+@register_policy_loss("clip_higher")
+def clip_higher(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, cfg: dict):
+    """grpo: the ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO's decoupled clip)."""
+    loss, clipped = clipped_policy_loss(logp, old_logp, adv, cfg["clip_low"], cfg["clip_high"])
+    return loss, {"clip_fraction": clipped.to(logp.dtype)}
+
+
+@register_policy_loss("clip")
+def clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, cfg: dict):
+    """ppo: the ratio clipped to [1 - cliprange, 1 + cliprange]."""
+    loss, clipped = clipped_policy_loss(logp, old_logp, adv, cfg["cliprange"], cfg["cliprange"])
+    return loss, {"clip_fraction": clipped.to(logp.dtype)}
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +156,3 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     clipped = (v_clip - returns) ** 2
     return 0.5 * torch.maximum(plain, clipped), (clipped > plain).detach()
 
-
-def token_entropy(logp_all: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's distribution from its log-probs [N, V] -> [N]."""
-    return -(logp_all.exp() * logp_all).sum(-1)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from posttrain_cli.data.packing import IGNORE
 from posttrain_cli.losses import register
-
-IGNORE = -100
 
 
 @register("sft")

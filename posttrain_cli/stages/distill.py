@@ -51,12 +51,14 @@ from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
 from posttrain_cli.engine.checkpoint import StageState
-from posttrain_cli.engine.loop import total_steps, train
+from posttrain_cli.engine.inference import frozen_causal_lm, load_tokenizer, packed_logits, synced
+from posttrain_cli.engine.loop import total_steps
 from posttrain_cli.errors import UserError
 from posttrain_cli.losses import ADVANTAGES, LOSS_AGGREGATIONS
 from posttrain_cli.losses.distill import DISTILL_LOSSES, mixture_logprobs
 from posttrain_cli.rollout import episodes as ep
-from posttrain_cli.rollout import hf
+from posttrain_cli.rollout.backend import shard
+from posttrain_cli.rollout.onpolicy import OnPolicy
 
 # No loss_agg key for distill: every completion token of the batch weighs the same.
 AGGREGATION = "token_mean"
@@ -86,8 +88,8 @@ def load_prompts(ctx, tokenizer, key: str, rewards=None) -> tuple[list[dict], li
 
 def log_softmax(module, micro: dict, temperature: float) -> torch.Tensor:
     """[completion tokens, vocab] log-probs of softmax(logits / T) at every completion position."""
-    logits = module(**micro["inputs"], logits_to_keep=micro["positions"], use_cache=False).logits[0]
-    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+    logits = packed_logits(module, micro).float()
+    return torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
 
 
 def add_kl(sums: list[float], kl: torch.Tensor, route: list[int], seq: torch.Tensor) -> None:
@@ -108,7 +110,7 @@ class Teachers:
 
     def __init__(self, ctx, tokenizer, pack: dict):
         cfg, model_cfg = ctx.cfg, ctx.run["model"]
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         self.keys = list(cfg["teachers"])
         self.route = cfg["combine"] == "route"
@@ -116,8 +118,7 @@ class Teachers:
         weights = cfg["teacher_weights"]
         # Unlisted teachers weigh 0 once any weight is given (validate._check_distill); equal without.
         self.weights = [float(weights.get(k, 0.0)) if weights else 1.0 for k in self.keys]
-        self.synced = ctx.run["deepspeed"]["zero_stage"] == 3 and dist.world() > 1
-        ds = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
+        self.synced = synced(ctx.run["deepspeed"])
         vocab = AutoConfig.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"]).vocab_size
         self.modules: list = []
         for key, w in zip(self.keys, self.weights):
@@ -125,15 +126,13 @@ class Teachers:
                 self.modules.append(None)  # weight 0 in the mixture: never loaded
                 continue
             path, where = ctx.models[f"teachers.{key}"], ctx.where(f"teachers.{key}")
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+            tok = load_tokenizer(path, model_cfg)
             t_vocab = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"]).vocab_size
             if tok.get_vocab() != tokenizer.get_vocab() or t_vocab != vocab:
                 raise UserError(f"{where}: teacher {path} does not share the student's tokenizer ({len(tok)} tokens, "
                                 f"vocab_size {t_vocab}; the student: {len(tokenizer)}, {vocab}); distillation compares "
                                 f"log-probs token by token, so teacher and student need the same tokenizer")
-            module, _ = eng.inference_module(eng.load_causal_lm(path, model_cfg, ds, train=False), ds)
-            module.eval()
-            self.modules.append(module)
+            self.modules.append(frozen_causal_lm(path, model_cfg, ctx.run["deepspeed"]))
         # A one-token answer for the calls a rank makes only to keep ZeRO-3's collectives in step.
         eos = tokenizer.eos_token_id
         self.dummy = pack_answers([([eos, eos], [False, True])], **pack)
@@ -175,8 +174,8 @@ class HeldOut:
     """Reverse KL of the student's own samples on held-out prompts to their teachers (per token),
     sampled with a fixed seed each time (the same random numbers before and after training)."""
 
-    def __init__(self, ctx, engine, tokenizer, teachers: Teachers, rows, prompts, route, pack):
-        self.ctx, self.cfg, self.engine, self.tokenizer = ctx, ctx.cfg, engine, tokenizer
+    def __init__(self, ctx, sampler, teachers: Teachers, rows, prompts, route, pack):
+        self.ctx, self.cfg, self.sampler = ctx, ctx.cfg, sampler
         self.teachers, self.rows, self.prompts, self.route, self.pack = teachers, rows, prompts, route, pack
         self.history: list[dict] = []
 
@@ -184,14 +183,13 @@ class HeldOut:
         """After `step` RL steps (logged as the update count, like the training rows)."""
         cfg, keys = self.cfg, self.teachers.keys
         t0 = time.perf_counter()
-        mine, calls = hf.shard(list(range(len(self.prompts))), cfg["rollout_batch_size"])
+        mine, calls = shard(list(range(len(self.prompts))), cfg["rollout_batch_size"])
         devices = [dist.device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.ctx.seed * 7919 + dist.rank())
-            outs = hf.generate(self.engine.module, self.tokenizer, [self.prompts[i] for i in mine],
-                               max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["rollout_batch_size"],
-                               temperature=cfg["temperature"], top_p=cfg["top_p"], synced=self.teachers.synced,
-                               calls=calls, logprobs=True)
+            outs = self.sampler.generate([self.prompts[i] for i in mine], max_new_tokens=cfg["max_new_tokens"],
+                                         batch_size=cfg["rollout_batch_size"], temperature=cfg["temperature"],
+                                         top_p=cfg["top_p"], calls=calls, logprobs=True)
         eps = [ep.Episode(i, self.prompts[i], o.sampled, o.logprobs, o.text, o.finish_reason)
                for i, o in zip(mine, outs)]
         m = self.ctx.arith["micro_batch_size"]
@@ -230,32 +228,22 @@ class HeldOut:
         return out
 
 
-class Rollouts:
-    """Each step's samples (this rank's share); with alpha > 0, scored and given group-centred
+def rollout(loop: OnPolicy) -> tuple[list[ep.Episode], dict]:
+    """This rank's share of a step's samples; with alpha > 0, scored and given group-centred
     outcome advantages."""
-
-    def __init__(self, ctx, engine, tokenizer, rows, prompts, rewards, names):
-        self.ctx, self.cfg, self.engine, self.tokenizer = ctx, ctx.cfg, engine, tokenizer
-        self.rows, self.prompts, self.rewards, self.names = rows, prompts, rewards, names
-        self.stream = ep.PromptStream(len(prompts), ctx.seed)
-        self.per_rank = ctx.arith["prompts_per_rank"]
-        self.synced = ctx.run["deepspeed"]["zero_stage"] == 3 and dist.world() > 1
-
-    def step(self) -> tuple[list[ep.Episode], dict]:
-        cfg, t0 = self.cfg, time.perf_counter()
-        eps = ep.sample(self.engine.module, self.tokenizer, cfg, self.prompts, self.stream.draw(self.per_rank),
-                        synced=self.synced, calls_for=self.per_rank)
-        if self.rewards is not None:
-            ep.score(eps, self.rows, self.rewards)
-            r = torch.tensor([e.reward for e in eps], dtype=torch.float64).view(-1, cfg["num_generations"])
-            for e, a in zip(eps, ADVANTAGES["centered"](r).view(-1).tolist()):
-                e.adv = a
-        metrics = ep.rollout_metrics(eps, self.names)
-        if self.rewards is None:  # nothing scored
-            for key in ("reward", "reward_std"):
-                del metrics[key]
-        metrics["rollout_seconds"] = time.perf_counter() - t0
-        return eps, metrics
+    cfg, t0 = loop.cfg, time.perf_counter()
+    eps = loop.sample()
+    if loop.rewards is not None:
+        ep.score(eps, loop.rows, loop.rewards)
+        r = torch.tensor([e.reward for e in eps], dtype=torch.float64).view(-1, cfg["num_generations"])
+        for e, a in zip(eps, ADVANTAGES["centered"](r).view(-1).tolist()):
+            e.adv = a
+    metrics = ep.rollout_metrics(eps, loop.names)
+    if loop.rewards is None:  # nothing scored
+        for key in ("reward", "reward_std"):
+            del metrics[key]
+    metrics["rollout_seconds"] = time.perf_counter() - t0
+    return eps, metrics
 
 
 def _trend(history: list[float]) -> tuple[float, float]:
@@ -269,18 +257,28 @@ def _trend(history: list[float]) -> tuple[float, float]:
     return mean(history[:tenth]), mean(history[-tenth:])
 
 
-def run(ctx) -> dict:
-    from transformers import AutoTokenizer
+def kl_trend(ctx, kl_history: list[dict]) -> dict:
+    """The training reverse KL's start and end (overall and per teacher), as reward_trend."""
+    out = {}
+    for name in kl_history[0]:
+        suffix = "" if name == "all" else "/" + name.split("/", 1)[1]
+        start, end = _trend([h[name] for h in kl_history])
+        out[f"reverse_kl_start{suffix}"], out[f"reverse_kl_end{suffix}"] = start, end
+        if suffix:
+            out[f"reverse_kl{suffix}"] = end  # the loop's tail mean, without the NaN of empty updates
+    ctx.info(f"training reverse KL {out['reverse_kl_start']:.4g} -> {out['reverse_kl_end']:.4g} per token "
+             f"(means of the first and last tenth of the updates)")
+    return out
 
+
+def run(ctx) -> dict:
     from posttrain_cli.rewards.dispatch import Rewards
 
     cfg = ctx.cfg
-    model_cfg = ctx.run["model"]
-    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"])
+    tokenizer = load_tokenizer(ctx.input_model, ctx.run["model"])
     rewards = Rewards(cfg, warn=ctx.info, where=ctx.where()) if cfg["alpha"] > 0 else None
     rows, prompts = load_prompts(ctx, tokenizer, "data", rewards)
     held_rows, held_prompts = load_prompts(ctx, tokenizer, "heldout") if cfg["heldout"] else ([], [])
-    names = rewards.names(rows) if rewards else []
     keys, route_mode = list(cfg["teachers"]), cfg["combine"] == "route"
 
     def routes(rs: list[dict]) -> list[int]:
@@ -290,32 +288,25 @@ def run(ctx) -> dict:
     if route_mode:
         ctx.info("prompts per teacher: " + ", ".join(f"{k} {route.count(i)}" for i, k in enumerate(keys)))
     steps = total_steps(cfg, len(prompts), ctx.where(), "prompts", "prompts_per_step")
-    k = cfg["mini_batches"]
-    batch = ctx.arith
-    engine, pack = eng.train_policy(ctx, steps * k)
+    engine, pack = eng.train_policy(ctx, steps * cfg["mini_batches"])
     teachers = Teachers(ctx, tokenizer, pack)
-    heldout = HeldOut(ctx, engine, tokenizer, teachers, held_rows, held_prompts, held_route, pack) \
-        if held_prompts else None
-    rollouts = Rollouts(ctx, engine, tokenizer, rows, prompts, rewards, names)
     agg, loss_kind = LOSS_AGGREGATIONS[AGGREGATION], DISTILL_LOSSES[cfg["kl"]]
+    loop = OnPolicy(ctx, engine, tokenizer, rows, prompts, rewards, pack, steps=steps, aggregation=agg)
+    heldout = HeldOut(ctx, loop.sampler, teachers, held_rows, held_prompts, held_route, pack) \
+        if held_prompts else None
     per_teacher = route_mode and len(keys) > 1
-    state: dict = {"updates": [], "metrics": {}, "sums": [0.0] * (2 * len(keys) + 2)}
+    sums = [0.0] * (2 * len(keys) + 2)  # this update's reverse KL and tokens per teacher, then in all (add_kl)
     kl_history: list[dict] = []
-    rollout_history: list[dict] = []
 
-    def micro_batches(update: int) -> list[dict]:
-        s, j = divmod(update, k)
-        if j == 0:
-            # Step 0 inside the loop, so a resumed run does not measure (and log) it again.
-            if heldout is not None and (s == 0 or (cfg["eval_every"] and s % cfg["eval_every"] == 0)):
-                heldout.measure(s)
-            eps, state["metrics"] = rollouts.step()
-            rollout_history.append(state["metrics"])
-            state["updates"] = ep.split_updates(eps, k, batch["micro_batch_size"],
-                                                ctx.seed * 7919 + s * 31 + dist.rank())
-        return [ep.micro_batch(m, agg, cfg["max_new_tokens"], **pack) for m in state["updates"][j]]
+    def step_rollout(s: int) -> tuple[list[ep.Episode], dict]:
+        # Step 0 inside the loop, so a resumed run does not measure (and log) it again.
+        if heldout is not None and (s == 0 or (cfg["eval_every"] and s % cfg["eval_every"] == 0)):
+            heldout.measure(s)
+        return rollout(loop)
 
     def loss_fn(module, micro) -> tuple:
+        """One micro-batch of an update: the student's reverse KL to each episode's teacher (`kl`),
+        token mean; per-teacher KL sums for the update's row."""
         seq, n = micro["seq"], micro["n"]
         student = log_softmax(module, micro, cfg["temperature"])
         episode_route = [route[e.prompt] for e in micro["episodes"]]
@@ -326,51 +317,34 @@ def run(ctx) -> dict:
         loss, _ = agg(token_loss, seq, n, cfg["max_new_tokens"])
         with torch.no_grad():
             extra = {name: float(agg(v, seq, n, cfg["max_new_tokens"])[0]) for name, v in stats.items()}
-            add_kl(state["sums"], stats["reverse_kl"], episode_route, seq)
+            add_kl(sums, stats["reverse_kl"], episode_route, seq)
         return loss, extra
 
     def step_metrics(_update: int) -> dict:
-        tot, state["sums"] = dist.all_sum(state["sums"]), [0.0] * len(state["sums"])
+        tot = dist.all_sum(sums)
+        sums[:] = [0.0] * len(sums)
         row = {f"reverse_kl/{key}": tot[2 * i] / tot[2 * i + 1] if tot[2 * i + 1] else float("nan")
                for i, key in enumerate(keys)} if per_teacher else {}
         kl_history.append({"all": tot[-2] / max(tot[-1], 1.0), **row})
-        return {**state["metrics"], **row}
-
-    ctx.info(f"{steps} steps x {cfg['prompts_per_step']} prompts x {cfg['num_generations']} completions "
-             f"({batch['prompts_per_rank']} prompts per rank), {k} update(s) per step; teachers "
-             f"{', '.join(keys)} ({cfg['combine']}), reverse KL {cfg['kl']}, adv_clip {cfg['adv_clip']:g}, "
-             f"is_cap {cfg['is_cap']}, alpha {cfg['alpha']:g}, ZeRO-{ctx.run['deepspeed']['zero_stage']}")
-    base = ep.rl_state(rollouts.stream, rollout_history, rewards)
-
-    def get() -> dict:
-        return {**base.get(), "kl_history": list(kl_history),
-                "heldout": list(heldout.history) if heldout is not None else None}
+        return {**loop.metrics, **row}
 
     def put(d: dict) -> None:
-        base.put(d)
         kl_history[:] = d["kl_history"]
         if heldout is not None:
             heldout.history[:] = d["heldout"]
 
-    metrics = train(ctx, engine, total_steps=steps * k, micro_batches=micro_batches, loss_fn=loss_fn,
-                    step_metrics=step_metrics, unit=k, state=StageState(get, put))
-    out = {**metrics, "rl_steps": steps}
-    for name in kl_history[0]:
-        suffix = "" if name == "all" else "/" + name.split("/", 1)[1]
-        start, end = _trend([h[name] for h in kl_history])
-        out[f"reverse_kl_start{suffix}"], out[f"reverse_kl_end{suffix}"] = start, end
-        if suffix:
-            out[f"reverse_kl{suffix}"] = end  # the loop's tail mean, without the NaN of empty updates
-    ctx.info(f"training reverse KL {out['reverse_kl_start']:.4g} -> {out['reverse_kl_end']:.4g} per token "
-             f"(means of the first and last tenth of the updates)")
+    ctx.info(f"{steps} steps x {cfg['prompts_per_step']} prompts x {cfg['num_generations']} completions "
+             f"({ctx.arith['prompts_per_rank']} prompts per rank), {cfg['mini_batches']} update(s) per step; teachers "
+             f"{', '.join(keys)} ({cfg['combine']}), reverse KL {cfg['kl']}, adv_clip {cfg['adv_clip']:g}, "
+             f"is_cap {cfg['is_cap']}, alpha {cfg['alpha']:g}, ZeRO-{ctx.run['deepspeed']['zero_stage']}")
+    own = StageState(lambda: {"kl_history": list(kl_history),
+                              "heldout": list(heldout.history) if heldout is not None else None}, put)
+    out = loop.train(step_rollout, loss_fn, step_metrics=step_metrics, state=own)
+    out.update(kl_trend(ctx, kl_history))
     if rewards is not None:
-        out.update(ep.reward_trend(ctx, rollout_history))
+        out.update(loop.reward_trend())
     if heldout is not None:
         heldout.measure(steps)
         out.update(heldout.summary())
     teachers = heldout = None
-    eng.save_hf(engine, tokenizer, ctx.work_dir / "model")
-    engine = None
-    if rewards is not None and rewards.failures:
-        out["verifier_failures"] = dict(rewards.failures)
-    return {"metrics": out, "outputs": {"model": "model"}}
+    return loop.finish(out)

@@ -34,10 +34,13 @@ import torch
 
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
-from posttrain_cli.engine.loop import total_steps, train
-from posttrain_cli.losses import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS
-from posttrain_cli.losses.rl import clipped_policy_loss
+from posttrain_cli.engine.loop import total_steps
+from posttrain_cli.losses import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from posttrain_cli.rollout import episodes as ep
+from posttrain_cli.rollout.onpolicy import OnPolicy, Reference, token_logps
+
+# The ratio clipped to [1 - clip_low, 1 + clip_high] (losses/rl.py).
+POLICY_LOSS = "clip_higher"
 
 
 def overlong_penalty(length: int, max_len: int, buffer: int, penalty: float) -> float:
@@ -61,129 +64,104 @@ def equal_group(group: list[ep.Episode]) -> bool:
     return max(e.reward for e in group) - min(e.reward for e in group) < 1e-9
 
 
-class Rollouts:
-    """Sampling and scoring of each step's batch (this rank's share)."""
+def sample_scored(loop: OnPolicy, per_rank: int) -> list[ep.Episode]:
+    """per_rank prompts' groups, sampled and rewarded (verifiers, overlong and no-EOS penalties)."""
+    cfg = loop.cfg
+    eps = loop.sample(per_rank)
+    ep.score(eps, loop.rows, loop.rewards)
+    if cfg["overlong_buffer"]:
+        for e in eps:
+            e.reward += overlong_penalty(len(e.ids), cfg["max_new_tokens"], cfg["overlong_buffer"],
+                                         cfg["overlong_penalty"])
+    ep.no_eos_penalty(eps, cfg)
+    return eps
 
-    def __init__(self, ctx, engine, tokenizer, rows, prompts, rewards, names):
-        self.ctx, self.cfg, self.engine, self.tokenizer = ctx, ctx.cfg, engine, tokenizer
-        self.rows, self.prompts, self.rewards, self.names = rows, prompts, rewards, names
-        self.stream = ep.PromptStream(len(prompts), ctx.seed)
-        self.per_rank = ctx.arith["prompts_per_rank"]
-        self.synced = ctx.run["deepspeed"]["zero_stage"] == 3 and dist.world() > 1
 
-    def _sample(self, picks: list[int], most: int) -> list[ep.Episode]:
-        cfg = self.cfg
-        eps = ep.sample(self.engine.module, self.tokenizer, cfg, self.prompts, picks, synced=self.synced,
-                        calls_for=most)
-        ep.score(eps, self.rows, self.rewards)
-        if cfg["overlong_buffer"]:
-            for e in eps:
-                e.reward += overlong_penalty(len(e.ids), cfg["max_new_tokens"], cfg["overlong_buffer"],
-                                             cfg["overlong_penalty"])
-        ep.no_eos_penalty(eps, cfg)
-        return eps
-
-    def step(self) -> tuple[list[ep.Episode], dict]:
-        cfg, g = self.cfg, self.cfg["num_generations"]
-        t0 = time.perf_counter()
-        eps = self._sample(self.stream.draw(self.per_rank), self.per_rank)
-        sampled = list(eps)
-        stats = {}
-        if cfg["dynamic_sampling"]:
-            groups = [eps[i:i + g] for i in range(0, len(eps), g)]
-            kept = [grp for grp in groups if not equal_group(grp)]
-            dropped = [grp for grp in groups if equal_group(grp)]
-            rounds = 0
-            while rounds < cfg["dynamic_sampling_rounds"]:
-                need = self.per_rank - len(kept)
-                most = int(dist.all_max(float(need)))
-                if most == 0:
-                    break
-                rounds += 1
-                # Every rank draws `most` (lock-step); a rank needing fewer keeps only what it needs.
-                more = self._sample(self.stream.draw(most), most)
-                sampled += more
-                for i in range(0, len(more), g):
-                    grp = more[i:i + g]
-                    (dropped if equal_group(grp) else kept).append(grp)
-            kept = kept[:self.per_rank]
-            kept += dropped[:self.per_rank - len(kept)]
-            eps = [e for grp in kept for e in grp]
-            n_kept, n_drawn = dist.all_sum([float(sum(not equal_group(grp) for grp in kept)), len(sampled) / g])
-            stats = {"groups_with_signal": n_kept / max(dist.world() * self.per_rank, 1),
-                     "prompts_sampled": n_drawn, "sampling_rounds": float(dist.all_max(float(rounds)))}
-        advantages(eps, g, cfg["adv_norm"])
-        metrics = ep.rollout_metrics(sampled if cfg["dynamic_sampling"] else eps, self.names)
-        metrics.update(stats, rollout_seconds=time.perf_counter() - t0)
-        return eps, metrics
+def rollout(loop: OnPolicy) -> tuple[list[ep.Episode], dict]:
+    """This rank's share of a step's batch with group advantages, and the step's rollout metrics."""
+    cfg, g, per_rank = loop.cfg, loop.cfg["num_generations"], loop.per_rank
+    t0 = time.perf_counter()
+    eps = sample_scored(loop, per_rank)
+    sampled = list(eps)
+    stats = {}
+    if cfg["dynamic_sampling"]:
+        groups = [eps[i:i + g] for i in range(0, len(eps), g)]
+        kept = [grp for grp in groups if not equal_group(grp)]
+        dropped = [grp for grp in groups if equal_group(grp)]
+        rounds = 0
+        while rounds < cfg["dynamic_sampling_rounds"]:
+            need = per_rank - len(kept)
+            most = int(dist.all_max(float(need)))
+            if most == 0:
+                break
+            rounds += 1
+            # Every rank draws `most` (lock-step); a rank needing fewer keeps only what it needs.
+            more = sample_scored(loop, most)
+            sampled += more
+            for i in range(0, len(more), g):
+                grp = more[i:i + g]
+                (dropped if equal_group(grp) else kept).append(grp)
+        kept = kept[:per_rank]
+        kept += dropped[:per_rank - len(kept)]
+        eps = [e for grp in kept for e in grp]
+        n_kept, n_drawn = dist.all_sum([float(sum(not equal_group(grp) for grp in kept)), len(sampled) / g])
+        stats = {"groups_with_signal": n_kept / max(dist.world() * per_rank, 1),
+                 "prompts_sampled": n_drawn, "sampling_rounds": float(dist.all_max(float(rounds)))}
+    advantages(eps, g, cfg["adv_norm"])
+    metrics = ep.rollout_metrics(sampled if cfg["dynamic_sampling"] else eps, loop.names)
+    metrics.update(stats, rollout_seconds=time.perf_counter() - t0)
+    return eps, metrics
 
 
 def run(ctx) -> dict:
-    from transformers import AutoTokenizer
-
+    from posttrain_cli.engine.inference import load_tokenizer
     from posttrain_cli.rewards.dispatch import Rewards
 
     cfg = ctx.cfg
-    model_cfg = ctx.run["model"]
-    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"])
+    tokenizer = load_tokenizer(ctx.input_model, ctx.run["model"])
     rewards = Rewards(cfg, warn=ctx.info)
     rows, prompts = ep.load_prompts(ctx, tokenizer, rewards)
-    names = rewards.names(rows)
     steps = total_steps(cfg, len(prompts), ctx.where(), "prompts", "prompts_per_step")
     k = cfg["mini_batches"]
-    batch = ctx.arith
-    engine, mb = eng.train_policy(ctx, steps * k)
-    ref = ep.Reference(ctx, model_cfg) if cfg["beta"] > 0 else None
-    if ref is None:
-        ctx.info("beta 0: no reference model, no KL term")
-    rollouts = Rollouts(ctx, engine, tokenizer, rows, prompts, rewards, names)
+    engine, pack = eng.train_policy(ctx, steps * k)
     agg, kl_fn = LOSS_AGGREGATIONS[cfg["loss_agg"]], KL_ESTIMATORS[cfg["kl_estimator"]]
-    state: dict = {"updates": [], "metrics": {}}
-    history: list[dict] = []
+    policy_loss = POLICY_LOSSES[POLICY_LOSS]
+    # The loop keeps the reference: refreshed (below), resumed with the stage and freed before the save.
+    loop = OnPolicy(ctx, engine, tokenizer, rows, prompts, rewards, pack, steps=steps, aggregation=agg,
+                    ref=Reference(ctx) if cfg["beta"] > 0 else None)
+    if loop.ref is None:
+        ctx.info("beta 0: no reference model, no KL term")
 
-    def micro_batches(update: int) -> list[dict]:
-        s, j = divmod(update, k)
-        if j == 0:
-            if ref is not None and cfg["ref_refresh_every"] and s and s % cfg["ref_refresh_every"] == 0:
-                ctx.info(f"step {s}: the reference becomes the current policy")
-                ref.refresh(engine, tokenizer)
-            eps, state["metrics"] = rollouts.step()
-            history.append(state["metrics"])
-            state["updates"] = ep.split_updates(eps, k, batch["micro_batch_size"],
-                                                ctx.seed * 7919 + s * 31 + dist.rank())
-        return [ep.micro_batch(m, agg, cfg["max_new_tokens"], **mb) for m in state["updates"][j]]
+    def step_rollout(s: int) -> tuple[list[ep.Episode], dict]:
+        if loop.ref is not None and cfg["ref_refresh_every"] and s and s % cfg["ref_refresh_every"] == 0:
+            ctx.info(f"step {s}: the reference becomes the current policy")
+            loop.ref.refresh(engine, tokenizer)
+        return rollout(loop)
 
     def loss_fn(module, micro) -> tuple:
-        lp, ent = ep.token_logps(module, micro, cfg["temperature"], entropy=True)
+        """One micro-batch of an update: the clipped policy loss on the group advantages, plus
+        beta x the KL estimate to the reference, aggregated by loss_agg."""
+        lp, ent = token_logps(module, micro, cfg["temperature"], entropy=True)
         seq, n = micro["seq"], micro["n"]
         adv = torch.tensor([e.adv for e in micro["episodes"]], dtype=lp.dtype, device=lp.device)[seq]
-        pg, clipped = clipped_policy_loss(lp, micro["old_logps"], adv, cfg["clip_low"], cfg["clip_high"])
+        pg, stats = policy_loss(lp, micro["old_logps"], adv, cfg)
         token_loss = pg
         kl = torch.zeros_like(lp)
-        if ref is not None:
+        if loop.ref is not None:
             with torch.no_grad():
-                ref_lp, _ = ep.token_logps(ref.module, micro, cfg["temperature"])
+                ref_lp, _ = token_logps(loop.ref.module, micro, cfg["temperature"])
             kl = kl_fn(lp, ref_lp)
             token_loss = pg + cfg["beta"] * kl
         loss, _ = agg(token_loss, seq, n, cfg["max_new_tokens"])
         with torch.no_grad():
             extra = {name: float(agg(x.detach().to(lp.dtype), seq, n, cfg["max_new_tokens"])[0])
-                     for name, x in (("kl", kl), ("clip_fraction", clipped), ("entropy", ent))}
+                     for name, x in (("kl", kl), ("clip_fraction", stats["clip_fraction"]), ("entropy", ent))}
         return loss, extra
 
     ctx.info(f"{steps} steps x {cfg['prompts_per_step']} prompts x {cfg['num_generations']} completions "
-             f"({batch['prompts_per_rank']} prompts per rank), {k} update(s) per step, adv {cfg['adv_norm']}, "
+             f"({ctx.arith['prompts_per_rank']} prompts per rank), {k} update(s) per step, adv {cfg['adv_norm']}, "
              f"loss {cfg['loss_agg']}, clip [{1 - cfg['clip_low']:g}, {1 + cfg['clip_high']:g}], beta {cfg['beta']:g}, "
              f"ZeRO-{ctx.run['deepspeed']['zero_stage']}")
-    metrics = train(ctx, engine, total_steps=steps * k, micro_batches=micro_batches, loss_fn=loss_fn,
-                    step_metrics=lambda _: state["metrics"], unit=k,
-                    state=ep.rl_state(rollouts.stream, history, rewards, ref))
-    trend = ep.reward_trend(ctx, history)
-    ref = None
-    eng.save_hf(engine, tokenizer, ctx.work_dir / "model")
-    engine = None
-    failures = dict(rewards.failures)
-    out = {**metrics, "rl_steps": steps, **trend}
-    if failures:
-        out["verifier_failures"] = failures
-    return {"metrics": out, "outputs": {"model": "model"}}
+    out = loop.train(step_rollout, loss_fn)
+    out.update(loop.reward_trend())
+    return loop.finish(out)

@@ -39,11 +39,16 @@ import torch
 
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
-from posttrain_cli.engine.loop import total_steps, train
+from posttrain_cli.engine.inference import eval_mode
+from posttrain_cli.engine.loop import total_steps
 from posttrain_cli.errors import UserError
-from posttrain_cli.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
-from posttrain_cli.losses.rl import clipped_policy_loss, clipped_value_loss, gae, whiten
+from posttrain_cli.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from posttrain_cli.losses.rl import clipped_value_loss, gae, whiten
 from posttrain_cli.rollout import episodes as ep
+from posttrain_cli.rollout.onpolicy import OnPolicy, Reference, micro_batch, token_logps
+
+# The ratio clipped to [1 - cliprange, 1 + cliprange] (losses/rl.py).
+POLICY_LOSS = "clip"
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -86,20 +91,16 @@ def prepare(episodes: list[ep.Episode], engine, ref, cfg: dict, mb: dict, micro_
     n = len(episodes)
     old_values: list = [None] * n
     ref_lp: list = [None] * n
-    was_training = engine.training
-    engine.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(engine):
         for chunk in forward_chunks_local(n, micro_size):
-            micro = ep.micro_batch([episodes[i] for i in chunk], LOSS_AGGREGATIONS["token_mean"], 1, **mb)
+            micro = micro_batch([episodes[i] for i in chunk], LOSS_AGGREGATIONS["token_mean"], 1, **mb)
             vals = token_values(engine, micro).cpu()
-            r = ep.token_logps(ref.module, micro, cfg["temperature"])[0].cpu() if ref is not None else None
+            r = token_logps(ref.module, micro, cfg["temperature"])[0].cpu() if ref is not None else None
             seq = micro["seq"].cpu()
             for j, i in enumerate(chunk):
                 old_values[i] = vals[seq == j]
                 if r is not None:
                     ref_lp[i] = r[seq == j]
-    if was_training:
-        engine.train()
     rewards, kls = [], []
     for i, e in enumerate(episodes):
         old = torch.tensor(e.logprobs, dtype=torch.float32)
@@ -126,53 +127,44 @@ def forward_chunks_local(n: int, size: int) -> list[list[int]]:
 
 
 def run(ctx) -> dict:
-    from transformers import AutoTokenizer
-
+    from posttrain_cli.engine.inference import load_tokenizer, pad_id
     from posttrain_cli.rewards.dispatch import Rewards, uses_verifiers
     from posttrain_cli.rewards.rm import RewardScorer
 
     cfg = ctx.cfg
     model_cfg = ctx.run["model"]
-    tokenizer = AutoTokenizer.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"])
+    tokenizer = load_tokenizer(ctx.input_model, model_cfg)
     rewards = Rewards(cfg, warn=ctx.info) if uses_verifiers(cfg) else None
     rows, prompts = ep.load_prompts(ctx, tokenizer, rewards)
-    names = rewards.names(rows) if rewards else []
     steps = total_steps(cfg, len(prompts), ctx.where(), "prompts", "prompts_per_step")
     k, epochs = cfg["mini_batches"], cfg["ppo_epochs"]
-    per_step = k * epochs
-    batch = ctx.arith
     ds_cfg = eng.train_ds_config(ctx)
-    infer_ds = eng.ds_config(ctx.run["deepspeed"], micro_batch_size=1, grad_accum=1, grad_clip=None)
 
     rm_path = ctx.models.get("reward_model")
     value_path = ctx.models.get("value_from") or rm_path or ctx.input_model
-    value_tok = AutoTokenizer.from_pretrained(value_path, trust_remote_code=model_cfg["trust_remote_code"])
-    if value_tok.get_vocab() != tokenizer.get_vocab():
+    if load_tokenizer(value_path, model_cfg).get_vocab() != tokenizer.get_vocab():
         raise UserError(f"{ctx.where('value_from')}: the value model {value_path} has a different tokenizer from "
                         f"the policy {ctx.input_model}; PPO reads values at the policy's tokens")
     ctx.info(f"value model from {value_path}" + (" (a new scalar head)" if value_path == ctx.input_model else ""))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
-    value = eng.load_scorer(value_path, model_cfg, ds_cfg, train=True, pad_token_id=pad)
+    value = eng.load_scorer(value_path, model_cfg, ds_cfg, train=True, pad_token_id=pad_id(tokenizer))
     for m in (policy, value):
         eng.disable_dropout(m)
     value_lr = cfg["value_lr"] if cfg["value_lr"] is not None else cfg["lr"]
-    engine = eng.initialize(PolicyAndValue(policy, value), ds_cfg, cfg, steps * per_step,
+    engine = eng.initialize(PolicyAndValue(policy, value), ds_cfg, cfg, steps * k * epochs,
                             lr_for=lambda name: value_lr if name.startswith("value.") else cfg["lr"])
     mb = eng.pack_options(ctx.run, engine.device)
-    ref = ep.Reference(ctx, model_cfg) if cfg["beta"] > 0 else None
-    scorer = (RewardScorer(rm_path, model_cfg, infer_ds, batch_size=cfg["rollout_batch_size"])
+    ref = Reference(ctx) if cfg["beta"] > 0 else None
+    scorer = (RewardScorer(rm_path, model_cfg, ctx.run["deepspeed"], batch_size=cfg["rollout_batch_size"])
               if rm_path and cfg["rm_weight"] else None)
-    synced = ctx.run["deepspeed"]["zero_stage"] == 3 and dist.world() > 1
-    stream = ep.PromptStream(len(prompts), ctx.seed)
-    per_rank = batch["prompts_per_rank"]
-    agg = LOSS_AGGREGATIONS["token_mean"]
-    state: dict = {"updates": [], "metrics": {}, "prep": {}}
-    history: list[dict] = []
+    agg, policy_loss = LOSS_AGGREGATIONS["token_mean"], POLICY_LOSSES[POLICY_LOSS]
+    loop = OnPolicy(ctx, engine, tokenizer, rows, prompts, rewards, mb, steps=steps, aggregation=agg,
+                    passes=epochs, policy=engine.module.policy, ref=ref)
+    prep: dict = {}  # this step's values, advantages and returns per episode (prepare)
 
-    def rollout(s: int) -> None:
-        eps = ep.sample(engine.module.policy, tokenizer, cfg, prompts, stream.draw(per_rank), synced=synced,
-                        calls_for=per_rank)
+    def rollout(_s: int) -> tuple[list[ep.Episode], dict]:
+        """Sample and score, then the no-grad pass: values, the KL-penalised rewards and GAE."""
+        eps = loop.sample()
         if rewards is not None:
             ep.score(eps, rows, rewards, weight=cfg["verifiable_reward"])
         if scorer is not None:
@@ -183,41 +175,29 @@ def run(ctx) -> dict:
         ep.no_eos_penalty(eps, cfg)
         for i, e in enumerate(eps):
             e.index = i
-        prep = prepare(eps, engine, ref, cfg, mb, batch["micro_batch_size"])
-        state["prep"] = prep
-        metrics = ep.rollout_metrics(eps, names)
+        prep.update(prepare(eps, engine, ref, cfg, mb, ctx.arith["micro_batch_size"]))
+        metrics = ep.rollout_metrics(eps, loop.names)
         nsr, kl, toks = dist.all_sum([sum(prep["non_score_reward"]), float(sum(x.sum() for x in prep["kl"])),
                                       float(sum(len(e.ids) for e in eps))])
         metrics.update(non_score_reward=nsr / (len(eps) * dist.world()), rollout_kl=kl / max(toks, 1.0))
-        state["metrics"] = metrics
-        history.append(metrics)
-        updates = []
-        for epoch in range(epochs):
-            updates += ep.split_updates(eps, k, batch["micro_batch_size"],
-                                        ctx.seed * 7919 + s * 31 + epoch * 7 + dist.rank())
-        state["updates"] = updates
-
-    def micro_batches(update: int) -> list[dict]:
-        s, j = divmod(update, per_step)
-        if j == 0:
-            rollout(s)
-        return [ep.micro_batch(m, agg, cfg["max_new_tokens"], **mb) for m in state["updates"][j]]
+        return eps, metrics
 
     def loss_fn(module, micro) -> tuple:
-        prep = state["prep"]
+        """One micro-batch of an update: the clipped policy loss on the GAE advantages plus vf_coef x
+        the clipped value loss, token mean."""
         idx = [e.index for e in micro["episodes"]]
         adv = torch.cat([prep["adv"][i] for i in idx]).to(engine.device)
         ret = torch.cat([prep["returns"][i] for i in idx]).to(engine.device)
         old_v = torch.cat([prep["values"][i] for i in idx]).to(engine.device)
-        lp, ent = ep.token_logps(_Policy(module), micro, cfg["temperature"], entropy=True)
-        pg, clipped = clipped_policy_loss(lp, micro["old_logps"], adv, cfg["cliprange"], cfg["cliprange"])
+        lp, ent = token_logps(_Policy(module), micro, cfg["temperature"], entropy=True)
+        pg, stats = policy_loss(lp, micro["old_logps"], adv, cfg)
         v = token_values(module, micro)
         vf, v_clipped = clipped_value_loss(v, old_v, ret, cfg["cliprange_value"])
         seq, n = micro["seq"], micro["n"]
         loss, _ = agg(pg + cfg["vf_coef"] * vf, seq, n, cfg["max_new_tokens"])
         with torch.no_grad():
             extra = {name: float(agg(x.detach().to(lp.dtype), seq, n, cfg["max_new_tokens"])[0])
-                     for name, x in (("policy_loss", pg), ("value_loss", vf), ("clip_fraction", clipped),
+                     for name, x in (("policy_loss", pg), ("value_loss", vf), ("clip_fraction", stats["clip_fraction"]),
                                      ("value_clip_fraction", v_clipped), ("entropy", ent),
                                      ("approx_kl", 0.5 * (lp - micro["old_logps"]) ** 2))}
         return loss, extra
@@ -227,14 +207,7 @@ def run(ctx) -> dict:
              f"reward: " + " + ".join(([f"{cfg['rm_weight']:g} x RM"] if scorer else [])
                                       + ([f"{cfg['verifiable_reward']:g} x verifiers"] if rewards else []))
              + f", ZeRO-{ctx.run['deepspeed']['zero_stage']}")
-    metrics = train(ctx, engine, total_steps=steps * per_step, micro_batches=micro_batches, loss_fn=loss_fn,
-                    step_metrics=lambda _: state["metrics"], unit=per_step,
-                    state=ep.rl_state(stream, history, rewards))
-    trend = ep.reward_trend(ctx, history)
-    ref = scorer = None
-    eng.save_hf(engine, tokenizer, ctx.work_dir / "model", part="policy")
-    engine = policy = value = None
-    out = {**metrics, "rl_steps": steps, **trend}
-    if rewards is not None and rewards.failures:
-        out["verifier_failures"] = dict(rewards.failures)
-    return {"metrics": out, "outputs": {"model": "model"}}
+    out = loop.train(rollout, loss_fn)
+    out.update(loop.reward_trend())
+    ref = scorer = policy = value = None
+    return loop.finish(out, part="policy")

@@ -16,6 +16,7 @@ from posttrain_cli.errors import UserError
 from posttrain_cli.losses import LOSS_AGGREGATIONS
 from posttrain_cli.losses.distill import DISTILL_LOSSES, mixture_logprobs
 from posttrain_cli.rollout import episodes as ep
+from posttrain_cli.rollout import onpolicy
 from posttrain_cli.stages import distill
 
 t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -187,7 +188,7 @@ def _teachers(n: int, synced: bool = False) -> distill.Teachers:
 
 
 def _micro(episodes, pack):
-    return ep.micro_batch(episodes, LOSS_AGGREGATIONS["token_mean"], 8, **pack)
+    return onpolicy.micro_batch(episodes, LOSS_AGGREGATIONS["token_mean"], 8, **pack)
 
 
 def _episode(prompt: int, prompt_ids: list[int], ids: list[int]) -> ep.Episode:

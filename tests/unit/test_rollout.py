@@ -11,7 +11,7 @@ import torch
 from posttrain_cli.data.chat import prompt_ids
 from posttrain_cli.models.tiny import build_tiny
 from posttrain_cli.rollout import episodes as ep
-from posttrain_cli.rollout import hf
+from posttrain_cli.rollout import hf, onpolicy
 from tests.conftest import TINY_DATA
 
 ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -80,14 +80,14 @@ def test_greedy_logprobs_use_temperature_one(tiny):
 
 
 def test_prompt_stream_deals_the_same_prompts_to_any_rank_count(monkeypatch):
-    one = ep.PromptStream(10, seed=3)
+    one = onpolicy.PromptStream(10, seed=3)
     drawn = one.draw(4) + one.draw(4) + one.draw(4)  # crosses an epoch boundary
     assert sorted(drawn[:10]) == list(range(10))
     shares = []
     for rank in (0, 1):
-        monkeypatch.setattr(ep.dist, "rank", lambda r=rank: r)
-        monkeypatch.setattr(ep.dist, "world", lambda: 2)
-        s = ep.PromptStream(10, seed=3)
+        monkeypatch.setattr(onpolicy.dist, "rank", lambda r=rank: r)
+        monkeypatch.setattr(onpolicy.dist, "world", lambda: 2)
+        s = onpolicy.PromptStream(10, seed=3)
         shares.append(s.draw(2) + s.draw(2) + s.draw(2))
     # Rank r takes every other prompt of the single-rank stream.
     assert sorted(shares[0] + shares[1]) == sorted(drawn)
@@ -96,6 +96,6 @@ def test_prompt_stream_deals_the_same_prompts_to_any_rank_count(monkeypatch):
 
 def test_split_updates_uses_every_episode_once():
     eps = [ep.Episode(i, [1], [2], [0.0], "", "eos") for i in range(12)]
-    minis = ep.split_updates(eps, 3, 2, seed=0)
+    minis = onpolicy.split_updates(eps, 3, 2, seed=0)
     assert len(minis) == 3 and all(len(m) == 2 and all(len(x) == 2 for x in m) for m in minis)
     assert sorted(e.prompt for m in minis for x in m for e in x) == list(range(12))
