@@ -3,8 +3,8 @@
     python scripts/bench_dpo.py                 # 3 interleaved rounds, ~6-8 min on 2 cores
     python scripts/bench_dpo.py --quick         # smoke run: small model, few steps, 1 round
 
-Run it on a quiet machine (the script waits, like bench_sft.py, until at most
---max-load/2 cores are busy before each contestant).
+Run it on a quiet machine (the script waits, like every benchmark here, until at
+most --max-load/2 cores are busy before each contestant).
 
 Every contestant gets the same (fp32, 1 process, --threads threads):
 
@@ -46,15 +46,13 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import (ARCH, QUICK_ARCH, _len, _text, busy_cores, posttrain_run,  # noqa: E402
-                       run_in_subprocess, wait_quiet)
+from benchlib import (TRL_CPU, add_worker_args, busy_before, length, posttrain_run, rotated, run_in_subprocess,
+                      serve_worker, stage_results, step_ends, step_order, steps_per_s, target_met, text, tiny_model,
+                      trl_clock, write_recipe, write_rows)
 
 BETA, LR = 0.1, 1e-6
 
@@ -63,8 +61,8 @@ def make_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        prompt = _text(rng, _len(rng, 80, 0.7))
-        chosen, rejected = _text(rng, _len(rng, 140, 0.6)), _text(rng, _len(rng, 140, 0.6))
+        prompt = text(rng, length(rng, 80, 0.7))
+        chosen, rejected = text(rng, length(rng, 140, 0.6)), text(rng, length(rng, 140, 0.6))
         rows.append({"prompt": [{"role": "user", "content": prompt}],
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}]})
@@ -72,11 +70,7 @@ def make_rows(n: int, seed: int) -> list[dict]:
 
 
 def plan_order(n: int, spec: dict) -> list[int]:
-    from posttrain_cli.engine.loop import StepPlan
-
-    plan = StepPlan(n, {"global_batch_size": spec["global_batch"], "micro_batch_size": spec["micro_batch"]},
-                    spec["seed"])
-    return [i for s in range(spec["steps"]) for i in plan.step(s)]
+    return [i for step in step_order(n, spec) for i in step]
 
 
 def posttrain_ids(model_dir: str, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -94,7 +88,7 @@ def posttrain_ids(model_dir: str, rows: list[dict]) -> list[tuple[list[int], lis
 def worker_trl(spec: dict, tuned: bool) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(spec["threads"])
@@ -106,8 +100,7 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
     args = DPOConfig(
         output_dir=out_dir, per_device_train_batch_size=spec["micro_batch"],
         gradient_accumulation_steps=spec["global_batch"] // spec["micro_batch"], max_steps=spec["steps"],
-        learning_rate=LR, beta=BETA, bf16=False, fp16=False, use_cpu=True, report_to="none",
-        save_strategy="no", train_sampling_strategy="sequential", seed=spec["seed"],
+        learning_rate=LR, beta=BETA, **TRL_CPU, train_sampling_strategy="sequential", seed=spec["seed"],
         gradient_checkpointing=not tuned, precompute_ref_log_probs=tuned, max_length=spec["max_seq_len"],
     )
     # TRL precomputes reference log-probs inside the constructor; time that pass so it counts
@@ -133,14 +126,7 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
         for name, ids in (("chosen", want[k][0]), ("rejected", want[k][1])):
             assert p + list(got[f"{name}_ids"]) == ids, f"row {k}: TRL {name} tokens differ from posttrain's"
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends = []
-
-        def on_step_end(self, *a, **k):
-            self.ends.append(time.perf_counter())
-
-    clock = Clock()
+    clock = trl_clock()
     trainer.add_callback(clock)
     t0 = time.perf_counter()
     trainer.train()
@@ -148,45 +134,31 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"seconds": ref_time["seconds"] + clock.ends[-1] - t0, "steps": len(clock.ends),
             **({"ref_seconds": ref_time["seconds"]} if tuned else {}),
-            "steady": _steady(clock.ends, spec["skip"]), "loss_last": logs[-1]["loss"] if logs else None}
-
-
-def _steady(ends: list[float], skip: int) -> float:
-    """Steps per second after the first `skip` steps."""
-    return (len(ends) - skip) / (ends[-1] - ends[skip - 1]) if skip else len(ends) / (ends[-1] - ends[0])
+            "steady": steps_per_s(clock.ends, t0, spec["skip"])[0], "loss_last": logs[-1]["loss"] if logs else None}
 
 
 # --------------------------------------------------------------------------- posttrain
 
 def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
     run_dir = tmp / f"pt-run-{rnd}"
-    recipe = tmp / "bench.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
-        defaults: [base, _self_]
-        name: bench
-        model: {{path: {spec['model']}}}
-        stages:
-          dpo:
-            kind: dpo
-            data: [{{path: {spec['data_jsonl']}}}]
-            loss: dpo
-            beta: {BETA}
-            lr: {LR}
-            schedule: linear
-            warmup_ratio: 0.0
-            max_steps: {spec['steps']}
-            global_batch_size: {spec['global_batch']}
-            micro_batch_size: {spec['micro_batch']}
-            max_seq_len: {spec['max_seq_len']}
-        """))
+    recipe = write_recipe(tmp, spec["model"], "dpo", f"""
+        kind: dpo
+        data: [{{path: {spec['data_jsonl']}}}]
+        loss: dpo
+        beta: {BETA}
+        lr: {LR}
+        schedule: linear
+        warmup_ratio: 0.0
+        max_steps: {spec['steps']}
+        global_batch_size: {spec['global_batch']}
+        micro_batch_size: {spec['micro_batch']}
+        max_seq_len: {spec['max_seq_len']}
+        """)
     posttrain_run(recipe, run_dir, spec["threads"], tmp)
-    m = json.loads((run_dir / "dpo" / "manifest.json").read_text())["metrics"]
-    rows = [json.loads(l) for l in (run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()]
-    dts = [r["tokens"] / r["tokens_per_s"] for r in rows]
-    ends = [sum(dts[:k + 1]) for k in range(len(dts))]
+    m, rows = stage_results(run_dir, "dpo")
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"seconds": m["ref_seconds"] + m["train_seconds"], "steps": len(rows), "ref_seconds": m["ref_seconds"],
-            "steady": _steady(ends, spec["skip"]), "loss_last": rows[-1]["loss"]}
+            "steady": steps_per_s(step_ends(rows), 0.0, spec["skip"])[0], "loss_last": rows[-1]["loss"]}
 
 
 def main() -> None:
@@ -202,29 +174,19 @@ def main() -> None:
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--wait-quiet", type=float, default=300)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_args(ap)
     a = ap.parse_args()
-    if a.worker:
-        spec = json.loads(Path(a.spec).read_text())
-        Path(a.out).write_text(json.dumps(worker_trl(spec, tuned=a.worker == "trl_tuned")))
+    if serve_worker(a, lambda kind, spec: worker_trl(spec, tuned=kind == "trl_tuned")):
         return
     if a.quick:
         a.steps, a.repeats, a.skip, a.wait_quiet = 4, 1, 1, 0
 
-    from posttrain_cli.models.tiny import build_tiny
-
     tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     try:
-        arch = QUICK_ARCH if a.quick else ARCH
-        model_dir = build_tiny(tmp / "model", arch)
+        model_dir, arch = tiny_model(tmp, a.quick)
         rows = make_rows(a.steps * a.global_batch, 0)
-        (tmp / "data.json").write_text(json.dumps(rows))
-        (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        spec = {"model": str(model_dir), "data": str(tmp / "data.json"), "data_jsonl": str(tmp / "data.jsonl"),
-                "steps": a.steps, "global_batch": a.global_batch, "micro_batch": a.micro_batch,
-                "max_seq_len": a.max_seq_len, "seed": 0, "threads": a.threads, "skip": a.skip, "tmp": str(tmp)}
+        spec = {"model": str(model_dir), **write_rows(tmp, rows), "steps": a.steps, "global_batch": a.global_batch,
+                "micro_batch": a.micro_batch, "max_seq_len": a.max_seq_len, "seed": 0, "threads": a.threads, "skip": a.skip, "tmp": str(tmp)}
         ids = posttrain_ids(str(model_dir), rows)
         lens = sorted(len(c) + len(r) for c, r in ids)
         print(f"model: tiny Llama {arch}, fp32; {len(rows)} pairs, tokens per pair (chosen + rejected, "
@@ -234,9 +196,10 @@ def main() -> None:
         contestants = ["posttrain", "trl_default", "trl_tuned"]
         results: dict[str, list] = {c: [] for c in contestants}
         for rnd in range(a.repeats):
-            for c in contestants[rnd % 3:] + contestants[:rnd % 3]:
-                busy = wait_quiet(a.max_load, a.wait_quiet) if a.wait_quiet else busy_cores(1.0)
-                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else run_in_subprocess(c, spec, tmp, rnd, script=__file__)
+            for c in rotated(contestants, rnd):
+                busy = busy_before(a.max_load, a.wait_quiet)
+                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else \
+                    run_in_subprocess(c, spec, tmp, rnd, script=__file__)
                 assert res["steps"] == a.steps, (c, res)
                 results[c].append(res)
                 extra = f" (reference pass {res['ref_seconds']:.1f}s)" if "ref_seconds" in res else ""
@@ -249,7 +212,8 @@ def main() -> None:
         print(f"\nmedian over {a.repeats} round(s):")
         for c in contestants:
             print(f"  {c:12s} {med[c]:.3f} steps/s (steady state {steady[c]:.3f})")
-        print(f"\nposttrain / trl_default = {med['posttrain'] / med['trl_default']:.2f}x   (target >= 1.5x)")
+        r = med["posttrain"] / med["trl_default"]
+        print(f"\nposttrain / trl_default = {r:.2f}x   ({target_met(r, 1.5)})")
         print(f"posttrain / trl_tuned   = {med['posttrain'] / med['trl_tuned']:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

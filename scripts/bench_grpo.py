@@ -3,8 +3,8 @@
     python scripts/bench_grpo.py                 # 3 interleaved rounds (estimated 10-14 min on 2 quiet cores)
     python scripts/bench_grpo.py --quick         # smoke run: small model, 4 steps of 4 x 4 x 32 tokens, 1 round
 
-Run it on a quiet machine (the script waits, like bench_sft.py, until at most
---max-load/2 cores are busy before each contestant). With --threads 2 and one
+Run it on a quiet machine (the script waits, like every benchmark here, until at
+most --max-load/2 cores are busy before each contestant). With --threads 2 and one
 core taken by something else, every contestant runs ~10x slower (OpenMP threads
 wait for each other: a batch-64 decode step went from ~20 ms to ~200 ms), so
 ratios from a busy machine say nothing.
@@ -81,14 +81,13 @@ import json
 import random
 import shutil
 import statistics
-import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import ARCH, QUICK_ARCH, busy_cores, posttrain_run, run_in_subprocess, wait_quiet  # noqa: E402
+from benchlib import (TRL_CPU, add_worker_args, busy_before, posttrain_run, rotated, run_in_subprocess, serve_worker,
+                      stage_results, step_ends, steps_per_s, target_met, tiny_model, trl_clock, write_recipe,
+                      write_rows)
 
 LR, CLIP, VERIFIER = 1e-6, 0.2, "number"
 # The same loss on both sides: GRPO's per-sequence token mean, then the mean over sequences
@@ -118,18 +117,12 @@ def posttrain_prompt_ids(model_dir: str, rows: list[dict]) -> list[list[int]]:
     return [prompt_ids(tok, r["messages"]) for r in rows]
 
 
-def steps_per_s(ends: list[float], t_start: float, skip: int) -> tuple[float, float]:
-    """(steady: after the first `skip` steps, all steps from the start of training)."""
-    steady = (len(ends) - skip) / (ends[-1] - ends[skip - 1]) if skip else len(ends) / (ends[-1] - t_start)
-    return steady, len(ends) / (ends[-1] - t_start)
-
-
 # --------------------------------------------------------------------------- TRL worker
 
 def worker_trl(spec: dict, tuned: bool) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain_cli.rewards import VERIFIERS
@@ -154,8 +147,7 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
         num_generations=spec["generations"], max_completion_length=spec["max_new_tokens"],
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type=TRL_LOSS, scale_rewards="group",
         epsilon=CLIP, learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0,
-        use_vllm=False, bf16=False, fp16=False, use_cpu=True, report_to="none", save_strategy="no",
-        seed=spec["seed"], gradient_checkpointing=not tuned,
+        use_vllm=False, **TRL_CPU, seed=spec["seed"], gradient_checkpointing=not tuned,
     )
     # One optimizer step = one generation batch of prompts x generations completions, used once.
     assert args.generation_batch_size == seqs_per_step and args.steps_per_generation == args.gradient_accumulation_steps
@@ -183,17 +175,7 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
 
     trainer._generate_and_score_completions = timed
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.t_start, self.ends = None, []
-
-        def on_train_begin(self, *a, **k):
-            self.t_start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.ends.append(time.perf_counter())
-
-    clock = Clock()
+    clock = trl_clock()
     trainer.add_callback(clock)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -208,48 +190,37 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
 
 def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
     run_dir = tmp / f"pt-run-{rnd}"
-    recipe = tmp / "bench.yaml"
     seqs_per_step = spec["prompts"] * spec["generations"]
-    recipe.write_text(textwrap.dedent(f"""\
-        defaults: [base, _self_]
-        name: bench
-        model: {{path: {spec['model']}}}
-        logging: {{progress: never}}
-        stages:
-          grpo:
-            kind: grpo
-            data: [{{path: {spec['data_jsonl']}}}]
-            verifier: {VERIFIER}
-            prompts_per_step: {spec['prompts']}
-            num_generations: {spec['generations']}
-            max_new_tokens: {spec['max_new_tokens']}
-            temperature: 1.0
-            top_p: 1.0
-            rollout_batch_size: {seqs_per_step}
-            mini_batches: 1
-            beta: 0.0
-            adv_norm: group_std
-            loss_agg: {POSTTRAIN_LOSS}
-            clip_low: {CLIP}
-            clip_high: {CLIP}
-            lr: {LR}
-            schedule: linear
-            warmup_ratio: 0.0
-            weight_decay: 0.0
-            grad_clip: 1.0
-            max_steps: {spec['steps']}
-            micro_batch_size: {spec['micro_batch']}
-            max_seq_len: {spec['max_seq_len']}
-        """))
+    recipe = write_recipe(tmp, spec["model"], "grpo", f"""
+        kind: grpo
+        data: [{{path: {spec['data_jsonl']}}}]
+        verifier: {VERIFIER}
+        prompts_per_step: {spec['prompts']}
+        num_generations: {spec['generations']}
+        max_new_tokens: {spec['max_new_tokens']}
+        temperature: 1.0
+        top_p: 1.0
+        rollout_batch_size: {seqs_per_step}
+        mini_batches: 1
+        beta: 0.0
+        adv_norm: group_std
+        loss_agg: {POSTTRAIN_LOSS}
+        clip_low: {CLIP}
+        clip_high: {CLIP}
+        lr: {LR}
+        schedule: linear
+        warmup_ratio: 0.0
+        weight_decay: 0.0
+        grad_clip: 1.0
+        max_steps: {spec['steps']}
+        micro_batch_size: {spec['micro_batch']}
+        max_seq_len: {spec['max_seq_len']}
+        """, top="logging: {progress: never}\n")
     posttrain_run(recipe, run_dir, spec["threads"], tmp)
-    m = json.loads((run_dir / "grpo" / "manifest.json").read_text())["metrics"]
-    rows = [json.loads(l) for l in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    m, rows = stage_results(run_dir, "grpo")
     # Per-step durations (rollout included) from the loop's own clock; the loop's total
     # (manifest train_seconds) also holds its per-step logging, spread over the steps.
-    dts = [r["tokens"] / r["tokens_per_s"] for r in rows]
-    ends = [sum(dts[:k + 1]) for k in range(len(dts))]
-    gap = m["train_seconds"] - ends[-1]
-    ends = [e + gap * (k + 1) / len(ends) for k, e in enumerate(ends)]
+    ends = step_ends(rows, m["train_seconds"])
     shutil.rmtree(run_dir, ignore_errors=True)
     n = spec["prompts"] * spec["generations"]
     return {"t_start": 0.0, "ends": ends, "rollout_seconds": [r["rollout_seconds"] for r in rows],
@@ -272,13 +243,9 @@ def main() -> None:
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--wait-quiet", type=float, default=300)
     ap.add_argument("--quick", action="store_true", help="smoke run: small model, 4 x 4 x 4 completions, 1 round")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_args(ap)
     a = ap.parse_args()
-    if a.worker:
-        spec = json.loads(Path(a.spec).read_text())
-        Path(a.out).write_text(json.dumps(worker_trl(spec, tuned=a.worker == "trl_tuned")))
+    if serve_worker(a, lambda kind, spec: worker_trl(spec, tuned=kind == "trl_tuned")):
         return
     if a.quick:
         a.steps, a.repeats, a.skip, a.wait_quiet = 4, 1, 1, 0
@@ -288,18 +255,12 @@ def main() -> None:
     if not 0 <= a.skip < a.steps:
         ap.error("--skip must be in [0, steps)")
 
-    from posttrain_cli.models.tiny import build_tiny
-
     tmp = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     try:
-        arch = QUICK_ARCH if a.quick else ARCH
-        model_dir = build_tiny(tmp / "model", arch)
+        model_dir, arch = tiny_model(tmp, a.quick)
         rows = make_rows(a.steps * a.prompts, 0)
-        (tmp / "data.json").write_text(json.dumps(rows))
-        (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        spec = {"model": str(model_dir), "data": str(tmp / "data.json"), "data_jsonl": str(tmp / "data.jsonl"),
-                "steps": a.steps, "prompts": a.prompts, "generations": a.generations,
-                "max_new_tokens": a.max_new_tokens, "micro_batch": a.micro_batch, "max_seq_len": a.max_seq_len,
+        spec = {"model": str(model_dir), **write_rows(tmp, rows), "steps": a.steps, "prompts": a.prompts,
+                "generations": a.generations, "max_new_tokens": a.max_new_tokens, "micro_batch": a.micro_batch, "max_seq_len": a.max_seq_len,
                 "seed": 0, "threads": a.threads, "skip": a.skip, "tmp": str(tmp)}
         lens = sorted({len(p) for p in posttrain_prompt_ids(str(model_dir), rows)})
         if lens[-1] + a.max_new_tokens > a.max_seq_len:
@@ -312,10 +273,10 @@ def main() -> None:
         contestants = ["posttrain", "trl_default", "trl_tuned"]
         results: dict[str, list] = {c: [] for c in contestants}
         for rnd in range(a.repeats):
-            for c in contestants[rnd % 3:] + contestants[:rnd % 3]:
-                busy = wait_quiet(a.max_load, a.wait_quiet) if a.wait_quiet else busy_cores(1.0)
-                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else run_in_subprocess(c, spec, tmp, rnd,
-                                                                                              script=__file__)
+            for c in rotated(contestants, rnd):
+                busy = busy_before(a.max_load, a.wait_quiet)
+                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else \
+                    run_in_subprocess(c, spec, tmp, rnd, script=__file__)
                 assert len(res["ends"]) == a.steps, (c, len(res["ends"]))
                 res["steady"], res["all"] = steps_per_s(res["ends"], res["t_start"], a.skip)
                 res["rollout"] = statistics.mean(res["rollout_seconds"][a.skip:])
@@ -336,7 +297,7 @@ def main() -> None:
             print(f"  {c:12s} {v['steady']:8.3f} {v['all']:10.3f} {1 / v['steady']:7.2f} {v['rollout']:10.2f} "
                   f"{v['length']:9.1f} {v['eos']:5.0%}")
         r = med["posttrain"]["steady"] / med["trl_default"]["steady"]
-        print(f"\nposttrain / trl_default = {r:.2f}x   (target >= 1.3x: {'met' if r >= 1.3 else 'NOT met'})")
+        print(f"\nposttrain / trl_default = {r:.2f}x   ({target_met(r, 1.3)})")
         print(f"posttrain / trl_tuned   = {med['posttrain']['steady'] / med['trl_tuned']['steady']:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -42,8 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import REPO, run_in_subprocess, wait_quiet  # noqa: E402
+from benchlib import REPO, add_worker_args, rotated, run_in_subprocess, serve_worker, wait_quiet
 
 sys.path.insert(0, str(REPO))
 
@@ -161,13 +160,9 @@ def main() -> None:
     ap.add_argument("--wait", type=float, default=120, help="seconds to wait for a quiet machine (default 120)")
     ap.add_argument("--quick", action="store_true", help="two ~40 MB models, 1 round")
     ap.add_argument("--tmp", default=None, help="where to write the models (default: a temp dir)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_args(ap)
     args = ap.parse_args()
-    if args.worker:
-        result = worker(args.worker, json.loads(Path(args.spec).read_text()))
-        Path(args.out).write_text(json.dumps(result))
+    if serve_worker(args, worker):
         return
 
     from posttrain_cli.config.validate import parse_size
@@ -184,8 +179,7 @@ def main() -> None:
               f"bf16: N = {n / 1e6:.0f} MB each ({time.perf_counter() - t0:.0f}s to write both)", flush=True)
         results = {"posttrain": [], "baseline": []}
         for rnd in range(repeats):
-            order = ["posttrain", "baseline"] if rnd % 2 == 0 else ["baseline", "posttrain"]
-            for kind in order:
+            for kind in rotated(["posttrain", "baseline"], rnd):
                 busy = wait_quiet(args.max_load, args.wait)
                 out = tmp / f"out-{kind}"
                 shutil.rmtree(out, ignore_errors=True)

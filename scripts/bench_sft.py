@@ -81,25 +81,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
 import statistics
-import string
-import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            max_position_embeddings=1024, seed=0)
-QUICK_ARCH = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=1024, seed=0)
+from benchlib import (TRL_CPU, add_worker_args, busy_before, length, posttrain_run, rotated, run_in_subprocess,
+                      serve_worker, stage_results, step_ends, step_order, target_met, text, tiny_model, trl_clock,
+                      write_recipe, write_rows)
 
 # The tiny chat template with generation markers around each assistant turn and its EOS,
 # so TRL's assistant_only_loss masks exactly what posttrain's tokenize_chat masks.
@@ -110,34 +102,8 @@ TRL_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-WORDS = None
-
 
 # --------------------------------------------------------------------------- data
-
-def _text(rng: random.Random, n: int) -> str:
-    global WORDS
-    if WORDS is None:
-        wr = random.Random(1234)
-        letters = string.ascii_lowercase
-        WORDS = ["".join(wr.choice(letters) for _ in range(wr.randint(1, 9))) for _ in range(2000)]
-    out, size = [], 0
-    while size < n:
-        w = rng.choice(WORDS)
-        if rng.random() < 0.08:
-            w = w.capitalize()
-        if rng.random() < 0.06:
-            w += rng.choice(".,;:?!")
-        if rng.random() < 0.03:
-            w = str(rng.randint(0, 9999))
-        out.append(w)
-        size += len(w) + 1
-    return " ".join(out)[:n]
-
-
-def _len(rng: random.Random, median: float, sigma: float) -> int:
-    return int(min(400, max(20, round(math.exp(rng.gauss(math.log(median), sigma))))))
-
 
 def make_rows(n: int, seed: int, max_seq_len: int) -> list[dict]:
     """Seeded synthetic chats; rendered length (1 char = 1 token, +1 BOS, +2 per turn) <= max_seq_len."""
@@ -146,11 +112,11 @@ def make_rows(n: int, seed: int, max_seq_len: int) -> list[dict]:
     while len(rows) < n:
         msgs = []
         if rng.random() < 0.10:
-            msgs.append({"role": "system", "content": _text(rng, _len(rng, 60, 0.6))})
+            msgs.append({"role": "system", "content": text(rng, length(rng, 60, 0.6))})
         turns = 1 if rng.random() < 0.8 else rng.choice([2, 2, 3])
         for _ in range(turns):
-            msgs.append({"role": "user", "content": _text(rng, _len(rng, 70, 0.8))})
-            msgs.append({"role": "assistant", "content": _text(rng, _len(rng, 140, 0.7))})
+            msgs.append({"role": "user", "content": text(rng, length(rng, 70, 0.8))})
+            msgs.append({"role": "assistant", "content": text(rng, length(rng, 140, 0.7))})
         if 1 + sum(len(m["content"]) + 2 for m in msgs) <= max_seq_len:
             rows.append({"messages": msgs})
     return rows
@@ -167,15 +133,6 @@ def tokenize_all(model_dir: str, rows: list[dict]) -> list[tuple[list[int], list
         t = tokenize_chat(tok, r["messages"])
         out.append((t.input_ids, t.loss_mask))
     return out
-
-
-def step_order(n: int, spec: dict) -> list[list[int]]:
-    """posttrain's own plan: the example indices of each optimizer step."""
-    from posttrain_cli.engine.loop import StepPlan
-
-    plan = StepPlan(n, {"global_batch_size": spec["global_batch"], "micro_batch_size": spec["micro_batch"]},
-                    spec["seed"])
-    return [plan.step(s) for s in range(spec["steps"])]
 
 
 # --------------------------------------------------------------------------- workers
@@ -230,7 +187,7 @@ def worker_bare(spec: dict) -> dict:
 def worker_trl(spec: dict, padding_free: bool, gradient_checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     rows = json.loads(Path(spec["data"]).read_text())
@@ -247,12 +204,8 @@ def worker_trl(spec: dict, padding_free: bool, gradient_checkpointing: bool) -> 
         gradient_accumulation_steps=spec["global_batch"] // spec["micro_batch"],
         max_steps=spec["steps"],
         learning_rate=spec["lr"],
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
+        **TRL_CPU,
         gradient_checkpointing=gradient_checkpointing,
-        report_to="none",
-        save_strategy="no",
         train_sampling_strategy="sequential",
         assistant_only_loss=True,
         padding_free=padding_free,
@@ -282,24 +235,18 @@ def worker_trl(spec: dict, padding_free: bool, gradient_checkpointing: bool) -> 
 
     model.register_forward_pre_hook(count, with_kwargs=True)
 
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.t_start, self.ends, self.tokens = None, [], []
+    tokens = []
 
-        def on_train_begin(self, *a, **k):
-            self.t_start = time.perf_counter()
+    def step_tokens():
+        tokens.append(counted["tokens"])
+        counted["tokens"] = 0
 
-        def on_step_end(self, *a, **k):
-            self.ends.append(time.perf_counter())
-            self.tokens.append(counted["tokens"])
-            counted["tokens"] = 0
-
-    clock = Clock()
+    clock = trl_clock(step_tokens)
     trainer.add_callback(clock)
     result = trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(out_dir, ignore_errors=True)
-    return {"t_start": clock.t_start, "ends": clock.ends, "tokens": clock.tokens,
+    return {"t_start": clock.t_start, "ends": clock.ends, "tokens": tokens,
             "loss_first": logs[0]["loss"] if logs else None, "loss_last": logs[-1]["loss"] if logs else None,
             "train_runtime": result.metrics.get("train_runtime")}
 
@@ -319,77 +266,30 @@ def run_worker(kind: str, spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- driver
 
-def child_env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-
-
-def run_in_subprocess(kind: str, spec: dict, tmp: Path, rnd: int, script: str = __file__) -> dict:
-    """Run `script --worker kind` (this script's or another benchmark's) in a fresh process."""
-    spec_path = tmp / f"spec-{kind}-{rnd}.json"
-    out_path = tmp / f"out-{kind}-{rnd}.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, script, "--worker", kind, "--spec", str(spec_path), "--out", str(out_path)]
-    p = subprocess.run(cmd, env=child_env(spec["threads"]), capture_output=True, text=True, cwd=REPO)
-    if p.returncode != 0:
-        raise SystemExit(f"{kind} worker failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return json.loads(out_path.read_text())
-
-
-def write_recipe(tmp: Path, spec: dict) -> Path:
-    recipe = tmp / "bench.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
-        defaults: [base, _self_]
-        name: bench
-        model:
-          path: {spec['model']}
-        stages:
-          sft:
-            kind: sft
-            data: [{{path: {spec['data_jsonl']}}}]
-            lr: {spec['lr']}
-            schedule: linear
-            warmup_ratio: 0.0
-            weight_decay: 0.0
-            grad_clip: 1.0
-            max_steps: {spec['steps']}
-            global_batch_size: {spec['global_batch']}
-            micro_batch_size: {spec['micro_batch']}
-            max_seq_len: {spec['max_seq_len']}
-        """))
-    return recipe
-
-
-def posttrain_run(recipe: Path, run_dir: Path, threads: int, cwd: Path) -> None:
-    """`posttrain run recipe=... run_dir=...` as a user types it, fp32, in a fresh process."""
-    exe = Path(sys.executable).parent / "posttrain"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "posttrain_cli.cli"]
-    cmd += ["run", f"recipe={recipe}", f"run_dir={run_dir}", "deepspeed.precision=fp32"]
-    p = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, cwd=cwd)
-    if p.returncode != 0:
-        raise SystemExit(f"posttrain failed (rc {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+def sft_recipe(tmp: Path, spec: dict) -> Path:
+    return write_recipe(tmp, spec["model"], "sft", f"""
+        kind: sft
+        data: [{{path: {spec['data_jsonl']}}}]
+        lr: {spec['lr']}
+        schedule: linear
+        warmup_ratio: 0.0
+        weight_decay: 0.0
+        grad_clip: 1.0
+        max_steps: {spec['steps']}
+        global_batch_size: {spec['global_batch']}
+        micro_batch_size: {spec['micro_batch']}
+        max_seq_len: {spec['max_seq_len']}
+        """)
 
 
 def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
     run_dir = tmp / f"pt-run-{rnd}"
     posttrain_run(spec["recipe"], run_dir, spec["threads"], tmp)
-    stage = run_dir / "sft"
-    manifest = json.loads((stage / "manifest.json").read_text())
-    m = manifest.get("metrics", manifest)
-    rows = [json.loads(l) for l in (stage / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    m, rows = stage_results(run_dir, "sft")
     assert len(rows) == spec["steps"], f"posttrain logged {len(rows)} steps, expected {spec['steps']}"
-    dts = [r["tokens"] / r["tokens_per_s"] for r in rows]
-    # Rebuild a timeline on the same clock as the workers: the loop's total wall time
-    # (manifest train_seconds) ends at the last step; per-step durations from metrics.jsonl.
-    total = m["train_seconds"]
-    ends, t = [], 0.0
-    for dt in dts:
-        t += dt
-        ends.append(t)
-    gap = total - ends[-1]  # loop time outside the timed step bodies (logging, progress, setup)
-    # Spread the gap over the steps so that "time since end of step k" keeps it.
-    ends = [e + gap * (k + 1) / len(ends) for k, e in enumerate(ends)]
+    # A timeline on the same clock as the workers: the loop's total wall time (manifest
+    # train_seconds) ends at the last step; per-step durations from metrics.jsonl.
+    ends = step_ends(rows, m["train_seconds"])
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"t_start": 0.0, "ends": ends, "tokens": [int(r["tokens"]) for r in rows],
             "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
@@ -405,41 +305,6 @@ def throughput(res: dict, skip: int) -> tuple[float, float]:
 
 def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def loadavg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return 0.0
-
-
-def busy_cores(seconds: float = 3.0) -> float:
-    """Cores busy right now (from /proc/stat over a few seconds): unlike the 1-minute load
-    average, not inflated by the contestant that just finished."""
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-    try:
-        t0, i0 = snap()
-        time.sleep(seconds)
-        t1, i1 = snap()
-    except OSError:
-        return loadavg()
-    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
-
-
-def wait_quiet(max_load: float, limit: float) -> float:
-    t0 = time.time()
-    busy = busy_cores()
-    while busy > max_load * 0.5 and time.time() - t0 < limit:
-        print(f"  {busy:.2f} cores busy (load average {loadavg():.2f}): waiting for a quiet machine ...", flush=True)
-        time.sleep(10)
-        busy = busy_cores()
-    if busy > max_load * 0.5:
-        print(f"  WARNING: still {busy:.2f} cores busy; results are not trustworthy", flush=True)
-    return busy
 
 
 def main() -> None:
@@ -463,14 +328,9 @@ def main() -> None:
     ap.add_argument("--wait-quiet", type=float, default=300, help="seconds to wait for load < --max-load")
     ap.add_argument("--quick", action="store_true", help="smoke run: small model, 6 steps, 1 repeat")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--spec", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_args(ap)
     a = ap.parse_args()
-
-    if a.worker:
-        spec = json.loads(Path(a.spec).read_text())
-        Path(a.out).write_text(json.dumps(run_worker(a.worker, spec)))
+    if serve_worker(a, run_worker):
         return
 
     if a.quick:
@@ -489,22 +349,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from posttrain_cli.models.tiny import build_tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     try:
-        arch = QUICK_ARCH if a.quick else ARCH
-        model_dir = build_tiny(tmp / "model", arch)
+        model_dir, arch = tiny_model(tmp, a.quick)
         n_params = sum(p.numel() for p in
                        __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         rows = make_rows(a.rows, 0, a.max_seq_len)
-        (tmp / "data.json").write_text(json.dumps(rows))
-        (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        spec = {"model": str(model_dir), "data": str(tmp / "data.json"), "data_jsonl": str(tmp / "data.jsonl"),
-                "steps": a.steps, "global_batch": a.global_batch, "micro_batch": a.micro_batch,
-                "max_seq_len": a.max_seq_len, "lr": a.lr, "seed": 0, "threads": a.threads,
-                "tmp": str(tmp)}
-        spec["recipe"] = str(write_recipe(tmp, spec))
+        spec = {"model": str(model_dir), **write_rows(tmp, rows), "steps": a.steps, "global_batch": a.global_batch,
+                "micro_batch": a.micro_batch, "max_seq_len": a.max_seq_len, "lr": a.lr, "seed": 0,
+                "threads": a.threads, "tmp": str(tmp)}
+        spec["recipe"] = str(sft_recipe(tmp, spec))
 
         examples = tokenize_all(str(model_dir), rows)
         lens = sorted(len(i) for i, _ in examples)
@@ -522,11 +377,11 @@ def main() -> None:
 
         results: dict[str, list] = {c: [] for c in contestants}
         for rnd in range(a.repeats):
-            order = contestants[rnd % len(contestants):] + contestants[:rnd % len(contestants)]
-            for c in order:
-                busy0 = wait_quiet(a.max_load, a.wait_quiet) if a.wait_quiet else busy_cores(1.0)
+            for c in rotated(contestants, rnd):
+                busy0 = busy_before(a.max_load, a.wait_quiet)
                 t0 = time.perf_counter()
-                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else run_in_subprocess(c, spec, tmp, rnd)
+                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else \
+                    run_in_subprocess(c, spec, tmp, rnd, script=__file__)
                 wall = time.perf_counter() - t0
                 if res["tokens"] != per_step:
                     raise SystemExit(f"{c}: per-step tokens {res['tokens'][:5]}... differ from the plan's "
@@ -549,7 +404,7 @@ def main() -> None:
                     r = med["posttrain"][0] / med[other][0]
                     r_all = med["posttrain"][1] / med[other][1]
                     verdict = "(no target: TRL hand-tuned for this hardware)" if target is None else \
-                        f"target >= {target}x: {'met' if r >= target else 'NOT met'}"
+                        target_met(r, target)
                     print(f"  posttrain/{other}: {r:.2f}x steady ({r_all:.2f}x all steps); {verdict}")
     finally:
         if a.keep:
