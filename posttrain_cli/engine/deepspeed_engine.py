@@ -129,14 +129,6 @@ def _load(auto_cls, path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, **
     return auto_cls.from_pretrained(path, **kwargs)
 
 
-def inference_module(model, ds_cfg: dict):
-    """-> (module ready for no-grad forwards, synced): ZeRO-3 keeps the model sharded and every rank
-    must then take part in every forward (synced); otherwise a plain module on this rank's device."""
-    if ds_cfg["zero_optimization"]["stage"] == 3:
-        return initialize(model, ds_cfg).module, dist.world() > 1
-    return model.to(dist.device()).eval(), False
-
-
 def disable_dropout(model) -> None:
     """DPO and reward models train without dropout (TRL and open-instruct do the same): the
     log-ratio to the reference must not be noise."""

@@ -20,7 +20,6 @@ import torch
 
 from posttrain_cli.engine.inference import eval_mode, pad_id
 from posttrain_cli.rollout.backend import Completion
-from posttrain_cli.rollout.backend import shard  # noqa: F401  (stages/distill.py's name until it moves to backend)
 
 
 class HFSampler:
