@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from posttrain_cli.config import schema
-from posttrain_cli.losses import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS
-from posttrain_cli.losses.rl import STD_EPS, clipped_policy_loss, clipped_value_loss, gae, whiten
+from posttrain_cli.losses import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from posttrain_cli.losses.rl import MAX_LOG_RATIO, STD_EPS, clipped_policy_loss, clipped_value_loss, gae, whiten
+from posttrain_cli.stages import grpo, ppo
 from posttrain_cli.stages.grpo import overlong_penalty
 
 t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -110,6 +111,77 @@ def test_policy_gradient_at_ratio_one_is_the_advantage():
     loss, _ = clipped_policy_loss(logp, logp.detach(), adv, 0.2, 0.2)
     loss.sum().backward()
     assert logp.grad.tolist() == pytest.approx([-2.0, 1.0, -0.5])
+
+
+# The policy losses' configs: grpo's clip_low / clip_high (DAPO clip-higher), ppo's cliprange.
+GRPO_CFG, PPO_CFG = {"clip_low": 0.2, "clip_high": 0.28}, {"cliprange": 0.2}
+
+
+def test_policy_losses_share_one_signature_and_the_stages_name_theirs():
+    assert set(POLICY_LOSSES) == {"clip_higher", "clip"}
+    assert (grpo.POLICY_LOSS, ppo.POLICY_LOSS) == ("clip_higher", "clip")
+    logp, old, adv = t(0.1, -0.2), t(0.0, 0.0), t(1.0, -1.0)
+    for name, cfg in (("clip_higher", GRPO_CFG), ("clip", PPO_CFG)):
+        loss, metrics = POLICY_LOSSES[name](logp, old, adv, cfg)
+        assert loss.shape == logp.shape and set(metrics) == {"clip_fraction"}, name
+        assert metrics["clip_fraction"].dtype == logp.dtype and metrics["clip_fraction"].shape == logp.shape
+
+
+def test_clip_higher_by_hand():
+    """grpo's loss, ratio clipped to [0.8, 1.28]; per token -min(r A, clip(r) A):
+    r 1.5, A +1: min(1.5, 1.28) = 1.28 -> -1.28, clipped;   r 1.5, A -1: min(-1.5, -1.28) = -1.5 -> 1.5;
+    r 0.5, A -1: min(-0.5, -0.8) = -0.8 -> 0.8, clipped;    r 1.1, A +1: min(1.1, 1.1) -> -1.1."""
+    logp, old, adv = torch.log(t(1.5, 1.5, 0.5, 1.1)), t(0, 0, 0, 0), t(1.0, -1.0, -1.0, 1.0)
+    loss, metrics = POLICY_LOSSES["clip_higher"](logp, old, adv, GRPO_CFG)
+    assert loss.tolist() == pytest.approx([-1.28, 1.5, 0.8, -1.1])
+    assert metrics["clip_fraction"].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_ppo_clip_by_hand():
+    """ppo's loss, ratio clipped to [0.8, 1.2] (cliprange 0.2):
+    r 1.5, A +1: min(1.5, 1.2) = 1.2 -> -1.2, clipped;      r 1.5, A -1: min(-1.5, -1.2) = -1.5 -> 1.5;
+    r 1.1, A +1: min(1.1, 1.1) -> -1.1;                      r 0.5, A -1: min(-0.5, -0.8) = -0.8 -> 0.8, clipped;
+    r 0.9, A -2: min(-1.8, -1.8) -> 1.8 (inside the range: not clipped)."""
+    logp, old = torch.log(t(1.5, 1.5, 1.1, 0.5, 0.9)), t(0, 0, 0, 0, 0)
+    loss, metrics = POLICY_LOSSES["clip"](logp, old, t(1.0, -1.0, 1.0, -1.0, -2.0), PPO_CFG)
+    assert loss.tolist() == pytest.approx([-1.2, 1.5, -1.1, 0.8, 1.8])
+    assert metrics["clip_fraction"].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("name,cfg", [("clip_higher", GRPO_CFG), ("clip", PPO_CFG)])
+def test_a_stale_log_ratio_of_100_gives_a_finite_loss_and_gradient(name, cfg):
+    """log pi - log pi_old = 100 (a sample far off the current policy), float32 as in training.
+    Unclamped, exp(100) = 2.7e43 overflows float32 (max 3.4e38) to inf: the A < 0 token's loss
+    is inf and the gradients are NaN (A > 0: 0 x inf through the clip) and inf. Clamped to 20 first:
+    r = e^20 = 4.85e8. A = +1: -min(4.85e8, 1 + high) = -(1 + high), clipped. A = -1:
+    -min(-4.85e8, -(1 + high)) = e^20, not clipped (PPO keeps the pessimistic term). Beyond the
+    clamp the log-ratio carries no gradient, so both gradients are 0."""
+    logp = torch.tensor([100.0, 100.0], requires_grad=True)
+    old, adv = torch.zeros(2), torch.tensor([1.0, -1.0])
+    loss, metrics = POLICY_LOSSES[name](logp, old, adv, cfg)
+    high = cfg.get("clip_high", cfg.get("cliprange"))
+    assert loss.tolist() == pytest.approx([-(1 + high), math.exp(MAX_LOG_RATIO)], rel=1e-6)
+    assert metrics["clip_fraction"].tolist() == [1.0, 0.0]
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    assert logp.grad.tolist() == [0.0, 0.0]
+    with torch.no_grad():
+        assert torch.isinf(torch.exp(logp - old)).all(), "without the clamp the ratio overflows"
+
+
+def test_the_clamp_leaves_ordinary_ratios_bit_identical():
+    """Inside +-MAX_LOG_RATIO the clamp is the identity: value and gradient equal the unclamped
+    surrogate exactly (a run's numbers do not move)."""
+    gen = torch.Generator().manual_seed(0)
+    logp = (torch.randn(64, generator=gen) * 3).requires_grad_()
+    old, adv = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    loss, _ = POLICY_LOSSES["clip_higher"](logp, old, adv, GRPO_CFG)
+    loss.sum().backward()
+    plain_logp = logp.detach().clone().requires_grad_()
+    ratio = torch.exp(plain_logp - old)
+    plain = -torch.minimum(ratio * adv, torch.clamp(ratio, 0.8, 1.28) * adv)
+    plain.sum().backward()
+    assert torch.equal(loss, plain) and torch.equal(logp.grad, plain_logp.grad)
 
 
 def test_gae_against_a_python_loop_and_by_hand():
