@@ -138,7 +138,7 @@ def same_output(x: Path, y: Path) -> bool:
     """Both output directories hold the same tensors, byte for byte (read a tensor at a time)."""
     import torch
 
-    from posttrain_cli.merge.stream import Checkpoint
+    from posttrain_cli.merge.shards import Checkpoint
 
     cx, cy = Checkpoint(x, "posttrain"), Checkpoint(y, "baseline")
     try:
