@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from posttrain_cli.config import schema
+from posttrain_cli.kinds import KINDS
 from posttrain_cli.merge.methods import MERGE_METHODS, disjoint_merge, drop, trim
 
 T = torch.tensor
@@ -24,7 +24,7 @@ def close(a, b, tol=1e-6):
 
 
 def test_registry_matches_schema():
-    assert tuple(MERGE_METHODS) == schema.MERGE_METHODS
+    assert tuple(MERGE_METHODS) == KINDS["merge"].schema["method"][0]
     # validate._check_merge requires `base` for exactly these.
     assert {n for n, f in MERGE_METHODS.items() if f.uses_base} == {"task_arithmetic", "ties", "dare_linear",
                                                                      "dare_ties"}
