@@ -70,6 +70,17 @@ def test_unresolvable_row_is_a_user_error():
         r.check_rows([row(None, src="r.jsonl: row 2")])
 
 
+def test_unresolvable_row_suggests_the_reward_model_when_asked():
+    """A stage that could score with a reward model (rejection_sampling) says so; others do not."""
+    suggest = ", or score with a reward model: stages.rs.reward_model"
+    for asked in (False, True):
+        r = Rewards({"extra_verifiers": ["format"]}, where="stages.rs", suggest_reward_model=asked)
+        for dataset in ("trivia", None):
+            with pytest.raises(UserError) as err:
+                r.check_rows([row(dataset)])
+            assert str(err.value).endswith(suggest) == asked
+
+
 def test_rows_need_a_ground_truth_for_graders_but_not_for_format():
     Rewards({"verifier": "format"}).check_rows([row(None, truth=None)])
     with pytest.raises(UserError, match="q.jsonl: row 3.*'ground_truth'.*'number'"):
