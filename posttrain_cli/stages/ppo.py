@@ -126,8 +126,30 @@ def forward_chunks_local(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-def run(ctx) -> dict:
+def policy_and_value(ctx, tokenizer, total_updates: int):
+    """The policy and the value model (value_from, else the reward model, else the policy with a
+    new head) as one DeepSpeed engine, dropout off, the value half at value_lr -> (engine, pack options)."""
     from posttrain_cli.engine.inference import load_tokenizer, pad_id
+
+    cfg, model_cfg = ctx.cfg, ctx.run["model"]
+    ds_cfg = eng.train_ds_config(ctx)
+    value_path = ctx.models.get("value_from") or ctx.models.get("reward_model") or ctx.input_model
+    if load_tokenizer(value_path, model_cfg).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{ctx.where('value_from')}: the value model {value_path} has a different tokenizer from "
+                        f"the policy {ctx.input_model}; PPO reads values at the policy's tokens")
+    ctx.info(f"value model from {value_path}" + (" (a new scalar head)" if value_path == ctx.input_model else ""))
+    policy = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
+    value = eng.load_scorer(value_path, model_cfg, ds_cfg, train=True, pad_token_id=pad_id(tokenizer))
+    for m in (policy, value):
+        eng.disable_dropout(m)
+    value_lr = cfg["value_lr"] if cfg["value_lr"] is not None else cfg["lr"]
+    engine = eng.initialize(PolicyAndValue(policy, value), ds_cfg, cfg, total_updates,
+                            lr_for=lambda name: value_lr if name.startswith("value.") else cfg["lr"])
+    return engine, eng.pack_options(ctx.run, engine.device)
+
+
+def run(ctx) -> dict:
+    from posttrain_cli.engine.inference import load_tokenizer
     from posttrain_cli.rewards.dispatch import Rewards, uses_verifiers
     from posttrain_cli.rewards.rm import RewardScorer
 
@@ -138,22 +160,8 @@ def run(ctx) -> dict:
     rows, prompts = ep.load_prompts(ctx, tokenizer, rewards)
     steps = total_steps(cfg, len(prompts), ctx.where(), "prompts", "prompts_per_step")
     k, epochs = cfg["mini_batches"], cfg["ppo_epochs"]
-    ds_cfg = eng.train_ds_config(ctx)
-
+    engine, mb = policy_and_value(ctx, tokenizer, steps * k * epochs)
     rm_path = ctx.models.get("reward_model")
-    value_path = ctx.models.get("value_from") or rm_path or ctx.input_model
-    if load_tokenizer(value_path, model_cfg).get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"{ctx.where('value_from')}: the value model {value_path} has a different tokenizer from "
-                        f"the policy {ctx.input_model}; PPO reads values at the policy's tokens")
-    ctx.info(f"value model from {value_path}" + (" (a new scalar head)" if value_path == ctx.input_model else ""))
-    policy = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
-    value = eng.load_scorer(value_path, model_cfg, ds_cfg, train=True, pad_token_id=pad_id(tokenizer))
-    for m in (policy, value):
-        eng.disable_dropout(m)
-    value_lr = cfg["value_lr"] if cfg["value_lr"] is not None else cfg["lr"]
-    engine = eng.initialize(PolicyAndValue(policy, value), ds_cfg, cfg, steps * k * epochs,
-                            lr_for=lambda name: value_lr if name.startswith("value.") else cfg["lr"])
-    mb = eng.pack_options(ctx.run, engine.device)
     ref = Reference(ctx) if cfg["beta"] > 0 else None
     scorer = (RewardScorer(rm_path, model_cfg, ctx.run["deepspeed"], batch_size=cfg["rollout_batch_size"])
               if rm_path and cfg["rm_weight"] else None)
@@ -209,5 +217,5 @@ def run(ctx) -> dict:
              + f", ZeRO-{ctx.run['deepspeed']['zero_stage']}")
     out = loop.train(rollout, loss_fn)
     out.update(loop.reward_trend())
-    ref = scorer = policy = value = None
+    ref = scorer = None
     return loop.finish(out, part="policy")
