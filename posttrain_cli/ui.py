@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from posttrain_cli.config import schema
+from posttrain_cli.kinds import KINDS
 from posttrain_cli.pipeline import manifest
 
 # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables need more.
@@ -41,7 +41,7 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
         any_pref = any_pref or bool(held)
         trend = _trend_cell(metrics)
         any_rl = any_rl or trend != "-"
-        data = _data_cell(metrics) if m.get("kind") in schema.DATASET_PRODUCING else "-"
+        data = _data_cell(metrics) if _produces(m.get("kind")) == "dataset" else "-"
         any_data = any_data or data != "-"
         status = m.get("status", "not run")
         if actions and name in actions and status == "completed":
@@ -76,6 +76,12 @@ def stage_table(run_dir: Path, names: list[str], actions: dict[str, str] | None 
     for row in rows:
         table.add_row(*[row[i] for i in keep])
     return table
+
+
+def _produces(kind) -> str | None:
+    """What a manifest's kind produces (None for a kind this version does not know)."""
+    record = KINDS.get(kind) if isinstance(kind, str) else None
+    return record.produces if record else None
 
 
 def _slurm_cell(job: dict | None) -> str:
@@ -128,7 +134,7 @@ def waves(steps) -> dict[str, int]:
 
 def _ranks_text(c: dict) -> str:
     if c["launcher"] == "slurm":
-        from posttrain_cli.config.validate import ranks_per_node
+        from posttrain_cli.config.cluster import ranks_per_node
 
         gpus = f", {c['gpus_per_node']} GPU(s) each" if c["gpus_per_node"] else ""
         return (f"  [bold]slurm[/] a job per stage: {c['nodes']} node(s) x {ranks_per_node(c)} rank(s){gpus}"
@@ -167,103 +173,31 @@ def print_plan(run: dict, steps) -> None:
     print_graph(steps)
     for i, step in enumerate(steps, 1):
         node, cfg = step.node, step.node.cfg
+        record = KINDS[node.kind]
         action = {"run": "[green]will run[/]", "skip": "[dim]skip (done, same fingerprint)[/]",
                   "eval": "[yellow]eval only (model done)[/]"}[step.action]
         console.print(f"\n[bold]{i}. {node.name}[/] ({node.kind})  {action}  fingerprint {step.fingerprint}")
         if node.model_input is not None:
-            kind, value = node.model_input
-            src = {"stage": f"stage {value}", "tiny": "tiny model (built locally)", "path": value}[kind]
+            what, value = node.model_input
+            src = {"stage": f"stage {value}", "tiny": "tiny model (built locally)", "path": value}[what]
             console.print(f"   from: {src}")
-        if "lr" in cfg:
+        if record.trains:
             length = f"max_steps {cfg['max_steps']}" if cfg["max_steps"] else f"epochs {cfg['epochs']:g}"
             console.print(f"   lr {cfg['lr']:g} ({cfg['schedule']}, warmup_ratio {cfg['warmup_ratio']:g}), {length}, "
                           f"weight_decay {cfg['weight_decay']:g}, grad_clip {cfg['grad_clip']}, "
                           f"max_seq_len {cfg['max_seq_len']}"
                           + (f", packing {cfg['packing']}, truncation {cfg['truncation']}" if "packing" in cfg else ""))
             b = step.batch
-            if node.kind in schema.RL_KINDS:
+            if record.rl:
                 console.print(f"   rollout: {cfg['prompts_per_step']} prompts x {cfg['num_generations']} completions "
                               f"per step ({b['prompts_per_rank']} prompts per rank), max_new_tokens "
                               f"{cfg['max_new_tokens']}, temperature {cfg['temperature']:g}, top_p {cfg['top_p']:g}")
-            console.print(f"   batch: {'per update ' if node.kind in schema.RL_KINDS else ''}global "
+            console.print(f"   batch: {'per update ' if record.rl else ''}global "
                           f"{b['global_batch_size']} = micro {b['micro_batch_size']} x "
                           f"{b['world_size']} rank(s) x {b['grad_accum']} accumulation; "
                           f"<= {b['max_tokens_per_step']:,} tokens/step")
-        if node.kind == "dpo":
-            ref = "none (reference-free)" if cfg["loss"] == "simpo" else (
-                cfg["ref_from"] or "the input model") + (", log-probs precomputed" if cfg["precompute_ref"]
-                                                         else ", live")
-            console.print(f"   loss {cfg['loss']}, beta {cfg['beta']:g}, label_smoothing {cfg['label_smoothing']:g}, "
-                          f"nll_weight {cfg['nll_weight']:g}"
-                          + (f", simpo_gamma {cfg['simpo_gamma']:g}" if cfg["loss"] == "simpo" else "")
-                          + f"; reference: {ref}")
-        if node.kind in ("grpo", "ppo"):
-            rewards = []
-            if cfg.get("reward_model"):
-                rewards.append(f"{cfg['rm_weight']:g} x reward model {cfg['reward_model']}")
-            names = ([f"{k}->{v}" for k, v in cfg["verifiers"].items()] + ([cfg["verifier"]] if cfg["verifier"] else [])
-                     + [f"+{v}" for v in cfg["extra_verifiers"]])
-            if names:
-                scale = f"{cfg['verifiable_reward']:g} x " if node.kind == "ppo" else ""
-                rewards.append(f"{scale}verifiers {', '.join(names)}")
-            kl = (f"beta {cfg['beta']:g} ({cfg['kl_estimator']}), reference {cfg['ref_from'] or 'the input model'}"
-                  if cfg["beta"] else "beta 0 (no reference)")
-            console.print(f"   reward: {'; '.join(rewards)}"
-                          + (f"; no-EOS penalty {cfg['no_eos_penalty']:g}" if cfg["no_eos_penalty"] is not None else "")
-                          + f"; KL: {kl}")
-        if node.kind == "grpo":
-            console.print(f"   adv_norm {cfg['adv_norm']}, loss_agg {cfg['loss_agg']}, clip [{cfg['clip_low']:g}, "
-                          f"{cfg['clip_high']:g}], {cfg['mini_batches']} update(s) per rollout"
-                          + (", dynamic sampling" if cfg["dynamic_sampling"] else "")
-                          + (f", overlong buffer {cfg['overlong_buffer']}" if cfg["overlong_buffer"] else "")
-                          + (f", reference refreshed every {cfg['ref_refresh_every']} steps"
-                             if cfg["ref_refresh_every"] else ""))
-        if node.kind == "ppo":
-            console.print(f"   value model: {cfg['value_from'] or cfg['reward_model'] or 'the input policy + new head'}"
-                          f", vf_coef {cfg['vf_coef']:g}, cliprange {cfg['cliprange']:g} / value "
-                          f"{cfg['cliprange_value']}, GAE gamma {cfg['gamma']:g} lam {cfg['lam']:g}, "
-                          f"{cfg['ppo_epochs']} epoch(s) x {cfg['mini_batches']} mini-batch(es)")
-        if node.kind == "merge":
-            models = ", ".join(cfg["models"])
-            weights = ", ".join(f"{w:g}" for w in cfg["weights"]) if cfg["weights"] else "equal"
-            extra = {"slerp": f", t {cfg['t']:g}",
-                     "ties": f", density {cfg['density']}, normalize {cfg['normalize']}",
-                     "dare_linear": f", density {cfg['density']}",
-                     "dare_ties": f", density {cfg['density']}, normalize {cfg['normalize']}"}.get(cfg["method"], "")
-            console.print(f"   merge {cfg['method']} of {models} (weights {weights})"
-                          + (f", base {cfg['base']}" if cfg["base"] else "") + extra
-                          + f"; dtype {cfg['dtype']}, shards <= {cfg['max_shard_size']}")
-        if node.kind in schema.DATASET_PRODUCING:
-            n = cfg["num_generations"] if node.kind == "generate" else cfg["num_samples"]
-            console.print(f"   sampling: {n} completion(s) per prompt, max_new_tokens {cfg['max_new_tokens']}, "
-                          f"temperature {cfg['temperature']:g}, top_p {cfg['top_p']:g}"
-                          + (", truncated completions dropped" if cfg["drop_truncated"] else "")
-                          + (f", first {cfg['limit']} prompts" if cfg["limit"] else ""))
-        if node.kind == "rejection_sampling":
-            score = []
-            if cfg["reward_model"]:
-                score.append(f"{cfg['rm_weight']:g} x reward model {cfg['reward_model']}")
-            names = ([f"{k}->{v}" for k, v in cfg["verifiers"].items()] + ([cfg["verifier"]] if cfg["verifier"] else [])
-                     + [f"+{v}" for v in cfg["extra_verifiers"]])
-            if names or not cfg["reward_model"]:
-                score.append(f"{cfg['verifiable_reward']:g} x verifiers {', '.join(names) or 'by dataset'}")
-            keep = ("best of K" if cfg["keep"] == "best" else "all that pass"
-                    + (f" (at most {cfg['max_per_prompt']} per prompt)" if cfg["max_per_prompt"] else ""))
-            threshold = (f", threshold {cfg['threshold']:g}" if cfg["threshold"] is not None else
-                         ", pass = every verifier full marks" if cfg["keep"] == "all_pass" else "")
-            console.print(f"   score: {'; '.join(score)}; keep {keep}{threshold}")
-        if node.kind == "distill":
-            teachers = ", ".join(f"{k} -> {v}" for k, v in cfg["teachers"].items())
-            how = "routed by dataset" if cfg["combine"] == "route" else "mixture" + (
-                f" (weights {cfg['teacher_weights']})" if cfg["teacher_weights"] else " (equal weights)")
-            console.print(f"   teachers: {teachers} ({how})")
-            console.print(f"   reverse KL: {'sampled-token advantage' if cfg['kl'] == 'token' else 'full vocabulary'}, "
-                          f"adv_clip {cfg['adv_clip']:g}, is_cap {cfg['is_cap']}"
-                          + (f", outcome advantage alpha {cfg['alpha']:g}" if cfg["alpha"] else "")
-                          + (f"; held-out reverse KL every {cfg['eval_every']} steps" if cfg["eval_every"] else ""))
-        if node.kind == "reward_model":
-            console.print(f"   Bradley-Terry{' with margin' if cfg['margin'] else ''}, "
-                          f"ranked rows weighted per {cfg['ranked_weighting']}")
+        for line in record.describe(cfg):
+            console.print(line)
         for s in cfg["data"]:
             name = s["path"] if s["path"] else f"output of stage {s['from']}"
             console.print(f"   data: {name} (split {s['split']}, weight {s['weight']:g})")
@@ -275,8 +209,4 @@ def print_plan(run: dict, steps) -> None:
             console.print(f"   eval: {e['verifier']} on {srcs}, max_new_tokens {e['max_new_tokens']}"
                           f"{', before and after' if e['before'] else ''}"
                           f"{', reward model ' + e['reward_model'] if e.get('reward_model') else ''}")
-        outs = ("model/" if node.produces_model else "data.jsonl (SFT rows)" if node.kind in schema.DATASET_PRODUCING
-                else "metrics only")
-        if node.kind in schema.SCORER_PRODUCING:
-            outs = "model/ (a reward model: AutoModelForSequenceClassification)"
-        console.print(f"   out: {step.stage_dir}/{outs}")
+        console.print(f"   out: {step.stage_dir}/{record.out}")

@@ -12,8 +12,11 @@ import difflib
 from pathlib import Path
 
 from posttrain_cli.config import schema
-from posttrain_cli.config.validate import _suggest, check_run
+from posttrain_cli.config.tables import _suggest
+from posttrain_cli.config.validate import check_run
 from posttrain_cli.errors import UserError
+from posttrain_cli.kinds import KINDS
+from posttrain_cli.kinds.base import EVAL
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONF_DIR = (PACKAGE_DIR / "_conf").resolve()
@@ -77,13 +80,14 @@ def _spec_for(cfg, parts: list[str]):
     if head == "stages" and len(parts) >= 3:
         stage = cfg.get("stages", {}).get(parts[1])
         kind = stage.get("kind") if stage is not None else None
-        spec = schema.KINDS.get(kind)
-        if spec is None:
+        record = KINDS.get(kind)
+        if record is None:
             return None
+        spec = record.schema
         if len(parts) == 3:
             return spec
         if parts[2] == "eval" and len(parts) == 4:
-            return schema.EVAL
+            return EVAL
         if parts[2] == "resources" and len(parts) == 4:
             return schema.RESOURCES
         if parts[2] == "deepspeed" and len(parts) == 4:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from posttrain_cli.config import schema
 from posttrain_cli.errors import UserError
+from posttrain_cli.kinds import KINDS
+from posttrain_cli.kinds.base import EVAL_MODEL_REFS
 
 PREV = "prev."
 
@@ -139,7 +141,7 @@ def _rewrite(cfg: dict, fn) -> None:
     a data source whose `from` becomes None is dropped."""
     if cfg.get("from") is not None:
         cfg["from"] = fn(cfg["from"], "from")
-    for key in schema.MODEL_REFS.get(cfg["kind"], {}):
+    for key in KINDS[cfg["kind"]].model_refs:
         value = cfg.get(key)
         if isinstance(value, list):
             cfg[key] = [v for v in (fn(x, f"{key}[{i}]") for i, x in enumerate(value)) if v is not None]
@@ -148,8 +150,9 @@ def _rewrite(cfg: dict, fn) -> None:
         elif value is not None:
             cfg[key] = fn(value, key)
     ev = cfg.get("eval")
-    if ev and ev.get("reward_model") is not None:
-        ev["reward_model"] = fn(ev["reward_model"], "eval.reward_model")
+    for key in EVAL_MODEL_REFS:
+        if ev and ev.get(key) is not None:
+            ev[key] = fn(ev[key], f"eval.{key}")
     for holder, key in ((cfg, "data"), (cfg, "heldout"), (ev or {}, "data")):
         if holder.get(key):
             kept = []

@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain_cli.config import schema
 from posttrain_cli.data.paths import is_local, resolve_source_path
 from posttrain_cli.errors import UserError
+from posttrain_cli.kinds import KINDS
+from posttrain_cli.kinds.base import EVAL_MODEL_REFS, MODELS, POLICY, SCORER
 
 TINY = "tiny"
 
@@ -33,7 +34,7 @@ class Node:
 
     @property
     def produces_model(self) -> bool:
-        return self.kind in schema.MODEL_PRODUCING
+        return KINDS[self.kind].produces in MODELS
 
 
 def _looks_like_model(value: str) -> bool:
@@ -44,20 +45,21 @@ def _looks_like_model(value: str) -> bool:
     return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
 
 
-def _what(kinds: set) -> str:
-    if kinds <= schema.SCORER_PRODUCING:
+def _what(accepts: frozenset) -> str:
+    if accepts <= SCORER:
         return "a reward model"
-    if kinds <= schema.POLICY_PRODUCING:
+    if accepts <= POLICY:
         return "a policy (a causal LM)"
     return "a model"
 
 
-def _model_ref(name: str, key: str, value: str, stages: dict, kinds: set) -> tuple:
-    """A stage name or a model path given under stages.<name>.<key>."""
+def _model_ref(name: str, key: str, value: str, stages: dict, accepts: frozenset) -> tuple:
+    """A stage name or a model path given under stages.<name>.<key>; `accepts`: what a stage it
+    names may produce (kinds/base.py: PRODUCES)."""
     if value in stages:
-        if stages[value]["kind"] not in kinds:
+        if KINDS[stages[value]["kind"]].produces not in accepts:
             raise UserError(f"stages.{name}.{key}: stage '{value}' is a {stages[value]['kind']} stage and "
-                            f"produces no {_what(kinds).removeprefix('a ')}; '{key}' needs {_what(kinds)}")
+                            f"produces no {_what(accepts).removeprefix('a ')}; '{key}' needs {_what(accepts)}")
         return ("stage", value)
     if not _looks_like_model(value):
         raise UserError(
@@ -71,7 +73,7 @@ def model_refs(cfg: dict) -> dict[str, str]:
     """{key: value} of the model references a stage config sets (besides `from`). A list key gives
     one entry per item (`models[0]`), a mapping key one per entry (`teachers.math`)."""
     out = {}
-    for k in schema.MODEL_REFS.get(cfg["kind"], {}):
+    for k in KINDS[cfg["kind"]].model_refs:
         value = cfg.get(k)
         if isinstance(value, list):
             out.update({f"{k}[{i}]": v for i, v in enumerate(value)})
@@ -80,14 +82,14 @@ def model_refs(cfg: dict) -> dict[str, str]:
         elif value is not None:
             out[k] = value
     if cfg.get("eval"):
-        out.update({f"eval.{k}": cfg["eval"][k] for k in schema.EVAL_MODEL_REFS if cfg["eval"].get(k) is not None})
+        out.update({f"eval.{k}": cfg["eval"][k] for k in EVAL_MODEL_REFS if cfg["eval"].get(k) is not None})
     return out
 
 
-def _ref_kinds(kind: str, key: str) -> set:
+def _ref_accepts(kind: str, key: str) -> frozenset:
     if key.startswith("eval."):
-        return schema.EVAL_MODEL_REFS[key[len("eval."):]]
-    return schema.MODEL_REFS[kind][re.split(r"[.\[]", key, maxsplit=1)[0]]
+        return EVAL_MODEL_REFS[key[len("eval."):]]
+    return KINDS[kind].model_refs[re.split(r"[.\[]", key, maxsplit=1)[0]]
 
 
 def data_sources(cfg: dict) -> list[tuple[str, dict]]:
@@ -117,14 +119,13 @@ def build(run: dict) -> list[Node]:
                 )
             deps.append(ref)
         frm = cfg["from"]
-        if cfg["kind"] in schema.NO_FROM:
+        if not KINDS[cfg["kind"]].has_from:
             model_input = None
         elif frm is not None and frm == run["model"]["path"] == TINY and frm not in stages:
             # `from: ${model.path}`: the base model, named explicitly (a later stage starting over).
             model_input = ("tiny", run["model"]["tiny"] or {})
         elif frm is not None:
-            model_input = _model_ref(name, "from", frm, stages,
-                                     schema.FROM_KINDS.get(cfg["kind"], schema.POLICY_PRODUCING))
+            model_input = _model_ref(name, "from", frm, stages, KINDS[cfg["kind"]].from_accepts)
         elif last_policy is not None:
             model_input = ("stage", last_policy)
             deps.append(last_policy)
@@ -132,17 +133,17 @@ def build(run: dict) -> list[Node]:
             model_input = ("tiny", run["model"]["tiny"] or {})
         else:
             model_input = ("path", run["model"]["path"])
-        refs = {key: _model_ref(name, key, value, stages, _ref_kinds(cfg["kind"], key))
+        refs = {key: _model_ref(name, key, value, stages, _ref_accepts(cfg["kind"], key))
                 for key, value in model_refs(cfg).items()}
         for key, src in data_sources(cfg):
             ref = src["from"]
-            if ref is not None and stages[ref]["kind"] not in schema.DATASET_PRODUCING:
+            if ref is not None and KINDS[stages[ref]["kind"]].produces != "dataset":
                 raise UserError(
                     f"stages.{name}.{key}: stage '{ref}' is a {stages[ref]['kind']} stage and produces no dataset"
                 )
         node = Node(name, cfg["kind"], cfg, model_input, sorted(set(deps), key=index.get), refs)
         nodes.append(node)
-        if node.kind in schema.POLICY_PRODUCING:
+        if KINDS[node.kind].produces == "policy":
             last_policy = name
     return nodes
 
@@ -212,10 +213,10 @@ def source_key(src: dict, fps: dict) -> dict:
 
 
 def model_key(ref: tuple, run: dict, fps: dict):
-    kind, value = ref
-    if kind == "stage":
+    what, value = ref
+    if what == "stage":
         return {"stage": fps[value]}
-    if kind == "tiny":
+    if what == "tiny":
         return {"tiny": value}
     local = Path(value).expanduser()
     m = run["model"]
@@ -278,7 +279,7 @@ def local_source_files(node: Node) -> list[tuple[str, dict, str]]:
     out = []
     for key, src in data_sources(node.cfg):
         if src["path"] is not None and is_local(src["path"]):
-            rows = "prompt" if key.startswith("eval.") else schema.DATA_ROWS[node.kind]
+            rows = "prompt" if key.startswith("eval.") else KINDS[node.kind].rows
             if rows is None:
                 continue
             out.append((f"stages.{node.name}.{key}", src, rows))
