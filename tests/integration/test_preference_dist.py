@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain_cli.config.schema import DPO_LOSSES
+from posttrain_cli.kinds.dpo import LOSSES as DPO_LOSSES
 from tests.conftest import stage_manifest, stage_rows, mini_recipe, posttrain, sft_stage, tiny_rows, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]

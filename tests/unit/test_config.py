@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from posttrain_cli.config.compose import compose
-from posttrain_cli.config.validate import batch_arithmetic
+from posttrain_cli.kinds.batch import training_batch as batch_arithmetic
 from posttrain_cli.errors import UserError
 from posttrain_cli.pipeline import runner
 from tests.conftest import mini_recipe, write_recipe

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from posttrain_cli.config import schema
 from posttrain_cli.data.routing import check_routes, teacher_key
 from posttrain_cli.data.schemas import open_prompt_row
 from posttrain_cli.errors import UserError
+from posttrain_cli.kinds import KINDS
 from posttrain_cli.losses import LOSS_AGGREGATIONS
 from posttrain_cli.losses.distill import DISTILL_LOSSES, mixture_logprobs
 from posttrain_cli.rollout import episodes as ep
@@ -29,7 +29,7 @@ def logits_of(*probs) -> torch.Tensor:
 
 
 def test_registry_matches_the_schema_choices():
-    assert set(DISTILL_LOSSES) == set(schema.KINDS["distill"]["kl"][0])
+    assert set(DISTILL_LOSSES) == set(KINDS["distill"].schema["kl"][0])
 
 
 def test_token_advantage_is_the_clipped_log_ratio_by_hand():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from posttrain_cli.config import schema
+from posttrain_cli.kinds import KINDS
 from posttrain_cli.losses import PREFERENCE_LOSSES
 from posttrain_cli.losses.preference import (PairLogps, PrefOptions, bradley_terry, preference_loss,
                                              sequence_logps, uses_reference)
@@ -24,8 +24,8 @@ def pair(c=-4.0, r=-6.0, rc=-5.0, rr=-5.0, tc=2.0, tr=4.0) -> PairLogps:
 
 
 def test_registry_matches_the_schema_names():
-    """Recipes are checked against schema.DPO_LOSSES without torch; the two lists must agree."""
-    assert set(PREFERENCE_LOSSES) == set(schema.DPO_LOSSES)
+    """Recipes are checked against the dpo record's loss choices without torch; the two lists must agree."""
+    assert set(PREFERENCE_LOSSES) == set(KINDS["dpo"].schema["loss"][0])
 
 
 def test_dpo_sigmoid_by_hand():

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from posttrain_cli.config import schema
+from posttrain_cli.kinds import KINDS
 from posttrain_cli.losses import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from posttrain_cli.losses.rl import MAX_LOG_RATIO, STD_EPS, clipped_policy_loss, clipped_value_loss, gae, whiten
 from posttrain_cli.stages import grpo, ppo
@@ -18,9 +18,9 @@ t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
 
 def test_registries_match_the_schema_names():
-    assert set(ADVANTAGES) == set(schema.ADV_NORMS)
-    assert set(LOSS_AGGREGATIONS) == set(schema.LOSS_AGGS)
-    assert set(KL_ESTIMATORS) == set(schema.KL_ESTIMATORS)
+    assert set(ADVANTAGES) == set(KINDS["grpo"].schema["adv_norm"][0])
+    assert set(LOSS_AGGREGATIONS) == set(KINDS["grpo"].schema["loss_agg"][0])
+    assert set(KL_ESTIMATORS) == set(KINDS["grpo"].schema["kl_estimator"][0])
 
 
 def test_group_std_by_hand():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from posttrain_cli.config.compose import compose
-from posttrain_cli.config.validate import job_resources, ranks_per_node, world_size
+from posttrain_cli.config.cluster import job_resources, ranks_per_node, world_size
 from posttrain_cli.engine.dist import from_slurm
 from posttrain_cli.errors import UserError
 from posttrain_cli.launch import slurm
