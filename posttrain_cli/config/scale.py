@@ -9,8 +9,8 @@ schedules) stay as the recipe has them. What scales down:
 
 - the model: the `tiny` group (conf/model/tiny.yaml); DeepSpeed offload is switched off;
 - data: every `{path: ...}` source (and a required data slot, `???`) becomes the tiny data of
-  the stage's kind (its record's tiny_data, posttrain_cli/kinds/); `{from: <stage>}` sources stay, so a rejection-sampled
-  dataset still feeds its SFT; eval blocks and held-out sets likewise;
+  the stage's kind (its record's tiny_data, posttrain_cli/kinds/); `{from: <stage>}` sources
+  stay, so a rejection-sampled dataset still feeds its SFT; eval blocks and held-out sets likewise;
 - sizes: steps, batches, sequence lengths, samples per prompt, prompt counts (the record's
   tiny_sizes and tiny_caps).
 
