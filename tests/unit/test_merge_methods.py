@@ -25,7 +25,7 @@ def close(a, b, tol=1e-6):
 
 def test_registry_matches_schema():
     assert tuple(MERGE_METHODS) == KINDS["merge"].schema["method"][0]
-    # validate._check_merge requires `base` for exactly these.
+    # kinds/merge.py requires `base` for exactly these (merge/spec.py: task_vectors).
     assert {n for n, f in MERGE_METHODS.items() if f.uses_base} == {"task_arithmetic", "ties", "dare_linear",
                                                                      "dare_ties"}
     assert all(f.url.startswith("https://") for f in MERGE_METHODS.values())
