@@ -108,11 +108,11 @@ def worker(kind: str, spec: dict) -> dict:
     import torch  # noqa: F401  (imported before the baseline RSS is read, like everything else)
     from safetensors.torch import load_file, save_file
 
-    from posttrain_cli.merge import stream
+    from posttrain_cli.merge import memory, stream
 
     a, b, out = Path(spec["a"]), Path(spec["b"]), Path(spec["out"])
-    baseline = stream.rss()
-    if not stream.reset_peak_rss():
+    baseline = memory.rss()
+    if not memory.reset_peak_rss():
         raise SystemExit("this kernel cannot reset the peak-RSS counter (/proc/self/clear_refs)")
     start, cpu = time.perf_counter(), time.process_time()
     if kind == "posttrain":
@@ -131,7 +131,7 @@ def worker(kind: str, spec: dict) -> dict:
         save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
         shutil.copyfile(a / "config.json", out / "config.json")
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"seconds": seconds, "cpu": cpu, "peak": stream.peak_rss() - baseline, "baseline_rss": baseline}
+    return {"seconds": seconds, "cpu": cpu, "peak": memory.peak_rss() - baseline, "baseline_rss": baseline}
 
 
 def same_output(x: Path, y: Path) -> bool:
@@ -165,7 +165,7 @@ def main() -> None:
     if serve_worker(args, worker):
         return
 
-    from posttrain_cli.config.validate import parse_size
+    from posttrain_cli.kinds.merge import parse_size
 
     size = parse_size("--size", "40MB" if args.quick else args.size)
     repeats = 1 if args.quick else args.repeats

@@ -121,11 +121,3 @@ ROUNDS = {
     # (a `from` falls back to its default, a data source is left out).
     "initial": ("dict", {}),
 }
-
-# Temporary, until pipeline/runner.py and pipeline/worker.py read the kind records
-# (posttrain_cli.kinds.KINDS): the three kind tables they still look up, derived from the records.
-from posttrain_cli.kinds import KINDS as _KINDS  # noqa: E402
-
-KIND_MODULES = {k: r.module for k, r in _KINDS.items()}
-TRAINING_KINDS = {k for k, r in _KINDS.items() if r.trains}
-RL_KINDS = {k for k, r in _KINDS.items() if r.rl}

@@ -11,21 +11,10 @@ import difflib
 from typing import Any
 
 from posttrain_cli.config import schema
-# Temporary re-exports under their old names, for callers not yet moved to config/cluster.py,
-# the kind records (KINDS[k].batch) and kinds/merge.py.
-from posttrain_cli.config.cluster import job_resources, ranks_per_node, world_size  # noqa: F401
 from posttrain_cli.config.tables import _coerce, _suggest, check_sources, check_table, partial
 from posttrain_cli.errors import UserError
 from posttrain_cli.kinds import KINDS
 from posttrain_cli.kinds.base import REQUIRED
-from posttrain_cli.kinds.batch import training_batch
-from posttrain_cli.kinds.merge import parse_size  # noqa: F401
-
-
-def batch_arithmetic(path: str, stage: dict, ranks: int) -> dict:
-    """Temporary: KINDS[kind].batch (a stage without a kind: training_batch)."""
-    kind = KINDS.get(stage.get("kind"))
-    return (kind.batch if kind and kind.trains else training_batch)(path, stage, ranks)
 
 
 def check_stage(name: str, given: Any, path: str | None = None) -> dict:

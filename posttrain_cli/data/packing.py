@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from posttrain_cli.losses.sft import IGNORE
 
 
 def _labels(ids: list[int], mask: list[bool]) -> list[int]:

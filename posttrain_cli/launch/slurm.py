@@ -51,7 +51,7 @@ def _python(cluster: dict) -> str:
 
 def directives(run: dict, step: Step) -> list[str]:
     """The #SBATCH lines of a stage's job."""
-    from posttrain_cli.config.validate import job_resources, ranks_per_node
+    from posttrain_cli.config.cluster import job_resources, ranks_per_node
 
     res = job_resources(run["cluster"], step.node.cfg)
     name = step.node.name

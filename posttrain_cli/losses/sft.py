@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from posttrain_cli.data.packing import IGNORE
 from posttrain_cli.losses import register
+
+# The label of a token that is not trained on (Hugging Face's convention); data/ packs with it.
+IGNORE = -100
 
 
 @register("sft")

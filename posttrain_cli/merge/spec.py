@@ -1,4 +1,4 @@
-"""What each merge method uses, declared once: validation (config/validate.py) and `posttrain plan`
+"""What each merge method uses, declared once: validation (kinds/merge.py) and `posttrain plan`
 read it, and merge/methods.py registers a tensor function only under a name declared here.
 
 Torch-free on purpose: `posttrain plan` imports it.

@@ -23,10 +23,6 @@ from posttrain_cli.merge.checks import check
 from posttrain_cli.merge.methods import MERGE_METHODS
 from posttrain_cli.merge.shards import DTYPES, Checkpoint, plan_shards, shard_header, write_config
 
-# The merge stage's other entry points, read here with merge() (stages/merge.py: stream.fetch, stream.rss).
-from posttrain_cli.merge.memory import peak_rss, reset_peak_rss, rss  # noqa: E402,F401
-from posttrain_cli.merge.shards import fetch  # noqa: E402,F401
-
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Elements per slice of an elementwise merge (4 MB per input in float32).

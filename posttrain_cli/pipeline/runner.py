@@ -13,13 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from posttrain_cli.config import schema
-from posttrain_cli.config.validate import batch_arithmetic, world_size
+from posttrain_cli.config.cluster import world_size
 from posttrain_cli.data import schemas
 from posttrain_cli.data.sources import load_source
 from posttrain_cli.errors import UserError
+from posttrain_cli.kinds import KINDS
 from posttrain_cli.pipeline import graph, manifest
-from posttrain_cli.pipeline.graph import Node
 from posttrain_cli.pipeline.stagedir import Step
 
 
@@ -34,8 +33,7 @@ def plan(run: dict) -> list[Step]:
         fp = fps[node.name]
         sdir = graph.stage_dir(run, node.name)
         ws = world_size(run, node.cfg)
-        batch = (batch_arithmetic(f"stages.{node.name}", node.cfg, ws)
-                 if node.kind in schema.TRAINING_KINDS else {"world_size": ws})
+        batch = KINDS[node.kind].batch(f"stages.{node.name}", node.cfg, ws)
         if manifest.is_done(sdir, fp["fingerprint"]):
             same_eval = manifest.read(sdir).get("eval_fingerprint") == fp["eval_fingerprint"]
             action = "skip" if same_eval or fp["eval_fingerprint"] is None else "eval"
@@ -59,24 +57,12 @@ def preflight(run: dict, steps: list[Step]) -> None:
             if node.cfg.get("margin") and ".data[" in where:
                 schemas.require_margins(parsed, f"stages.{node.name}.margin")
             if not where.startswith(f"stages.{node.name}.eval."):
-                _check_prompt_rows(node, parsed)
+                KINDS[node.kind].check_rows(node.cfg, parsed, f"stages.{node.name}")
         inputs = ([("from", node.model_input)] if node.model_input else []) + list(node.refs.items())
         for key, (kind, value) in inputs:
             if kind == "path" and (value.startswith((".", "/", "~")) and not Path(value).expanduser().exists()):
                 raise UserError(f"stages.{node.name}.{key}: model directory not found: {value}")
 
-
-def _check_prompt_rows(node: Node, rows: list) -> None:
-    """Rows a stage scores or routes: each resolves to a verifier (RL, rejection sampling) and,
-    for distill, to a teacher."""
-    from posttrain_cli.rewards.dispatch import Rewards, uses_verifiers
-
-    if node.kind in schema.RL_KINDS | {"rejection_sampling"} and uses_verifiers(node.cfg):
-        Rewards(node.cfg, where=f"stages.{node.name}").check_rows(rows)
-    if node.kind == "distill" and node.cfg["combine"] == "route":
-        from posttrain_cli.data.routing import check_routes
-
-        check_routes(rows, node.cfg["teachers"], f"stages.{node.name}")
 
 
 def write_resolved(run: dict, recipe_path: Path) -> Path:

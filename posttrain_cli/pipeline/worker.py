@@ -136,9 +136,9 @@ def _execute(ctx, spec: dict) -> dict:
         metrics["eval"] = evals
         _report_eval(ctx, evals)
         return {"metrics": metrics, "outputs": {}}
-    from posttrain_cli.config.schema import KIND_MODULES
+    from posttrain_cli.kinds import KINDS
 
-    module = importlib.import_module(KIND_MODULES[spec["kind"]])
+    module = importlib.import_module(KINDS[spec["kind"]].module)
     rm = ctx.models.get("eval.reward_model")
     if ecfg and ecfg.get("before"):
         from posttrain_cli.stages.eval import evaluate

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import time
 
-from posttrain_cli.config.validate import parse_size
 from posttrain_cli.engine import dist
-from posttrain_cli.merge import stream
+from posttrain_cli.kinds.merge import parse_size
+from posttrain_cli.merge import memory, shards, stream
 from posttrain_cli.merge.methods import MERGE_METHODS
 
 
@@ -55,18 +55,18 @@ def _merge(ctx, out_dir) -> dict:
     fn = MERGE_METHODS[cfg["method"]]
     revision = ctx.run["model"].get("revision")
     keys = [f"models[{i}]" for i in range(len(cfg["models"]))]
-    models = [(ctx.where(k), stream.fetch(ctx.models[k], ctx.where(k), revision)) for k in keys]
-    base = (ctx.where("base"), stream.fetch(ctx.models["base"], ctx.where("base"), revision)) \
+    models = [(ctx.where(k), shards.fetch(ctx.models[k], ctx.where(k), revision)) for k in keys]
+    base = (ctx.where("base"), shards.fetch(ctx.models["base"], ctx.where("base"), revision)) \
         if fn.uses_base else None
     ctx.info(f"{cfg['method']} merge of {len(models)} models" + (f" onto base {cfg['base']}" if base else ""))
-    stream.reset_peak_rss()
-    rss_before, start = stream.rss(), time.perf_counter()
+    memory.reset_peak_rss()
+    rss_before, start = memory.rss(), time.perf_counter()
     stats = stream.merge(models, out_dir, method=cfg["method"], base=base, weights=cfg["weights"],
                          density=cfg["density"], t=cfg["t"], normalize=cfg["normalize"], dtype=cfg["dtype"],
                          max_shard_size=parse_size(ctx.where("max_shard_size"), cfg["max_shard_size"]),
                          seed=ctx.seed, progress=lambda total: ctx.progress(total, "tensors"))
     seconds = time.perf_counter() - start
-    peak = stream.peak_rss()
+    peak = memory.peak_rss()
     metrics = {"method": cfg["method"], "models": len(models), **stats, "seconds": round(seconds, 3)}
     if peak is not None and rss_before is not None:
         metrics["peak_rss_delta_mb"] = round(max(0, peak - rss_before) / 1e6, 1)

@@ -120,14 +120,15 @@ def _nothing_kept(ctx, n_prompts: int, best: float, truncated: int) -> UserError
 
 
 def run(ctx) -> dict:
-    from posttrain_cli.rewards.dispatch import Rewards, uses_verifiers
+    from posttrain_cli.kinds import KINDS
+    from posttrain_cli.rewards.dispatch import Rewards
 
     cfg = ctx.cfg
     k = cfg["num_samples"]
     start = time.perf_counter()
     tokenizer = load_tokenizer(ctx.input_model, ctx.run["model"])
     rewards = (Rewards(cfg, warn=ctx.info, where=ctx.where(), suggest_reward_model=True)
-               if uses_verifiers(cfg) else None)
+               if KINDS[ctx.kind].uses_verifiers(cfg) else None)
     prompts = sampling.load(ctx, tokenizer)
     names = []
     if rewards is not None:

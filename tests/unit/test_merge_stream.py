@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from posttrain_cli.errors import UserError
-from posttrain_cli.merge import stream
+from posttrain_cli.merge import memory, shards, stream
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4, "intermediate_size": 6,
           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 5,
@@ -223,9 +223,9 @@ def test_base_may_lack_chat_template(tmp_path):
 
 
 def test_fetch_local_and_missing(tmp_path):
-    assert stream.fetch(str(tmp_path), "stages.m.models[0]") == tmp_path
+    assert shards.fetch(str(tmp_path), "stages.m.models[0]") == tmp_path
     with pytest.raises(UserError, match=r"stages.m.models\[0\]='./nope' does not exist"):
-        stream.fetch("./nope", "stages.m.models[0]")
+        shards.fetch("./nope", "stages.m.models[0]")
 
 
 def test_fetch_hub_id(tmp_path, monkeypatch):
@@ -242,11 +242,11 @@ def test_fetch_hub_id(tmp_path, monkeypatch):
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
-    assert stream.fetch("org/model", "stages.m.base", "main") == tmp_path
+    assert shards.fetch("org/model", "stages.m.base", "main") == tmp_path
     assert calls[0][:2] == ("org/model", "main") and "*.safetensors" in calls[0][2]
     assert not any("bin" in p for p in calls[0][2])
     with pytest.raises(UserError) as e:
-        stream.fetch("org/missing", "stages.m.models[1]")
+        shards.fetch("org/missing", "stages.m.models[1]")
     assert str(e.value) == ("stages.m.models[1]='org/missing' is not a local directory and could not be fetched "
                             "from the hub (OSError: Repository Not Found)")
 
@@ -256,7 +256,7 @@ def test_peak_memory_stays_near_one_tensor(tmp_path):
     models (a whole-model load would take 128 MB); a memory-mapped reader would fail this too.
     A small merge runs first so one-time costs (lazy imports, allocator arenas: 15-30 MB) are not
     counted against the streaming."""
-    if not stream.reset_peak_rss():
+    if not memory.reset_peak_rss():
         pytest.skip("this kernel cannot reset the peak-RSS counter")
 
     def make(name, tensors, numel):
@@ -272,8 +272,8 @@ def test_peak_memory_stays_near_one_tensor(tmp_path):
     make("m", 64, 1 << 18)
     stream.merge([("w0", tmp_path / "warm0"), ("w1", tmp_path / "warm1")], tmp_path / "warm_out", method="linear")
     size = 64 << 20
-    stream.reset_peak_rss()
-    before = stream.rss()
+    memory.reset_peak_rss()
+    before = memory.rss()
     stream.merge([("m0", tmp_path / "m0"), ("m1", tmp_path / "m1")], tmp_path / "out", method="linear")
-    delta = stream.peak_rss() - before
+    delta = memory.peak_rss() - before
     assert delta < 0.5 * size, f"peak {delta / 2**20:.0f} MiB above the start for 64 MiB models"
