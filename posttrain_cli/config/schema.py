@@ -80,7 +80,7 @@ SECTIONS = {
         "srun_args": ("list", []),
         "sbatch_args": ("list", []),
         # Seconds before the time limit at which SLURM sends USR1: the stage saves a checkpoint
-        # and requeues itself (0: no warning signal).
+        # and exits 75; the job script requeues the job (0: no warning signal).
         "signal_seconds": ("int", 300),
         "requeue": ("bool", True),
         # The Python that runs the stages on the nodes; null: the one running `posttrain`.

@@ -182,7 +182,7 @@ RL = {
     "top_p": ("float", 1.0),
     # Sequences per rank per generate call.
     "rollout_batch_size": ("int", 64),
-    # Rewards (posttrain_cli/rewards/dispatch.py): a row's verifier comes from `verifiers`
+    # Rewards (posttrain_cli/rewards/routing.py): a row's verifier comes from `verifiers`
     # (its `dataset` value -> name or names), else its dataset when that names a verifier
     # (gsm8k, math, ifeval, ...), else `verifier`; `extra_verifiers` apply to every row (R1: [format]).
     "verifier": ("?str", None),
