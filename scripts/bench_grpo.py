@@ -43,9 +43,8 @@ Every contestant gets the same (fp32, 1 process, --threads threads, HF
   clip 0.2 both sides, beta 0 (no reference model, TRL's default), GRPO's loss:
   each sequence's token mean, then the mean over sequences (posttrain's default
   ``loss_agg: seq_mean_token_mean`` = TRL ``loss_type="grpo"``; TRL's default
-  "dapo" is posttrain's token_mean, which the grpo stage normalises by sequences,
-  not tokens, at present, so it would not be the same loss; the cost is the
-  same), AdamW lr 1e-6 linear decay, no warm-up, grad clip 1.0, weight decay 0,
+  "dapo" is posttrain's token_mean; either pair is the same loss and the cost is
+  the same), AdamW lr 1e-6 linear decay, no warm-up, grad clip 1.0, weight decay 0,
   dropout 0.
 
 Contestants (each a fresh subprocess):
@@ -91,9 +90,7 @@ from benchlib import (TRL_CPU, add_worker_args, busy_before, posttrain_run, rota
 
 LR, CLIP, VERIFIER = 1e-6, 0.2, "number"
 # The same loss on both sides: GRPO's per-sequence token mean, then the mean over sequences
-# (posttrain's default; TRL's loss_type "grpo"). Not TRL's default "dapo" (= posttrain's token_mean):
-# posttrain's grpo stage currently divides token_mean's token sum by the number of sequences, not
-# tokens (loss_fn drops the aggregation's weight), so it would not be the same loss.
+# (posttrain's default; TRL's loss_type "grpo"). TRL's default "dapo" is posttrain's token_mean.
 POSTTRAIN_LOSS, TRL_LOSS = "seq_mean_token_mean", "grpo"
 
 

@@ -17,7 +17,7 @@ stage continues from its newest checkpoint; the final weights are the uninterrup
 
 A checkpoint folder is written under a temporary name and renamed when every rank's part is in,
 so a kill while saving leaves the previous one in place. The data position is the step: a step's
-examples come from a seeded plan (engine/loop.py StepPlan, rollout/episodes.py PromptStream).
+examples come from a seeded plan (engine/loop.py StepPlan, rollout/onpolicy.py PromptStream).
 
 A resume must see the same data and the same batch settings (the same examples in each step, the
 same optimizer partition per rank): otherwise it is refused (exit 2), the checkpoint kept. A

@@ -81,7 +81,7 @@ class Kind:
     validate: Callable[[str, dict], None] = _no_rules
     # batch(path, stage, world_size) -> the batch arithmetic plan and the workers use.
     batch: Callable[[str, dict, int], dict] = no_batch
-    # uses_verifiers(cfg): whether the stage scores with verifiers (rewards/dispatch.py).
+    # uses_verifiers(cfg): whether the stage scores with verifiers (rewards/dispatch.py Rewards).
     uses_verifiers: Callable[[dict], bool] = names_a_verifier
     # check_rows(cfg, rows, where): pre-flight of the rows it scores or routes (UserError naming a row).
     check_rows: Callable[[dict, list, str], None] = _no_row_check

@@ -10,7 +10,7 @@ metrics read. Notation below: b = beta, and for an answer y
     logratio(y) = log pi(y|x) - log pi_ref(y|x).
 
 Adding a loss is one function under `@register_preference("name")` plus its
-name in `config/schema.py`'s DPO_LOSSES (a unit test keeps the two equal), so
+name in `kinds/dpo.py`'s LOSSES (a unit test keeps the two equal), so
 recipes are checked without importing torch.
 """
 

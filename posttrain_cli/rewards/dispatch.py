@@ -31,20 +31,6 @@ from posttrain_cli.rewards.routing import Routes, check_known, key, source, veri
 WARN_FIRST = 3  # failures reported one by one per verifier; later ones are only counted
 
 
-def uses_verifiers(cfg: dict) -> bool:
-    """Whether a stage scores with verifiers: grpo always (a row's dataset may name one); ppo and
-    rejection_sampling when a verifier key is set or they have no reward model; distill when its
-    outcome advantage is on (alpha > 0)."""
-    kind = cfg.get("kind")
-    if kind == "grpo":
-        return True
-    if kind == "distill":
-        return cfg.get("alpha", 0) > 0
-    if kind == "rejection_sampling" and cfg.get("reward_model") is None:
-        return True
-    return bool(cfg.get("verifier") or cfg.get("verifiers") or cfg.get("extra_verifiers"))
-
-
 def check_config(cfg: dict, where: str) -> None:
     """UserError for a bad verifier set-up in an RL stage's config (`where`: "stages.grpo")."""
     verifier_keys(cfg, where)

@@ -116,7 +116,7 @@ class Teachers:
         self.route = cfg["combine"] == "route"
         self.temperature, self.pack = cfg["temperature"], pack
         weights = cfg["teacher_weights"]
-        # Unlisted teachers weigh 0 once any weight is given (validate._check_distill); equal without.
+        # Unlisted teachers weigh 0 once any weight is given (kinds/distill.py); equal without.
         self.weights = [float(weights.get(k, 0.0)) if weights else 1.0 for k in self.keys]
         self.synced = synced(ctx.run["deepspeed"])
         vocab = AutoConfig.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"]).vocab_size

@@ -150,13 +150,14 @@ def policy_and_value(ctx, tokenizer, total_updates: int):
 
 def run(ctx) -> dict:
     from posttrain_cli.engine.inference import load_tokenizer
-    from posttrain_cli.rewards.dispatch import Rewards, uses_verifiers
+    from posttrain_cli.kinds import KINDS
+    from posttrain_cli.rewards.dispatch import Rewards
     from posttrain_cli.rewards.rm import RewardScorer
 
     cfg = ctx.cfg
     model_cfg = ctx.run["model"]
     tokenizer = load_tokenizer(ctx.input_model, model_cfg)
-    rewards = Rewards(cfg, warn=ctx.info) if uses_verifiers(cfg) else None
+    rewards = Rewards(cfg, warn=ctx.info) if KINDS[ctx.kind].uses_verifiers(cfg) else None
     rows, prompts = ep.load_prompts(ctx, tokenizer, rewards)
     steps = total_steps(cfg, len(prompts), ctx.where(), "prompts", "prompts_per_step")
     k, epochs = cfg["mini_batches"], cfg["ppo_epochs"]

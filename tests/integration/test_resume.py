@@ -80,7 +80,7 @@ def _recipe(tmp: Path) -> Path:
         beta: 0.1
         ref_refresh_every: 3
         mini_batches: 2
-    """) + textwrap.indent(textwrap.dedent(rl_common), "  ") + textwrap.dedent(f"""
+    """) + textwrap.indent(textwrap.dedent(rl_common), "  ") + textwrap.dedent("""
       ppo:
         kind: ppo
         from: grpo
