@@ -50,6 +50,11 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> Tokenized:
     return Tokenized(full, mask)
 
 
+def tokenize_conversation(tokenizer, messages: list[dict], multi_turn: str = "each") -> list[Tokenized]:
+    """One SFT conversation -> its training examples (several when the template rewrites history)."""
+    return [tokenize_chat(tokenizer, messages)]
+
+
 def apply_truncation(tok: Tokenized, max_len: int, policy: str) -> Tokenized | None:
     """Keep the first max_len tokens (truncate) or drop the row; None means dropped."""
     if len(tok.input_ids) <= max_len:
