@@ -165,9 +165,17 @@ def print_graph(steps) -> None:
                       f"{node.kind:<18} {deps}", markup=False)
 
 
+def _template_text(model: dict) -> str:
+    """The chat template, when the run sets one (a name or a file; an inline template is long)."""
+    t = model["chat_template"]
+    if t is None:
+        return ""
+    return f" (chat template {'inline' if '{{' in t or '{%' in t else t})"
+
+
 def print_plan(run: dict, steps) -> None:
     console.print(f"[bold]recipe[/] {run['name']}  [bold]run_dir[/] {run['run_dir']}  "
-                  f"[bold]model[/] {run['model']['path']}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
+                  f"[bold]model[/] {run['model']['path']}{_template_text(run['model'])}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
                   f"{' +offload' if run['deepspeed']['offload_optimizer'] or run['deepspeed']['offload_param'] else ''}"
                   + _ranks_text(run["cluster"]))
     print_graph(steps)
@@ -186,7 +194,7 @@ def print_plan(run: dict, steps) -> None:
             console.print(f"   lr {cfg['lr']:g} ({cfg['schedule']}, warmup_ratio {cfg['warmup_ratio']:g}), {length}, "
                           f"weight_decay {cfg['weight_decay']:g}, grad_clip {cfg['grad_clip']}, "
                           f"max_seq_len {cfg['max_seq_len']}"
-                          + (f", packing {cfg['packing']}, truncation {cfg['truncation']}" if "packing" in cfg else ""))
+                          + (f", packing {cfg['packing']}, truncation {cfg['truncation']}, multi_turn {cfg['multi_turn']}" if "packing" in cfg else ""))
             b = step.batch
             if record.rl:
                 console.print(f"   rollout: {cfg['prompts_per_step']} prompts x {cfg['num_generations']} completions "

@@ -7,7 +7,9 @@ The graph (stages, `from`, references, rounds, merges, teachers) and the method'
 (losses, betas, KL estimators and coefficients, clipping, advantage options, learning rates,
 schedules) stay as the recipe has them. What scales down:
 
-- the model: the `tiny` group (conf/model/tiny.yaml); DeepSpeed offload is switched off;
+- the model: the `tiny` group (conf/model/tiny.yaml) with its own chat template (a recipe's
+  model.chat_template names markers the character vocabulary may lack; an override after
+  scale=tiny sets one: `scale=tiny model.chat_template=tulu`); DeepSpeed offload is switched off;
 - data: every `{path: ...}` source (and a required data slot, `???`) becomes the tiny data of
   the stage's kind (its record's tiny_data, posttrain_cli/kinds/); `{from: <stage>}` sources
   stay, so a rejection-sampled dataset still feeds its SFT; eval blocks and held-out sets likewise;

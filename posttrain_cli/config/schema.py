@@ -38,6 +38,10 @@ SECTIONS = {
         "dtype": (("auto", "float32", "bfloat16", "float16"), "auto"),
         # null: flash_attention_2 if installed on GPU, else sdpa.
         "attn_implementation": ("?str", None),
+        # The chat template every stage renders with and saves with its model: null (the model's
+        # own), a shipped name (tulu, chatml, llama3, olmo3; posttrain_cli/data/templates/), a .jinja
+        # file, or the template itself. A base model without a template needs one.
+        "chat_template": ("?str", None),
         # Architecture of the tiny model (only with path: tiny).
         "tiny": ("?dict", None),
     },

@@ -105,4 +105,14 @@ def check_run(cfg: dict) -> dict:
         raise UserError(f"cluster.{key}={c[key]} must be >= 0")
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None
+    template = out["model"]["chat_template"]
+    if template is not None:
+        from pathlib import Path
+
+        from posttrain_cli.data.chat import template_text
+
+        template_text(template)  # a bad name or a missing file stops here, naming the key
+        if not ("{{" in template or "{%" in template) and Path(template).expanduser().is_file():
+            # A file: the stage workers (SLURM jobs too) may start elsewhere.
+            out["model"]["chat_template"] = str(Path(template).expanduser().resolve())
     return out

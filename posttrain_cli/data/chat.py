@@ -1,16 +1,49 @@
-"""Chat-template rendering and the assistant-token mask.
+"""Chat templates: which template a model uses, and which tokens of a rendered chat carry loss.
 
-The mask marks every assistant turn's tokens, the end-of-turn tokens the
-template puts after them included (that is how a model learns to stop). Turn
-boundaries come from rendering prefixes of the conversation with the model's
-own template, so any Hugging Face chat template works, not only ours.
+    tokenizer.chat_template = template_text("tulu")            # model.chat_template: a name, a .jinja, inline
+    examples = tokenize_conversation(tokenizer, messages, "each")   # SFT: one or more examples
+    tok = tokenize_response(tokenizer, prompt, answer)          # preference / RM: prompt + one answer
+    ids = prompt_ids(tokenizer, messages)                       # sampling: the generation prompt
+
+What is trained is what the model generates at inference: an assistant turn is trained after the
+text the template renders as its generation prompt (`add_generation_prompt=True` on the turns before
+it), and the trained tokens are the rest of that turn, the end-of-turn tokens the template puts after
+it included (that is how a model learns to stop).
+
+Where the turns are found, in order:
+- a template with `{% generation %}` markers: the marked text (the template author's own mask);
+- otherwise character offsets: the conversation is rendered once, each turn's generation prompt and
+  turn are rendered as prefixes of it, and the trained characters [len(prompt), len(turn)) are mapped
+  to tokens through the fast tokenizer's offsets (a token overlapping the span counts), so byte-level
+  BPE merges across a turn boundary cannot shift the mask.
+
+Templates that rewrite history (Qwen3 drops the reasoning of earlier turns and gives the last one a
+think block; DeepSeek-R1 distills drop everything before `</think>`; OLMo 3 ends only the last turn
+with EOS) are detected by the prefix test failing. `multi_turn` then decides:
+- `each` (default): every assistant turn is trained in its own example, in the context the template
+  gives it when that turn is generated, so a conversation with T answers becomes T examples (the log
+  reports how many). A template that renders history unchanged needs one example for all turns.
+- `last`: only the conversation's last assistant turn is trained (one example).
+A template whose generation prompt prefills the answer (R1's `<think>\\n`) trains the message's
+content after that prefill, with the template's own end-of-turn text after it, even where the template
+would drop the reasoning from the rendered turn.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from posttrain_cli.errors import UserError
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+# Names model.chat_template takes (posttrain_cli/data/templates/<name>.jinja).
+TEMPLATE_NAMES = tuple(sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja")))
+MULTI_TURN = ("each", "last")
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# An assistant content no template transforms: finds where a template puts a turn's content.
+_PROBE = "q7Zk3Wv9PxJ2"
 
 
 @dataclass
@@ -20,39 +53,203 @@ class Tokenized:
     truncated: bool = False
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+# ------------------------------------------------------------------ which template
+
+def template_text(value: str, where: str = "model.chat_template") -> str:
+    """The template model.chat_template names: a shipped name, a .jinja file, or the template itself."""
+    if value in TEMPLATE_NAMES:
+        return (TEMPLATE_DIR / f"{value}.jinja").read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if value.endswith(".jinja") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"{where}={value}: template file not found")
+        return path.read_text()
+    raise UserError(f"{where}={value}: not a shipped template ({', '.join(TEMPLATE_NAMES)}), a .jinja file "
+                    f"or a Jinja template string")
+
+
+def use_template(tokenizer, value: str | None, model: str):
+    """Give the tokenizer model.chat_template (None: the model's own); a model with none is refused.
+    The tokenizer is saved with every stage's model, so later stages and vLLM render the same text."""
+    if value is not None:
+        tokenizer.chat_template = template_text(value)
+    elif not tokenizer.chat_template:
+        raise UserError(f"model.chat_template: {model} has no chat template (a base model?); set "
+                        f"model.chat_template to one of {', '.join(TEMPLATE_NAMES)}, a .jinja file or a "
+                        f"template string")
+    end_of_turn(tokenizer)  # refuses a template whose turns cannot end on a token of this vocabulary
+    return tokenizer
+
+
+def _label(tokenizer) -> str:
+    return f"the chat template of {tokenizer.name_or_path}" if tokenizer.name_or_path else "the chat template"
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def tokenize_chat(tokenizer, messages: list[dict]) -> Tokenized:
-    full = _ids(tokenizer, render(tokenizer, messages))
-    mask = [False] * len(full)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+def _turn_parts(tokenizer) -> tuple[str, str]:
+    """(generation prompt after a user turn, text the template puts after an assistant content)."""
+    user = [{"role": "user", "content": "x"}]
+    prompt = render(tokenizer, user, add_generation_prompt=True)
+    full = render(tokenizer, user + [{"role": "assistant", "content": _PROBE}])
+    at = full.find(_PROBE)
+    if at < 0:
+        raise UserError(f"model.chat_template: {_label(tokenizer)} does not render an "
+                        f"assistant message's content; set model.chat_template ({', '.join(TEMPLATE_NAMES)})")
+    return prompt, full[at + len(_PROBE):]
+
+
+def end_of_turn(tokenizer) -> list[int]:
+    """The token that ends an assistant turn under this template (Llama 3: <|eot_id|>, ChatML:
+    <|im_end|>, Tulu: EOS): the first added token of the text the template writes after an answer.
+    Generation must stop there, so it goes into every sampler's stop set and the saved
+    generation_config. A template whose end of turn is no single token of the vocabulary is refused."""
+    cache = getattr(tokenizer, "_posttrain_eot", None)
+    if cache is not None and cache[0] == tokenizer.chat_template:
+        return cache[1]
+    _, after = _turn_parts(tokenizer)
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    ids = []
+    for piece in re.split(r"(\s+)", after):
+        if not piece.strip():
             continue
-        before = _ids(tokenizer, render(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = _ids(tokenizer, render(tokenizer, messages[: i + 1]))
-        start = len(before)
-        if full[: len(upto)] != upto or full[:start] != before:
-            raise UserError(
-                "the chat template does not render conversations prefix by prefix; "
-                "posttrain cannot find assistant turns with it (set a different tokenizer chat template)"
-            )
-        end = len(upto)
-        # Templates that drop content from earlier turns (e.g. reasoning) end
-        # the last turn exactly at the end of the conversation.
-        for t in range(start, end):
+        found = [t for t in sorted(added, key=len, reverse=True) if piece.startswith(t)]
+        if found:
+            ids = [tokenizer.convert_tokens_to_ids(found[0])]
+        break
+    if not ids:
+        raise UserError(f"model.chat_template: {_label(tokenizer)} ends an assistant turn "
+                        f"with {after.strip()!r}, which is not a token of its vocabulary, so generation could not "
+                        f"stop there; pick a template whose markers the vocabulary holds "
+                        f"(model.chat_template: {', '.join(TEMPLATE_NAMES)})")
+    tokenizer._posttrain_eot = (tokenizer.chat_template, ids)
+    return ids
+
+
+def stop_ids(tokenizer, generation_eos=None) -> list[int]:
+    """Every token that ends a completion: the template's end of turn, the tokenizer's EOS and the
+    model's generation_config eos_token_id (an int or a list)."""
+    ids = end_of_turn(tokenizer) + [tokenizer.eos_token_id]
+    ids += list(generation_eos) if isinstance(generation_eos, (list, tuple)) else [generation_eos]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+# ------------------------------------------------------------------ which tokens carry loss
+
+def _encode(tokenizer, text: str, spans: list[tuple[int, int]]) -> Tokenized:
+    """Tokenize text once; a token is trained when its characters overlap a span."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError):
+        return _encode_pieces(tokenizer, text, spans)
+    ids = enc["input_ids"]
+    mask, j = [False] * len(ids), 0
+    for t, (a, b) in enumerate(offsets):
+        while j < len(spans) and a >= spans[j][1]:
+            j += 1
+        if j == len(spans):
+            break
+        if b > spans[j][0] and a < spans[j][1]:
             mask[t] = True
-    return Tokenized(full, mask)
+    return Tokenized(ids, mask)
+
+
+def _encode_pieces(tokenizer, text: str, spans: list[tuple[int, int]]) -> Tokenized:
+    """A tokenizer without character offsets (a slow one): the pieces between span edges are
+    tokenized one by one, which is exact where no token would cross an edge."""
+    ids, mask, at = [], [], 0
+    for a, b in spans:
+        for piece, trained in ((text[at:a], False), (text[a:b], True)):
+            if piece:
+                got = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += got
+                mask += [trained] * len(got)
+        at = b
+    if text[at:]:
+        got = tokenizer(text[at:], add_special_tokens=False)["input_ids"]
+        ids += got
+        mask += [False] * len(got)
+    return Tokenized(ids, mask)
+
+
+def _marked(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """A template with {% generation %} markers: the text and the character spans it marks."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    msgs = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    texts, spans = render_jinja_template([msgs], chat_template=tokenizer.chat_template,
+                                         return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    return texts[0], list(spans[0])
+
+
+def _turn_span(tokenizer, messages: list[dict], k: int) -> tuple[str, tuple[int, int]]:
+    """Turn k as it is generated: the text up to its end and the characters the model writes."""
+    prompt = render(tokenizer, messages[:k], add_generation_prompt=True)
+    upto = render(tokenizer, messages[: k + 1])
+    if upto.startswith(prompt) and len(upto) > len(prompt):
+        return upto, (len(prompt), len(upto))
+    # The rendered turn does not continue its generation prompt: the prompt prefills part of the
+    # answer (R1: "<think>\n") and the template rewrites the turn (drops the reasoning). The model
+    # writes the message's content after the prefill, then the template's end-of-turn text.
+    probe = render(tokenizer, messages[:k] + [{**messages[k], "content": _PROBE}])
+    at = probe.find(_PROBE)
+    if at < 0 or not prompt.startswith(probe[:at]):
+        raise UserError(f"model.chat_template: {_label(tokenizer)} does not render "
+                        f"assistant turns after its generation prompt, so posttrain cannot tell which tokens the "
+                        f"model writes; set model.chat_template to a template that does "
+                        f"({', '.join(TEMPLATE_NAMES)}, or one with {{% generation %}} markers)")
+    prefill = prompt[at:]
+    content = messages[k]["content"]
+    if prefill and content.startswith(prefill):
+        content = content[len(prefill):]
+    elif prefill.strip() and content.lstrip().startswith(prefill.strip()):
+        content = content.lstrip()[len(prefill.strip()):].lstrip("\n")
+    text = prompt + content + probe[at + len(_PROBE):]
+    return text, (len(prompt), len(text))
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], multi_turn: str = "each") -> list[Tokenized]:
-    """One SFT conversation -> its training examples (several when the template rewrites history)."""
-    return [tokenize_chat(tokenizer, messages)]
+    """One SFT conversation -> its training examples (module docstring: which turns, in which context)."""
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        return []
+    marked = bool(_GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""))
+    full = render(tokenizer, messages)
+    # One example holds every turn when each turn, rendered as the last one, is a prefix of the whole.
+    spans = []
+    for k in turns:
+        text, span = _turn_span(tokenizer, messages, k)
+        if not full.startswith(text):
+            spans = None
+            break
+        spans.append(span)
+    if spans is not None:
+        if marked:
+            full, spans = _marked(tokenizer, messages)
+        return [_encode(tokenizer, full, spans[-1:] if multi_turn == "last" else spans)]
+    out = []
+    for k in (turns[-1:] if multi_turn == "last" else turns):
+        if marked:
+            text, marks = _marked(tokenizer, messages[: k + 1])
+            out.append(_encode(tokenizer, text, marks[-1:]))
+        else:
+            text, span = _turn_span(tokenizer, messages, k)
+            out.append(_encode(tokenizer, text, [span]))
+    return out
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> Tokenized:
+    """The single example of a conversation whose template renders history unchanged (tests, benchmarks)."""
+    examples = tokenize_conversation(tokenizer, messages, "each")
+    if len(examples) != 1:
+        raise UserError(f"{_label(tokenizer)} rewrites earlier turns: this conversation "
+                        f"is {len(examples)} examples (tokenize_conversation)")
+    return examples[0]
 
 
 def apply_truncation(tok: Tokenized, max_len: int, policy: str) -> Tokenized | None:
@@ -66,16 +263,16 @@ def apply_truncation(tok: Tokenized, max_len: int, policy: str) -> Tokenized | N
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    return _ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+    """The tokens a sampler starts from: the conversation and the template's generation prompt."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
 def tokenize_response(tokenizer, prompt: list[dict], response: dict) -> Tokenized:
     """prompt + one assistant answer; the mask marks only that answer (and its end-of-turn tokens)."""
-    before = _ids(tokenizer, render(tokenizer, prompt, add_generation_prompt=True))
-    full = _ids(tokenizer, render(tokenizer, prompt + [response]))
-    if full[: len(before)] != before or len(full) == len(before):
-        raise UserError(
-            "the chat template does not render conversations prefix by prefix; "
-            "posttrain cannot find the answer with it (set a different tokenizer chat template)"
-        )
-    return Tokenized(full, [False] * len(before) + [True] * (len(full) - len(before)))
+    messages = prompt + [response]
+    k = len(prompt)
+    if _GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""):
+        text, marks = _marked(tokenizer, messages)
+        return _encode(tokenizer, text, marks[-1:])
+    text, span = _turn_span(tokenizer, messages, k)
+    return _encode(tokenizer, text, [span])

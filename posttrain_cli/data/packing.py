@@ -32,8 +32,6 @@ def pack(seqs: list[tuple[list[int], list[bool]]], boundaries: str = "varlen", d
         "position_ids": torch.tensor([pos]),
     }
     if boundaries == "varlen":
-        from posttrain_cli.engine.attention import varlen_kwargs
-
         batch.update(varlen_kwargs(lens))
     elif boundaries == "mask":
         batch["attention_mask"] = block_causal_mask(lens, dtype)
@@ -59,3 +57,12 @@ def pad(seqs: list[tuple[list[int], list[bool]]], pad_id: int) -> dict:
         labels[r, : len(s_ids)] = torch.tensor(_labels(s_ids, s_mask))
         attn[r, : len(s_ids)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def varlen_kwargs(lens: list[int]) -> dict:
+    """Sequence boundaries of a packed row, under the names flash-attention reads (and the
+    engine's varlen SDPA, engine/attention.py)."""
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    longest = max(lens)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -53,11 +53,3 @@ def register() -> str:
     AttentionInterface.register(NAME, varlen_sdpa)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
-
-
-def varlen_kwargs(lens: list[int]) -> dict:
-    """Sequence boundaries of a packed row, under the names flash-attention reads too."""
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
-    longest = max(lens)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

@@ -229,6 +229,17 @@ def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None) -> None:
             module = getattr(module, part)
             state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        gen = getattr(module, "generation_config", None)
+        if gen is not None:
+            # The template's end of turn ends generation for whoever loads the model next
+            # (transformers, vLLM), not only the base EOS: a Qwen base ends with <|endoftext|>,
+            # its chat turns with <|im_end|>.
+            from posttrain_cli.data.chat import stop_ids
+
+            ids = stop_ids(tokenizer, gen.eos_token_id)
+            gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+            if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+                gen.pad_token_id = tokenizer.pad_token_id
         module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     dist.barrier()

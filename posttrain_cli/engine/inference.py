@@ -18,10 +18,14 @@ from posttrain_cli.engine import dist
 
 
 def load_tokenizer(path: str, model_cfg: dict):
-    """The tokenizer of a model directory or hub id (remote code only where the run allows it)."""
+    """The tokenizer of a model directory or hub id (remote code only where the run allows it), with
+    the run's chat template (model.chat_template, else the model's own; none at all is refused)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+    from posttrain_cli.data.chat import use_template
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"])
+    return use_template(tokenizer, model_cfg.get("chat_template"), path)
 
 
 def pad_id(tokenizer) -> int:

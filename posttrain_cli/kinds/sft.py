@@ -12,6 +12,10 @@ SCHEMA = {
     "packing": ("bool", True),
     # Over max_seq_len: truncate (keep the start) or drop the row.
     "truncation": (("truncate", "drop"), "truncate"),
+    # Which assistant turns of a conversation are trained (data/chat.py): each (every turn, in the
+    # context the template gives it when it is generated: one example per turn where the template
+    # rewrites earlier turns, as Qwen3 and R1 distills do) or last (the final turn only).
+    "multi_turn": (("each", "last"), "each"),
 }
 
 KIND = Kind(

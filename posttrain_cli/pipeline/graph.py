@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain_cli.data.chat import template_text
 from posttrain_cli.data.paths import is_local, resolve_source_path
 from posttrain_cli.errors import UserError
 from posttrain_cli.kinds import KINDS
@@ -249,6 +250,9 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
             "precision": ds["precision"],
             "attn": run["model"]["attn_implementation"],
         }
+        if run["model"]["chat_template"] is not None:
+            # The template's text, not its name or path: editing the .jinja re-runs what used it.
+            payload["chat_template"] = _hash(template_text(run["model"]["chat_template"]))
         fps[node.name] = _hash(payload)
         # What a mid-stage checkpoint must agree on to be resumed (engine/checkpoint.py).
         resume = {"data": _hash({"data": train_cfg["data"]}), "inputs": _hash([payload["model"], payload["refs"]]),

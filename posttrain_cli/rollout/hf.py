@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from posttrain_cli.data import chat
 from posttrain_cli.engine.inference import eval_mode, pad_id
 from posttrain_cli.rollout.backend import Completion
 
@@ -115,9 +116,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
 
 
 def stop_ids(model, tokenizer) -> list[int]:
-    """The tokens that end a completion: the tokenizer's EOS and the model's generation_config
-    eos_token_id (an int or a list: Llama 3 ends a turn with <|eot_id|>, not <|end_of_text|>)."""
-    ids = [tokenizer.eos_token_id]
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += gen if isinstance(gen, (list, tuple)) else [gen]
-    return list(dict.fromkeys(i for i in ids if i is not None))
+    """The tokens that end a completion: the template's end of turn (Llama 3: <|eot_id|>, ChatML:
+    <|im_end|>), the tokenizer's EOS and the model's generation_config eos_token_id."""
+    return chat.stop_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
