@@ -1,6 +1,20 @@
 """Row schemas (the public datasets' own), checked row by row in pure Python.
 
 An error names the file, the 1-based row number and the field.
+
+Rows load as the public datasets ship them, extra fields and all:
+- extra row fields (`id`, `source`, `chosen_rating`, `constraint_type`, ...) are ignored here
+  (prompt rows keep them for the verifiers); a null field counts as absent (Arrow files fill
+  absent fields with null);
+- a message keeps its extra keys (`tool_calls`, `name`, `tool_call_id`, `reasoning_content`, ...)
+  so the chat template can render them; only role and content are checked, strictly;
+- an assistant message that only calls tools may have `content: null` (read as "");
+- content given as a list of parts ([{type: text, text}]) is the concatenation of its text parts
+  (what multi-modal chat templates render for text parts);
+- images are refused: an image part in a content list, or a non-empty `images` field, is an error
+  naming the file, row and field. Every stage here trains or samples a text-only model; dropping the
+  images silently would train on text that talks about a picture the model never sees. Filter such
+  rows out of the data (an `images` field that is null or [] is fine).
 """
 
 from __future__ import annotations
@@ -14,6 +28,35 @@ def _where(src: str, row: int) -> str:
     return f"{src}: row {row}"
 
 
+def _present(row, where: str) -> dict:
+    """The row's fields that are not null; refuses a non-mapping row and a row that carries images."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: a row must be a JSON object")
+    row = {k: v for k, v in row.items() if v is not None}
+    images = row.get("images")
+    if isinstance(images, list) and images:
+        raise UserError(f"{where}: field 'images' holds {len(images)} image(s); posttrain trains text-only "
+                        f"models (remove rows with images from the data)")
+    return row
+
+
+def _text(content: list, where: str, field: str) -> str:
+    """A content list of parts -> its text parts joined; any other part is refused."""
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind == "text":
+            raise UserError(f"{where}: field '{field}[{j}].text' must be a string")
+        elif kind is None:
+            raise UserError(f"{where}: field '{field}[{j}]' must be a {{type, ...}} part")
+        else:
+            raise UserError(f"{where}: field '{field}[{j}]' is a {kind!r} part; posttrain trains text-only "
+                            f"models (remove rows with images or other media from the data)")
+    return "".join(out)
+
+
 def check_messages(msgs, where: str, field: str = "messages") -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise UserError(f"{where}: field '{field}' must be a non-empty list of {{role, content}}")
@@ -24,17 +67,26 @@ def check_messages(msgs, where: str, field: str = "messages") -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise UserError(f"{where}: field '{field}[{i}].role'={role!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
+        calls = m.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise UserError(f"{where}: field '{field}[{i}].tool_calls' must be a list")
+        if isinstance(content, list):
+            content = _text(content, where, f"{field}[{i}].content")
+        elif content is None and role == "assistant" and calls:
+            content = ""
+        elif not isinstance(content, str):
             raise UserError(f"{where}: field '{field}[{i}].content' must be a string")
-        out.append({"role": role, "content": content})
+        # Extra keys stay for the template; null ones are absent (Arrow structs fill them with null).
+        msg = {k: v for k, v in m.items() if v is not None}
+        msg["role"], msg["content"] = role, content
+        out.append(msg)
     return out
 
 
 def sft_messages(row, src: str, n: int) -> list[dict]:
     """An SFT row: `messages` with at least one assistant turn, or `prompt` + `completion`."""
     where = _where(src, n)
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: a row must be a JSON object")
+    row = _present(row, where)
     if "messages" in row:
         msgs = check_messages(row["messages"], where)
         if not any(m["role"] == "assistant" for m in msgs):
@@ -53,8 +105,7 @@ def prompt_row(row, src: str, n: int, need_truth: bool = True) -> dict:
     """A prompt row (eval, RL): `messages` (the prompt turns) or `prompt`, plus `ground_truth`
     (optional with need_truth=False: generation, distillation, reward-model scoring)."""
     where = _where(src, n)
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: a row must be a JSON object")
+    row = _present(row, where)
     if "messages" in row:
         msgs = check_messages(row["messages"], where)
         if msgs[-1]["role"] == "assistant":
@@ -115,8 +166,7 @@ def preference_row(row, src: str, n: int) -> dict:
     is an error; chosen identical to rejected is a counted drop (`drop`).
     """
     where = _where(src, n)
-    if not isinstance(row, dict):
-        raise UserError(f"{where}: a row must be a JSON object")
+    row = _present(row, where)
     if "ranked" in row:
         ranked = row["ranked"]
         if not isinstance(ranked, list) or len(ranked) < 2:
