@@ -18,4 +18,4 @@ def resolve_source_path(path: str) -> str:
 def is_local(path: str) -> bool:
     p = resolve_source_path(path)
     return path.startswith(("pkg://", "/", "./", "../", "~")) or Path(p).expanduser().exists() or \
-        p.endswith((".jsonl", ".json", ".parquet"))
+        p.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet"))
