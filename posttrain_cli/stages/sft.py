@@ -4,6 +4,11 @@
 
 - Loss on every assistant turn (and the end-of-turn token after it), never on
   system/user turns; turn boundaries come from the model's own chat template.
+  `multi_turn` (data/chat.py) decides how a conversation whose template rewrites earlier turns
+  becomes examples; the log says how many examples the conversations became.
+- Data: every row is checked and tokenized once, on every core of rank 0, into a memory-mapped
+  cache keyed by the data's content, the tokenizer, the template and these settings
+  (RUN_DIR/_cache/tokenized/, data/tokenized.py), which every stage reading the same data shares.
 - Packing (default): each micro-batch is one padding-free row, attention kept
   inside each sequence. `packing: false` pads rows instead.
 - The loss is the token sum over the global batch divided by its loss-token
@@ -17,10 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain_cli.data import packing
-from posttrain_cli.data.chat import apply_truncation, tokenize_chat
-from posttrain_cli.data.schemas import sft_messages
-from posttrain_cli.data.sources import load_mixture
+from posttrain_cli.data import packing, tokenized
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
 from posttrain_cli.engine.inference import load_tokenizer, packed_logits
@@ -30,38 +32,33 @@ from posttrain_cli.losses import LOSSES
 from posttrain_cli.losses.sft import shifted_targets
 
 
-def tokenize_rows(ctx, tokenizer, rows: list) -> tuple[list, dict]:
-    """Tokenize on rank 0 once, cache in the stage folder, share with every rank."""
-
-    def build():
-        cfg = ctx.cfg
-        examples, truncated, dropped = [], 0, 0
-        for messages in rows:
-            tok = apply_truncation(tokenize_chat(tokenizer, messages), cfg["max_seq_len"], cfg["truncation"])
-            if tok is None:
-                dropped += 1
-                continue
-            truncated += tok.truncated
-            examples.append((tok.input_ids, tok.loss_mask))
-        stats = {"rows": len(rows), "truncated": truncated, "dropped": dropped, "examples": len(examples),
-                 "tokens": sum(len(i) for i, _ in examples),
-                 "loss_tokens": sum(sum(m) for _, m in examples)}
-        return {"examples": examples, "stats": stats}
-
-    blob = ctx.cached("sft", build)
-    return blob["examples"], blob["stats"]
+def tokenize_data(ctx, tokenizer) -> tuple:
+    """Every source checked and tokenized once, on every core of rank 0, into the run's shared cache
+    (data/tokenized.py: RUN_DIR/_cache/tokenized/<key>/); every rank reads it memory-mapped."""
+    cfg = ctx.cfg
+    spec = tokenized.SftTokenization(tokenizer, cfg["max_seq_len"], cfg["truncation"],
+                                     cfg.get("multi_turn", "each"))
+    caches = tokenized.locate(cfg["data"], ctx.where("data"), spec, ctx.stage_dir.parent / "_cache" / "tokenized",
+                              resolved_from=ctx.datasets)
+    # Decided together (a collective): a rank that saw rank 0's fresh cache would skip the barrier.
+    if dist.all_sum([float(all(c.ready() for c in caches))])[0] < dist.world():
+        if dist.is_main():
+            for c in caches:
+                if not c.ready():
+                    c.build(progress=ctx.progress)
+        dist.barrier()
+    return tokenized.mixture(caches, ctx.seed)
 
 
 def run(ctx) -> dict:
     cfg = ctx.cfg
     model_cfg = ctx.run["model"]
     tokenizer = load_tokenizer(ctx.input_model, model_cfg)
-    rows = load_mixture(cfg["data"], ctx.where("data"), sft_messages, ctx.seed, resolved_from=ctx.datasets)
-    examples, stats = tokenize_rows(ctx, tokenizer, rows)
+    examples, stats = tokenize_data(ctx, tokenizer)
     if not examples:
         raise UserError(f"{ctx.where('data')}: every row was dropped by truncation={cfg['truncation']} "
                         f"at max_seq_len={cfg['max_seq_len']}")
-    ctx.info(f"{stats['rows']} rows -> {stats['examples']} examples, {stats['truncated']} truncated, "
+    ctx.info(f"{stats['rows']} conversations -> {stats['examples']} examples, {stats['truncated']} truncated, "
              f"{stats['dropped']} dropped (max_seq_len {cfg['max_seq_len']}, {cfg['truncation']}); "
              f"{stats['loss_tokens']}/{stats['tokens']} tokens carry loss")
 

@@ -1,0 +1,322 @@
+"""SFT data at scale: rows checked and tokenized once, on every core, into memory-mapped Arrow files
+that every stage reading the same data with the same tokenizer shares.
+
+    spec = SftTokenization(tokenizer, max_seq_len=2048, truncation="truncate", multi_turn="each")
+    caches = locate(cfg["data"], "stages.sft.data", spec, RUN_DIR / "_cache" / "tokenized", resolved_from)
+    for c in caches:                        # rank 0, where c.ready() is False
+        c.build(progress=ctx.progress)
+    examples, stats = mixture(caches, seed)  # every rank: examples[i] -> (input_ids, loss_mask)
+
+- One cache per source, at `<root>/<key>/`: `examples.arrow` (Arrow IPC file, one record batch per
+  chunk of rows: `input_ids` list<int32>, `loss_mask` list<bool>), `index.npz` (per example: its
+  row, tokens, loss tokens, truncated; per row: examples dropped by truncation) and `meta.json`.
+- key = sha256 of: the source's content (a file's bytes up to 256 MB, else its path, size and mtime;
+  a directory's file names, sizes and mtimes; a hub dataset's `datasets` fingerprint), the tokenizer
+  (its tokenizer.json, or vocabulary, special tokens and class), the chat template, max_seq_len,
+  truncation, multi_turn, and the source of the code that checks and tokenizes rows
+  (data/schemas.py, data/chat.py, this file). Weights are not in the key: a source is tokenized once
+  whatever its weight, and the mixture picks its rows.
+- Built in worker processes (sources.map_chunks: every core, chunks of 2000 rows handed out in
+  order, at most two per worker in flight); each worker checks its rows with the SFT row schema
+  (errors name the file, row and field) and calls chat.tokenize_conversation + apply_truncation.
+  Written into a temporary directory and renamed into place, so a crash leaves no half cache.
+- Read back memory-mapped: no rank holds the token ids as Python objects; `Examples[i]` makes the
+  two lists of one example when a micro-batch asks for it.
+- The mixture is the rows load_mixture would give (apply_weight on row indices, seed + source
+  number) and each row's examples in order, so the examples and their order are the ones a
+  row-by-row loop over the mixture gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from posttrain_cli.data import sources
+from posttrain_cli.data.chat import apply_truncation, tokenize_conversation
+from posttrain_cli.data.paths import is_local, resolve_source_path
+from posttrain_cli.data.schemas import sft_messages
+from posttrain_cli.errors import UserError
+
+# A file up to this size is keyed by its bytes; a bigger one by its path, size and mtime.
+HASH_LIMIT = 256 << 20
+# A source this big gets a progress bar (smaller ones take seconds).
+PROGRESS_ROWS = 50_000
+# The code whose behaviour the cached tokens depend on.
+CODE = ("schemas.py", "chat.py", "tokenized.py")
+
+
+@dataclass
+class SftTokenization:
+    tokenizer: object
+    max_seq_len: int
+    truncation: str
+    multi_turn: str = "each"
+
+    def key(self) -> dict:
+        return {"tokenizer": tokenizer_hash(self.tokenizer), "chat_template": self.tokenizer.chat_template,
+                "max_seq_len": self.max_seq_len, "truncation": self.truncation, "multi_turn": self.multi_turn,
+                "code": _code_hash()}
+
+
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _code_hash() -> str:
+    here = Path(__file__).parent
+    return _sha(b"".join((here / name).read_bytes() for name in CODE))[:16]
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """The tokenizer's vocabulary and config: the fast tokenizer's whole tokenizer.json (vocabulary,
+    merges, normalizer, pre-tokenizer, added tokens), else the vocabulary; plus the special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return _sha(f"{type(tokenizer).__name__}\n{special}\n{body}")[:16]
+
+
+def _file_signature(f: Path) -> dict:
+    st = f.stat()
+    if f.is_file() and st.st_size <= HASH_LIMIT:
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+        return {"sha256": h.hexdigest()}
+    if f.is_dir():
+        return {"dir": str(f.resolve()), "files": sorted(
+            (str(p.relative_to(f)), p.stat().st_size, p.stat().st_mtime_ns) for p in f.rglob("*") if p.is_file())}
+    return {"file": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def data_signature(src: dict, where: str) -> dict:
+    """What identifies a source's rows (its content where that is cheap to read)."""
+    if is_local(src["path"]):
+        root = Path(resolve_source_path(src["path"])).expanduser()
+        files = sources.local_files(src["path"], where)
+        # A directory's files in order, by name; a single file by its content alone (copies share).
+        return {"split": src["split"], "files": [
+            {**({"name": str(f.relative_to(root))} if f != root else {}), **_file_signature(f)} for f in files]}
+    ds = sources.hub_dataset(src, where)
+    return {"hub": src["path"], "name": src["name"], "split": src["split"], "fingerprint": ds._fingerprint}
+
+
+# ------------------------------------------------------------------ the worker side
+
+_SPEC: SftTokenization | None = None
+
+
+def _init(spec: SftTokenization) -> None:
+    global _SPEC
+    _SPEC = spec
+
+
+def _tokenize_chunk(chunk: sources.Chunk) -> dict:
+    """Check and tokenize one chunk of rows (in a worker) -> flat arrays of its examples."""
+    spec = _SPEC
+    ids, masks, rows, truncated, dropped = [], [], [], [], []
+    for k, (n, row) in enumerate(sources.decode(chunk)):
+        messages = sft_messages(row, chunk.label, n)
+        try:
+            examples = tokenize_conversation(spec.tokenizer, messages, spec.multi_turn)
+        except UserError as e:
+            raise UserError(f"{chunk.label}: row {n}: {e}") from None
+        lost = 0
+        for ex in examples:
+            ex = apply_truncation(ex, spec.max_seq_len, spec.truncation)
+            if ex is None:
+                lost += 1
+                continue
+            ids.append(ex.input_ids)
+            masks.append(ex.loss_mask)
+            rows.append(k)
+            truncated.append(ex.truncated)
+        dropped.append(lost)
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    total = int(lengths.sum())
+    return {
+        "lines": len(chunk),
+        "lengths": lengths,
+        "ids": np.fromiter(chain.from_iterable(ids), np.int32, total),
+        "mask": np.fromiter(chain.from_iterable(masks), np.bool_, total),
+        "row": np.asarray(rows, np.int64),
+        "truncated": np.asarray(truncated, np.bool_),
+        "dropped": np.asarray(dropped, np.int32),
+    }
+
+
+def _record_batch(part: dict):
+    import pyarrow as pa
+
+    offsets = pa.array(np.concatenate([[0], np.cumsum(part["lengths"])]).astype(np.int32))
+    return pa.RecordBatch.from_arrays(
+        [pa.ListArray.from_arrays(offsets, pa.array(part["ids"])),
+         pa.ListArray.from_arrays(offsets, pa.array(part["mask"]))],
+        names=["input_ids", "loss_mask"])
+
+
+# ------------------------------------------------------------------ one source's cache
+
+
+@dataclass
+class SourceCache:
+    src: dict
+    where: str
+    spec: SftTokenization
+    dir: Path
+    key: str
+    signature: dict
+
+    def ready(self) -> bool:
+        return (self.dir / "meta.json").is_file()
+
+    def build(self, progress: Callable | None = None, workers: int | None = None) -> None:
+        """Check and tokenize every row (worker processes), write the cache atomically."""
+        import pyarrow as pa
+
+        root = self.dir.parent
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.glob(f".tmp-{self.key}-*"):  # a build that died (its process is gone)
+            if not _alive(old.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = root / f".tmp-{self.key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        label = sources.source_label(self.src)
+        total = sources.count_rows(self.src, self.where) if progress else 0
+        bar = progress(total, f"tokenizing {label}") if total >= PROGRESS_ROWS else None
+        index = {k: [] for k in ("row", "tokens", "loss", "truncated", "dropped")}
+        done = rows = examples = 0
+        schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.bool_()))])
+        try:
+            with pa.OSFile(str(tmp / "examples.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for part in sources.map_chunks(sources.chunks(self.src, self.where), _tokenize_chunk,
+                                               workers=workers, initializer=_init, initargs=(self.spec,)):
+                    writer.write_batch(_record_batch(part))
+                    index["row"].append(part["row"] + rows)
+                    index["tokens"].append(part["lengths"].astype(np.int32))
+                    index["loss"].append(_loss_tokens(part))
+                    index["truncated"].append(part["truncated"])
+                    index["dropped"].append(part["dropped"])
+                    done += part["lines"]
+                    rows += len(part["dropped"])
+                    examples += len(part["lengths"])
+                    if bar:
+                        bar.update(done, {"rows": rows, "examples": examples})
+            if not rows:
+                raise UserError(f"{self.where}: {label} has no rows")
+            np.savez(tmp / "index.npz", **{k: np.concatenate(v) for k, v in index.items()})
+            (tmp / "meta.json").write_text(json.dumps({
+                "source": label, "rows": rows, "examples": examples, "data": self.signature,
+                "max_seq_len": self.spec.max_seq_len, "truncation": self.spec.truncation,
+                "multi_turn": self.spec.multi_turn}, indent=1) + "\n")
+            try:
+                tmp.rename(self.dir)
+            except OSError:  # built meanwhile by another process: keep that one
+                if not self.ready():
+                    raise
+        finally:
+            _init(None)
+            if bar:
+                bar.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def open(self):
+        """(the Arrow table, memory-mapped; the index arrays)."""
+        import pyarrow as pa
+
+        table = pa.ipc.open_file(pa.memory_map(str(self.dir / "examples.arrow"), "r")).read_all()
+        with np.load(self.dir / "index.npz") as z:
+            index = {k: z[k] for k in z.files}
+        return table, index
+
+
+def _loss_tokens(part: dict) -> np.ndarray:
+    """Tokens carrying loss in each example of a chunk."""
+    ends = np.cumsum(part["lengths"])
+    marked = np.concatenate([[0], np.cumsum(part["mask"], dtype=np.int64)])
+    return (marked[ends] - marked[ends - part["lengths"]]).astype(np.int32)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def locate(data: list[dict], where: str, spec: SftTokenization, root: Path,
+           resolved_from: dict | None = None) -> list[SourceCache]:
+    """The cache of every source of a stage's `data` (built or not)."""
+    common = spec.key()
+    out = []
+    for i, src in enumerate(data):
+        if src["from"] is not None:
+            src = {**src, "path": resolved_from[src["from"]]}
+        at = f"{where}[{i}]"
+        signature = data_signature(src, at)
+        key = _sha(json.dumps({"data": signature, **common}, sort_keys=True, default=str))[:24]
+        out.append(SourceCache(src, at, spec, Path(root) / key, key, signature))
+    return out
+
+
+# ------------------------------------------------------------------ the mixture
+
+
+class Examples(Sequence):
+    """The stage's training examples in mixture order: examples[i] -> (input_ids, loss_mask) lists,
+    read from the memory-mapped caches."""
+
+    def __init__(self, tables: list, order: np.ndarray):
+        self.batches = [b for t in tables for b in t.to_batches()]
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[bool]]:
+        g = int(self.order[i])
+        b = int(np.searchsorted(self.starts, g, side="right")) - 1
+        batch, j = self.batches[b], g - int(self.starts[b])
+        return batch.column(0)[j].values.to_pylist(), batch.column(1)[j].values.to_pylist()
+
+
+def mixture(caches: list[SourceCache], seed: int) -> tuple[Examples, dict]:
+    """Every source's rows weighted (sources.apply_weight on row indices), their examples in row
+    order -> (examples, stats: rows, truncated, dropped, examples, tokens, loss_tokens)."""
+    tables, order = [], []
+    stats = dict.fromkeys(("rows", "truncated", "dropped", "examples", "tokens", "loss_tokens"), 0)
+    offset = 0
+    for i, c in enumerate(caches):
+        table, index = c.open()
+        n_rows = len(index["dropped"])
+        picked = np.asarray(sources.weighted_indices(n_rows, c.src["weight"], seed + i), np.int64)
+        per_row = np.bincount(index["row"], minlength=n_rows)
+        first = np.concatenate([[0], np.cumsum(per_row)[:-1]])
+        counts, starts = per_row[picked], first[picked]
+        ends = np.cumsum(counts)
+        ex = np.repeat(starts - (ends - counts), counts) + np.arange(int(ends[-1]) if len(ends) else 0)
+        stats["rows"] += len(picked)
+        stats["truncated"] += int(index["truncated"][ex].sum())
+        stats["dropped"] += int(index["dropped"][picked].sum())
+        stats["examples"] += len(ex)
+        stats["tokens"] += int(index["tokens"][ex].astype(np.int64).sum())
+        stats["loss_tokens"] += int(index["loss"][ex].astype(np.int64).sum())
+        tables.append(table)
+        order.append(ex + offset)
+        offset += table.num_rows
+    return Examples(tables, np.concatenate(order) if order else np.zeros(0, np.int64)), stats
