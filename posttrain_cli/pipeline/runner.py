@@ -15,7 +15,7 @@ import yaml
 
 from posttrain_cli.config.cluster import world_size
 from posttrain_cli.data import schemas
-from posttrain_cli.data.sources import load_source
+from posttrain_cli.data.sources import SourceRows
 from posttrain_cli.errors import UserError
 from posttrain_cli.kinds import KINDS
 from posttrain_cli.pipeline import graph, manifest
@@ -53,7 +53,8 @@ def preflight(run: dict, steps: list[Step]) -> None:
             continue
         node = step.node
         for where, src, rows in graph.local_source_files(node):
-            parsed = load_source(src, where, schemas.ROW_SCHEMAS[rows])
+            # Every row checked on every core; the checks below parse again as they go (one chunk held).
+            parsed = SourceRows(src, where, schemas.ROW_SCHEMAS[rows])
             if node.cfg.get("margin") and ".data[" in where:
                 schemas.require_margins(parsed, f"stages.{node.name}.margin")
             if not where.startswith(f"stages.{node.name}.eval."):
