@@ -31,6 +31,7 @@ would drop the reasoning from the rendered turn.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ def use_template(tokenizer, value: str | None, model: str):
         raise UserError(f"model.chat_template: {model} has no chat template (a base model?); set "
                         f"model.chat_template to one of {', '.join(TEMPLATE_NAMES)}, a .jinja file or a "
                         f"template string")
-    end_of_turn(tokenizer)  # refuses a template whose turns cannot end on a token of this vocabulary
+    _turn_end(tokenizer)  # refuses a template whose turns cannot end on a token of this vocabulary
     return tokenizer
 
 
@@ -91,43 +92,58 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _turn_parts(tokenizer) -> tuple[str, str]:
-    """(generation prompt after a user turn, text the template puts after an assistant content)."""
+def _added_at(tokenizer, text: str) -> str | None:
+    """The added (special) token `text` starts with, after whitespace; None if it starts otherwise."""
+    text = text.lstrip()
+    found = [t.content for t in tokenizer.added_tokens_decoder.values() if t.content and text.startswith(t.content)]
+    return max(found, key=len) if found else None
+
+
+def _turn_end(tokenizer) -> tuple[str, str]:
+    """(end-of-turn token, closing text) of the tokenizer's template. Most templates write an
+    end-of-turn token after an answer (closing ""); some end a turn with the next turn's header
+    (GLM-4: <|user|>), which the template renders only when a turn follows: posttrain appends it
+    (the closing) to a conversation's final answer, as those templates' training variants do."""
+    cache = getattr(tokenizer, "_posttrain_turn_end", None)
+    if cache is not None and cache[0] == tokenizer.chat_template:
+        return cache[1]
     user = [{"role": "user", "content": "x"}]
-    prompt = render(tokenizer, user, add_generation_prompt=True)
     full = render(tokenizer, user + [{"role": "assistant", "content": _PROBE}])
     at = full.find(_PROBE)
     if at < 0:
-        raise UserError(f"model.chat_template: {_label(tokenizer)} does not render an "
-                        f"assistant message's content; set model.chat_template ({', '.join(TEMPLATE_NAMES)})")
-    return prompt, full[at + len(_PROBE):]
+        raise UserError(f"model.chat_template: {_label(tokenizer)} does not render an assistant message's content; "
+                        f"set model.chat_template ({', '.join(TEMPLATE_NAMES)})")
+    after, closing = full[at + len(_PROBE):], ""
+    token = _added_at(tokenizer, after)
+    if token is None and not after.strip():
+        nxt = render(tokenizer, user + [{"role": "assistant", "content": _PROBE}, {"role": "user", "content": _PROBE}])
+        between = nxt[nxt.find(_PROBE) + len(_PROBE):nxt.rfind(_PROBE)]
+        token = _added_at(tokenizer, between)
+        if token is not None:
+            closing = between[:between.find(token) + len(token)]
+    if token is None:
+        raise UserError(f"model.chat_template: {_label(tokenizer)} ends an assistant turn with {after.strip()!r}, "
+                        f"which is not a token of its vocabulary, so generation could not stop there; pick a "
+                        f"template whose markers the vocabulary holds (model.chat_template: "
+                        f"{', '.join(TEMPLATE_NAMES)})")
+    tokenizer._posttrain_turn_end = (tokenizer.chat_template, (token, closing))
+    return token, closing
 
 
 def end_of_turn(tokenizer) -> list[int]:
     """The token that ends an assistant turn under this template (Llama 3: <|eot_id|>, ChatML:
-    <|im_end|>, Tulu: EOS): the first added token of the text the template writes after an answer.
-    Generation must stop there, so it goes into every sampler's stop set and the saved
-    generation_config. A template whose end of turn is no single token of the vocabulary is refused."""
-    cache = getattr(tokenizer, "_posttrain_eot", None)
-    if cache is not None and cache[0] == tokenizer.chat_template:
-        return cache[1]
-    _, after = _turn_parts(tokenizer)
-    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
-    ids = []
-    for piece in re.split(r"(\s+)", after):
-        if not piece.strip():
-            continue
-        found = [t for t in sorted(added, key=len, reverse=True) if piece.startswith(t)]
-        if found:
-            ids = [tokenizer.convert_tokens_to_ids(found[0])]
-        break
-    if not ids:
-        raise UserError(f"model.chat_template: {_label(tokenizer)} ends an assistant turn "
-                        f"with {after.strip()!r}, which is not a token of its vocabulary, so generation could not "
-                        f"stop there; pick a template whose markers the vocabulary holds "
-                        f"(model.chat_template: {', '.join(TEMPLATE_NAMES)})")
-    tokenizer._posttrain_eot = (tokenizer.chat_template, ids)
-    return ids
+    <|im_end|>, Tulu: EOS, GLM-4: <|user|>). Generation must stop there, so it goes into every
+    sampler's stop set and the saved generation_config. A template whose end of turn is no single
+    token of the vocabulary is refused."""
+    return [tokenizer.convert_tokens_to_ids(_turn_end(tokenizer)[0])]
+
+
+def _render_turns(tokenizer, messages: list[dict]) -> str:
+    """The rendered conversation, with the closing text after a final answer (_turn_end)."""
+    text = render(tokenizer, messages)
+    if messages[-1]["role"] == "assistant" and getattr(tokenizer, "chat_template", None):
+        text += _turn_end(tokenizer)[1]
+    return text
 
 
 def stop_ids(tokenizer, generation_eos=None) -> list[int]:
@@ -190,27 +206,38 @@ def _marked(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]
 def _turn_span(tokenizer, messages: list[dict], k: int) -> tuple[str, tuple[int, int]]:
     """Turn k as it is generated: the text up to its end and the characters the model writes."""
     prompt = render(tokenizer, messages[:k], add_generation_prompt=True)
-    upto = render(tokenizer, messages[: k + 1])
+    upto = _render_turns(tokenizer, messages[: k + 1])
     if upto.startswith(prompt) and len(upto) > len(prompt):
         return upto, (len(prompt), len(upto))
     # The rendered turn does not continue its generation prompt: the prompt prefills part of the
-    # answer (R1: "<think>\n") and the template rewrites the turn (drops the reasoning). The model
-    # writes the message's content after the prefill, then the template's end-of-turn text.
-    probe = render(tokenizer, messages[:k] + [{**messages[k], "content": _PROBE}])
-    at = probe.find(_PROBE)
-    if at < 0 or not prompt.startswith(probe[:at]):
-        raise UserError(f"model.chat_template: {_label(tokenizer)} does not render "
-                        f"assistant turns after its generation prompt, so posttrain cannot tell which tokens the "
-                        f"model writes; set model.chat_template to a template that does "
-                        f"({', '.join(TEMPLATE_NAMES)}, or one with {{% generation %}} markers)")
-    prefill = prompt[at:]
+    # answer (R1: "<think>\n"; Nemotron 3: "<think>\n" where the turn renders "<think></think>").
     content = messages[k]["content"]
-    if prefill and content.startswith(prefill):
-        content = content[len(prefill):]
-    elif prefill.strip() and content.lstrip().startswith(prefill.strip()):
-        content = content.lstrip()[len(prefill.strip()):].lstrip("\n")
-    text = prompt + content + probe[at + len(_PROBE):]
-    return text, (len(prompt), len(text))
+    same = len(os.path.commonprefix([prompt, upto]))
+    if content.strip() and content.strip() in upto[same:]:
+        # The template keeps the content: the model writes the rest of the rendered turn, less
+        # what the prompt prefilled.
+        written = _after_prefill(upto[same:], prompt[same:])
+    else:
+        # The template rewrites the content (R1 drops everything before </think>): the model writes
+        # the message's content after the prefill, then the template's end-of-turn text.
+        probe = _render_turns(tokenizer, messages[:k] + [{**messages[k], "content": _PROBE}])
+        at = probe.find(_PROBE)
+        if at < 0 or not prompt.startswith(probe[:at]):
+            raise UserError(f"model.chat_template: {_label(tokenizer)} does not render assistant turns after its "
+                            f"generation prompt, so posttrain cannot tell which tokens the model writes; set "
+                            f"model.chat_template to a template that does ({', '.join(TEMPLATE_NAMES)}, or one "
+                            f"with {{% generation %}} markers)")
+        written = _after_prefill(content, prompt[at:]) + probe[at + len(_PROBE):]
+    return prompt + written, (len(prompt), len(prompt) + len(written))
+
+
+def _after_prefill(text: str, prefill: str) -> str:
+    """text without the prefill the generation prompt already wrote at its start."""
+    if prefill and text.startswith(prefill):
+        return text[len(prefill):]
+    if prefill.strip() and text.lstrip().startswith(prefill.strip()):
+        return text.lstrip()[len(prefill.strip()):].lstrip("\n")
+    return text
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], multi_turn: str = "each") -> list[Tokenized]:
@@ -219,7 +246,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], multi_turn: str = "ea
     if not turns:
         return []
     marked = bool(_GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""))
-    full = render(tokenizer, messages)
+    full = _render_turns(tokenizer, messages)
     # One example holds every turn when each turn, rendered as the last one, is a prefix of the whole.
     spans = []
     for k in turns:
