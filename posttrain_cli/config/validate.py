@@ -64,6 +64,28 @@ def _check_verifier(path: str, name: str) -> None:
         raise UserError(f"{path}='{name}' is not a verifier (known: {', '.join(sorted(VERIFIERS))}){hint}")
 
 
+def _check_has_template(path: str, stages: dict) -> None:
+    """A local base model without a chat template stops here (a hub model is checked when its
+    tokenizer loads); a recipe whose stages read no rows (merges only) renders no chat."""
+    import json
+    from pathlib import Path
+
+    from posttrain_cli.data.chat import TEMPLATE_NAMES
+
+    local = Path(path).expanduser()
+    if not (local / "config.json").is_file() or all(KINDS[s["kind"]].rows is None for s in stages.values()):
+        return
+    if (local / "chat_template.jinja").is_file() or (local / "chat_template.json").is_file():
+        return
+    try:
+        if json.loads((local / "tokenizer_config.json").read_text()).get("chat_template"):
+            return
+    except (OSError, ValueError):
+        return  # no readable tokenizer config: the tokenizer's own load will say what is wrong
+    raise UserError(f"model.chat_template: {path} has no chat template (a base model?); set model.chat_template "
+                    f"to one of {', '.join(TEMPLATE_NAMES)}, a .jinja file or a template string")
+
+
 def check_run(cfg: dict) -> dict:
     """Validate a composed recipe (plain dict) and fill every default."""
     for key in cfg:
@@ -106,7 +128,9 @@ def check_run(cfg: dict) -> dict:
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None
     template = out["model"]["chat_template"]
-    if template is not None:
+    if template is None:
+        _check_has_template(out["model"]["path"], out["stages"])
+    else:
         from pathlib import Path
 
         from posttrain_cli.data.chat import template_text
