@@ -211,7 +211,7 @@ def _turn_span(tokenizer, messages: list[dict], k: int) -> tuple[str, tuple[int,
         return upto, (len(prompt), len(upto))
     # The rendered turn does not continue its generation prompt: the prompt prefills part of the
     # answer (R1: "<think>\n"; Nemotron 3: "<think>\n" where the turn renders "<think></think>").
-    content = messages[k]["content"]
+    content = messages[k].get("content") or ""
     same = len(os.path.commonprefix([prompt, upto]))
     if content.strip() and content.strip() in upto[same:]:
         # The template keeps the content: the model writes the rest of the rendered turn, less

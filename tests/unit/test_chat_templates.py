@@ -342,3 +342,23 @@ def test_a_bpe_merge_across_the_turn_boundary():
     trained = [tok.decode([i]) for i, m in zip(ex.input_ids, ex.loss_mask) if m]
     assert "".join(trained) == ":\n\nHello<|im_end|>\n"   # the crossing ":\n\n" and the rest
     assert trained[0] == ":\n\n" and not any(ex.loss_mask[: ex.loss_mask.index(True)])
+
+
+def test_olmo3_and_llama2_templates_by_hand():
+    """olmo3 ends only the final answer with EOS (history uses <|im_end|>): each answer is trained as
+    the final one, ending with EOS; Llama 2-Chat trains ' answer </s>' after '[/INST]'."""
+    from posttrain_cli.data.chat import use_template
+
+    tok = use_template(tokenizer("olmo2"), "olmo3", "olmo2")
+    examples = tokenize_conversation(tok, CONVERSATIONS["multi"])
+    assert [[tok.decode(r) for r in _runs(e.input_ids, e.loss_mask)] for e in examples] == [
+        ["Hello, how can I help?<|endoftext|>"], [" 2 + 3 = 5<|endoftext|>"]]
+    # The second example's context renders the first answer as history does (<|im_end|>), untrained.
+    assert "Hello, how can I help?<|im_end|>\n<|im_start|>user\nAdd 2 and 3." in tok.decode(examples[1].input_ids)
+    assert len(tokenize_conversation(tok, CONVERSATIONS["multi"], "last")) == 1
+
+    tok = use_template(tokenizer("llama3"), "llama2", "llama3")
+    (ex,) = tokenize_conversation(tok, CONVERSATIONS["system"])
+    assert tok.decode(ex.input_ids) == ("<|begin_of_text|>[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\n"
+                                       "Say hello. [/INST] Hello there! <|end_of_text|>")
+    assert [tok.decode(r) for r in _runs(ex.input_ids, ex.loss_mask)] == [" Hello there! <|end_of_text|>"]
