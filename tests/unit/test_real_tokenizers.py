@@ -211,3 +211,68 @@ def test_generation_config_stops_like_the_real_instruct_and_base_models(tmp_path
     arch = {"qwen2": "qwen2", "llama3": "llama", "olmo2": "olmo2"}[family]
     path = build_model(arch, tmp_path / "m", family, instruct=instruct)
     assert GenerationConfig.from_pretrained(path).eos_token_id == expected
+
+
+# ------------------------------------------------------------------ posttrain's chat functions on them
+
+CHATS = [("qwen2", "qwen3", "<|im_end|>"), ("qwen2", "qwen2_5", "<|im_end|>"), ("llama3", "llama3_1", "<|eot_id|>"),
+         ("r1_distill", "deepseek_r1_distill", "<｜end▁of▁sentence｜>"), ("olmo2", None, "<|endoftext|>")]
+CHAT_IDS = [f"{family}-{template or 'tulu'}" for family, template, _ in CHATS]
+
+
+def chat_tokenizer(family: str, template: str | None):
+    return tokenizer(family, trl_template(template) if template else OLMO2_TULU_TEMPLATE)
+
+
+@pytest.mark.parametrize("family, template, end_of_turn", CHATS, ids=CHAT_IDS)
+def test_end_of_turn_and_stop_ids_are_the_templates(family, template, end_of_turn):
+    from posttrain_cli.data import chat
+
+    tok = chat_tokenizer(family, template)
+    eot = tok.convert_tokens_to_ids(end_of_turn)
+    assert chat.end_of_turn(tok) == [eot]
+    assert set(chat.stop_ids(tok, tok.eos_token_id)) == {eot, tok.eos_token_id}
+
+
+@pytest.mark.parametrize("family, template, end_of_turn", CHATS, ids=CHAT_IDS)
+def test_one_turn_trains_the_answer_and_its_end_of_turn_after_the_generation_prompt(family, template, end_of_turn):
+    """The untrained prefix is exactly the sampling prompt (what the model sees at inference), the
+    trained tokens hold the answer and the end-of-turn token, and BOS appears at most once (the
+    template writes it; the tokenizer must not add a second)."""
+    from posttrain_cli.data import chat
+
+    tok = chat_tokenizer(family, template)
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "The answer is 4."}]
+    [ex] = chat.tokenize_conversation(tok, messages)
+    first = ex.loss_mask.index(True)
+    assert ex.input_ids[:first] == chat.prompt_ids(tok, messages[:1])
+    trained = [t for t, m in zip(ex.input_ids, ex.loss_mask) if m]
+    assert "The answer is 4." in tok.decode(trained)
+    assert tok.convert_tokens_to_ids(end_of_turn) in trained
+    assert all(ex.loss_mask[first:]), "the trained tokens are one run to the end"
+    if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id:
+        assert ex.input_ids.count(tok.bos_token_id) <= 1
+    assert chat.tokenize_response(tok, messages[:1], messages[1]).input_ids == ex.input_ids
+
+
+@pytest.mark.parametrize("family, template, end_of_turn, examples", [
+    ("qwen2", "qwen3", "<|im_end|>", 2),
+    ("qwen2", "qwen2_5", "<|im_end|>", 1),
+    ("llama3", "llama3_1", "<|eot_id|>", 1),
+    ("r1_distill", "deepseek_r1_distill", "<｜end▁of▁sentence｜>", 2),
+    ("olmo2", None, "<|endoftext|>", 1),
+], ids=CHAT_IDS)
+def test_two_turns_train_both_answers(family, template, end_of_turn, examples):
+    """Templates that rewrite history (Qwen3 gives only the last turn a think block; R1 distills drop
+    reasoning from earlier turns) give one example per answer; the others one example for both."""
+    from posttrain_cli.data import chat
+
+    tok = chat_tokenizer(family, template)
+    eot = tok.convert_tokens_to_ids(end_of_turn)
+    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    got = chat.tokenize_conversation(tok, messages)
+    assert len(got) == examples
+    trained = [[t for t, m in zip(ex.input_ids, ex.loss_mask) if m] for ex in got]
+    assert sum(ids_.count(eot) for ids_ in trained) == 2
+    assert "2" in tok.decode(trained[0]) and "4" in tok.decode(trained[-1])
