@@ -14,6 +14,7 @@ the context the original gives it at generation time; the trained text is still 
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -62,13 +63,22 @@ def _all_twins() -> list[str]:
                   if (_trl_dir() / p.name.replace("_training", "")).is_file())
 
 
-def _tok(family: str, template: str):
+@functools.lru_cache(maxsize=None)
+def _shared(family: str):
+    """One tokenizer per family for the tests that only set its template (building one from the
+    fixture takes about a second)."""
     if family != "gemma":
-        return tokenizer(family, template)
+        return tokenizer(family)
     # Gemma's own SentencePiece vocabulary is not among the fixtures: the Qwen2 BPE with Gemma's markers.
-    tok = tokenizer("qwen2", template)
+    tok = tokenizer("qwen2")
     tok.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>",
                             "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    return tok
+
+
+def _tok(family: str, template: str):
+    tok = _shared(family)
+    tok.chat_template = template
     return tok
 
 
@@ -189,10 +199,8 @@ def test_every_trl_twin(name):
     """Every other template trl ships with a training twin, on the Qwen2 vocabulary with the
     template's markers added as special tokens."""
     original = trl_template(name)
-    markers = sorted(set(re.findall(r"<[|｜][^<>'\"\s]{1,40}?[|｜]>|<[|｜]?[a-z_]{2,30}[|｜]>|<(?:start|end)_of_turn>",
-                                    original)))
-    tok = tokenizer("qwen2", original)
-    tok.add_special_tokens({"additional_special_tokens": markers})
+    tok = _generic()
+    tok.chat_template = original
     cannot = []
     for conv in ("single", "system", "multi"):
         try:
@@ -201,6 +209,18 @@ def test_every_trl_twin(name):
             cannot.append(str(e))
     if len(cannot) == 3:
         pytest.skip("; ".join(cannot))
+
+
+@functools.lru_cache(maxsize=None)
+def _generic():
+    """The Qwen2 vocabulary with every marker of every trl template added as a special token."""
+    markers = set()
+    for name in _all_twins():
+        markers |= set(re.findall(r"<[|｜][^<>'\"\s]{1,40}?[|｜]>|<[|｜]?[a-z_]{2,30}[|｜]>|<(?:start|end)_of_turn>",
+                                  trl_template(name)))
+    tok = tokenizer("qwen2")
+    tok.add_special_tokens({"additional_special_tokens": sorted(markers)})
+    return tok
 
 
 class _CannotRender(Exception):
@@ -227,10 +247,10 @@ def _check_generic(tok, name, conv):
 
 
 def test_last_turn_only():
-    tok = tokenizer("qwen2", trl_template("qwen2_5"))
+    tok = _tok("qwen2", trl_template("qwen2_5"))
     (ex,) = tokenize_conversation(tok, CONVERSATIONS["multi"], "last")
     assert [tok.decode(r) for r in _runs(ex.input_ids, ex.loss_mask)] == [" 2 + 3 = 5<|im_end|>\n"]
-    tok = tokenizer("qwen2", trl_template("qwen3"))
+    tok = _tok("qwen2", trl_template("qwen3"))
     (ex,) = tokenize_conversation(tok, CONVERSATIONS["reasoning"], "last")
     text = tok.decode(ex.input_ids)
     # The earlier turn's reasoning is gone from the context, as at inference; the last one is trained with its own.
@@ -239,7 +259,7 @@ def test_last_turn_only():
 
 def test_response_mask_on_a_rewriting_template():
     """DPO / reward-model rows: the answer after its generation prompt, reasoning kept (R1 drops it)."""
-    tok = tokenizer("r1_distill", trl_template("deepseek_r1_distill"))
+    tok = _tok("r1_distill", trl_template("deepseek_r1_distill"))
     prompt = CONVERSATIONS["reasoning"][:1]
     t = tokenize_response(tok, prompt, CONVERSATIONS["reasoning"][1])
     assert [tok.decode(r) for r in _runs(t.input_ids, t.loss_mask)] == [
@@ -250,7 +270,7 @@ def test_response_mask_on_a_rewriting_template():
 @pytest.mark.parametrize("family,template,eot", [("qwen2", "qwen3", "<|im_end|>"), ("llama3", "llama3_1", "<|eot_id|>"),
                                                   ("r1_distill", "deepseek_r1_distill", "<｜end▁of▁sentence｜>")])
 def test_stop_set_holds_the_end_of_turn(family, template, eot):
-    tok = tokenizer(family, trl_template(template))
+    tok = _tok(family, trl_template(template))
     eot_id = tok.convert_tokens_to_ids(eot)
     assert end_of_turn(tok) == [eot_id]
     stops = stop_ids(tok, None)
@@ -301,7 +321,7 @@ def test_shipped_templates_on_real_vocabularies(name, family, eot):
     """posttrain's own templates, by hand: OLMo 2 / Tulu 3, Llama 3, ChatML on their vocabularies."""
     from posttrain_cli.data.chat import use_template
 
-    tok = use_template(tokenizer(family), name, family)
+    tok = use_template(_shared(family), name, family)
     examples = tokenize_conversation(tok, CONVERSATIONS["multi"])
     assert len(examples) == 1
     trained = [tok.decode(r) for r in _runs(examples[0].input_ids, examples[0].loss_mask)]
@@ -320,7 +340,7 @@ def test_tulu_matches_a_marked_twin():
               .replace("{{ '<|assistant|>\\n' + message['content'] + eos_token }}",
                        "{{ '<|assistant|>\\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"))
     assert "generation" in marked
-    tok = tokenizer("olmo2", template_text("tulu"))
+    tok = _tok("olmo2", template_text("tulu"))
     for conv in CONVERSATIONS:
         _, ours, theirs = _ours_and_theirs(tok, template_text("tulu"), marked, CONVERSATIONS[conv])
         assert ours == theirs
@@ -334,7 +354,7 @@ def test_a_bpe_merge_across_the_turn_boundary():
     template = ("{% for m in messages %}{{ m['role'] + ':\n' + m['content'] }}"
                 "{% if m['role'] == 'assistant' %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")
-    tok = tokenizer("qwen2", template)
+    tok = _tok("qwen2", template)
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\nHello"}]
     prompt = tok("user:\nhi\nassistant:\n", add_special_tokens=False)["input_ids"]
     (ex,) = tokenize_conversation(tok, msgs)
@@ -349,7 +369,7 @@ def test_olmo3_and_llama2_templates_by_hand():
     the final one, ending with EOS; Llama 2-Chat trains ' answer </s>' after '[/INST]'."""
     from posttrain_cli.data.chat import use_template
 
-    tok = use_template(tokenizer("olmo2"), "olmo3", "olmo2")
+    tok = use_template(_shared("olmo2"), "olmo3", "olmo2")
     examples = tokenize_conversation(tok, CONVERSATIONS["multi"])
     assert [[tok.decode(r) for r in _runs(e.input_ids, e.loss_mask)] for e in examples] == [
         ["Hello, how can I help?<|endoftext|>"], [" 2 + 3 = 5<|endoftext|>"]]
@@ -357,7 +377,7 @@ def test_olmo3_and_llama2_templates_by_hand():
     assert "Hello, how can I help?<|im_end|>\n<|im_start|>user\nAdd 2 and 3." in tok.decode(examples[1].input_ids)
     assert len(tokenize_conversation(tok, CONVERSATIONS["multi"], "last")) == 1
 
-    tok = use_template(tokenizer("llama3"), "llama2", "llama3")
+    tok = use_template(_shared("llama3"), "llama2", "llama3")
     (ex,) = tokenize_conversation(tok, CONVERSATIONS["system"])
     assert tok.decode(ex.input_ids) == ("<|begin_of_text|>[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\n"
                                        "Say hello. [/INST] Hello there! <|end_of_text|>")
