@@ -91,6 +91,15 @@ class StageContext:
         dist.barrier()
         return value if collective else torch.load(cache, weights_only=False)
 
+    def once(self, ready, build) -> None:
+        """build() on rank 0 unless every rank finds ready() true; every rank returns after it. For
+        work whose result lands outside the stage folder (the run's shared data cache, data/tokenized.py)."""
+        # Decided together (a collective): a rank that saw rank 0's fresh result would skip the barrier.
+        if dist.all_sum([float(ready())])[0] < dist.world():
+            if dist.is_main():
+                build()
+            dist.barrier()
+
     def progress(self, total: int, what: str) -> "Progress":
         return Progress(self, total, what)
 
