@@ -4,7 +4,9 @@ A row (data/schemas.py: preference_row) holds a prompt and K >= 2 answers,
 best first. Rows are tokenized once (prompt + each answer through the model's
 chat template; only the answer's tokens carry loss) and every answer of a
 micro-batch goes into one packed row, so chosen and rejected share a single
-forward pass.
+forward pass. The stages' rows are checked and tokenized on every core into the
+run's shared, memory-mapped cache (data/tokenized.py); `load_rows` + `tokenize`
+are the same rules on rows in memory.
 
 What happens to bad rows:
 - malformed (a field missing or of the wrong type, chosen and rejected with
@@ -18,12 +20,14 @@ What happens to bad rows:
 from __future__ import annotations
 
 from itertools import combinations
+from typing import Sequence
 
+import numpy as np
 import torch
 
-from posttrain_cli.data import packing
+from posttrain_cli.data import packing, tokenized
 from posttrain_cli.data.chat import apply_truncation, tokenize_response
-from posttrain_cli.data.schemas import preference_row, require_margins
+from posttrain_cli.data.schemas import preference_row
 from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.losses.sft import shifted_targets
 
@@ -64,13 +68,32 @@ def tokenize(tokenizer, rows: list[dict], max_seq_len: int, truncation: str) -> 
     return examples, stats
 
 
-def as_pairs(examples: list[dict]) -> list[dict]:
-    """DPO trains on pairs: a ranked row of K answers becomes its K(K-1)/2 (better, worse) pairs."""
-    out = []
-    for e in examples:
-        for i, j in ranked_pairs(len(e["answers"])):
-            out.append({"answers": [e["answers"][i], e["answers"][j]], "margin": e["margin"], "src": e["src"]})
-    return out
+class Pairs(Sequence):
+    """DPO trains on pairs: a ranked row of K answers becomes its K(K-1)/2 (better, worse) pairs,
+    made when asked for (the rows may be a memory-mapped cache of a million)."""
+
+    def __init__(self, examples: Sequence[dict], counts: list[int]):
+        self.examples, self.k = examples, np.asarray(counts, np.int64)
+        per_row = self.k * (self.k - 1) // 2
+        self.row = np.repeat(np.arange(len(per_row)), per_row)
+        self.pair = np.arange(len(self.row)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        self._pairs = {int(k): ranked_pairs(int(k)) for k in set(self.k.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, n: int) -> dict:
+        r = int(self.row[n])
+        e = self.examples[r]
+        i, j = self._pairs[int(self.k[r])][int(self.pair[n])]
+        return {"answers": [e["answers"][i], e["answers"][j]], "margin": e["margin"], "src": e["src"]}
+
+
+def as_pairs(examples: Sequence[dict]) -> Pairs:
+    """Every example's (better, worse) pairs, in order."""
+    counts = examples.answer_counts() if hasattr(examples, "answer_counts") else \
+        [len(e["answers"]) for e in examples]
+    return Pairs(examples, counts)
 
 
 def pack_answers(seqs: list[tuple[list[int], list[bool]]], boundaries: str, mask_dtype, device) -> dict:
@@ -96,29 +119,30 @@ def pack_answers(seqs: list[tuple[list[int], list[bool]]], boundaries: str, mask
 
 
 def prepare(ctx, tokenizer, *, need_margin: bool = False) -> dict:
-    """The stage's training and held-out examples, tokenized once (rank 0, cached) -> {"train", "heldout", "stats"}."""
+    """The stage's training and held-out examples, tokenized once on every core into the run's shared
+    cache (rank 0) -> {"train", "heldout", "stats"}; every rank reads the cache memory-mapped."""
     from posttrain_cli.errors import UserError
 
     cfg = ctx.cfg
-    train_rows, train_drops = load_rows(cfg["data"], ctx.where("data"), ctx.seed, ctx.datasets)
-    held_rows, held_drops = (load_rows(cfg["heldout"], ctx.where("heldout"), ctx.seed, ctx.datasets)
-                             if cfg["heldout"] else ([], {}))
-    if need_margin:  # checked before the run for local files; hub datasets are checked here
-        require_margins(train_rows, ctx.where("margin"))
+    spec = tokenized.PreferenceTokenization(tokenizer, cfg["max_seq_len"], cfg["truncation"])
+    root = tokenized.cache_root(ctx.stage_dir.parent)
+    train = tokenized.locate(cfg["data"], ctx.where("data"), spec, root, ctx.datasets)
+    held = tokenized.locate(cfg["heldout"], ctx.where("heldout"), spec, root, ctx.datasets) if cfg["heldout"] else []
 
     def build():
-        train, train_stats = tokenize(tokenizer, train_rows, cfg["max_seq_len"], cfg["truncation"])
-        held, held_stats = tokenize(tokenizer, held_rows, cfg["max_seq_len"], cfg["truncation"])
-        return {"train": train, "heldout": held,
-                "stats": {"train": {**train_drops, **train_stats}, "heldout": {**held_drops, **held_stats}}}
+        for c in train + held:
+            if not c.ready():
+                c.build(progress=ctx.progress)
 
-    blob = ctx.cached(f"{ctx.kind}-data", build)
-    s = blob["stats"]["train"]
-    if not blob["train"]:
+    ctx.once(lambda: all(c.ready() for c in train + held), build)
+    # need_margin: checked before the run for local files; hub datasets are checked here
+    train_rows, s = tokenized.preference_mixture(train, ctx.seed, margin_key=ctx.where("margin") if need_margin else None)
+    held_rows, held_stats = tokenized.preference_mixture(held, ctx.seed) if held else ([], tokenize(tokenizer, [], 0, "")[1])
+    if not train_rows:
         raise UserError(f"{ctx.where('data')}: no preference row is left to train on ({s['rows']} rows: "
                         f"{s['dropped_identical']} with identical answers, {s['dropped_too_long']} too long for "
                         f"max_seq_len={cfg['max_seq_len']} with truncation={cfg['truncation']})")
     ctx.info(f"{s['rows']} preference rows -> {s['examples']} examples; dropped: {s['dropped_identical']} with "
              f"identical answers, {s['dropped_too_long']} too long, {s['dropped_identical_after_truncation']} "
              f"identical once truncated; {s['truncated_answers']} answers truncated (max_seq_len {cfg['max_seq_len']})")
-    return blob
+    return {"train": train_rows, "heldout": held_rows, "stats": {"train": s, "heldout": held_stats}}

@@ -1,30 +1,37 @@
-"""SFT data at scale: rows checked and tokenized once, on every core, into memory-mapped Arrow files
-that every stage reading the same data with the same tokenizer shares.
+"""Training data at scale (SFT and preference pairs): rows checked and tokenized once, on every core,
+into memory-mapped Arrow files that every stage reading the same data with the same tokenizer shares.
 
     spec = SftTokenization(tokenizer, max_seq_len=2048, truncation="truncate", multi_turn="each")
-    caches = locate(cfg["data"], "stages.sft.data", spec, RUN_DIR / "_cache" / "tokenized", resolved_from)
-    for c in caches:                        # rank 0, where c.ready() is False
+    caches = locate(cfg["data"], "stages.sft.data", spec, cache_root(RUN_DIR), resolved_from)
+    for c in caches:                        # rank 0, where c.ready() is False (ctx.once)
         c.build(progress=ctx.progress)
     examples, stats = mixture(caches, seed)  # every rank: examples[i] -> (input_ids, loss_mask)
 
-- One cache per source, at `<root>/<key>/`: `examples.arrow` (Arrow IPC file, one record batch per
-  chunk of rows: `input_ids` list<int32>, `loss_mask` list<bool>), `index.npz` (per example: its
-  row, tokens, loss tokens, truncated; per row: examples dropped by truncation) and `meta.json`.
+    spec = PreferenceTokenization(tokenizer, max_seq_len, truncation)   # reward_model, dpo
+    rows, stats = preference_mixture(caches, seed)   # rows[i] -> {"answers": [(ids, mask)], "margin", "src"}
+
+- One cache per source, at `RUN_DIR/_cache/tokenized/<key>/`: `examples.arrow` (Arrow IPC file,
+  one record batch per chunk of rows; SFT: `input_ids` list<int32>, `loss_mask` list<bool> per
+  example; preference: a kept row's answers as list<list<...>>, `margin`, `src`), `index.npz` (SFT,
+  per example: its row, tokens, loss tokens, truncated, and per row the examples truncation dropped;
+  preference, per row: kept or why dropped, answers truncated, margin missing, row number) and
+  `meta.json`.
 - key = sha256 of: the source's content (a file's bytes up to 256 MB, else its path, size and mtime;
   a directory's file names, sizes and mtimes; a hub dataset's `datasets` fingerprint), the tokenizer
   (its tokenizer.json, or vocabulary, special tokens and class), the chat template, max_seq_len,
-  truncation, multi_turn, and the source of the code that checks and tokenizes rows
+  truncation, multi_turn (SFT), the row schema, and the source of the code that checks and tokenizes rows
   (data/schemas.py, data/chat.py, this file). Weights are not in the key: a source is tokenized once
   whatever its weight, and the mixture picks its rows.
 - Built in worker processes (sources.map_chunks: every core, chunks of 2000 rows handed out in
-  order, at most two per worker in flight); each worker checks its rows with the SFT row schema
-  (errors name the file, row and field) and calls chat.tokenize_conversation + apply_truncation.
+  order, at most two per worker in flight); each worker checks its rows with the row schema (errors
+  name the file, row and field) and calls chat.tokenize_conversation (SFT) or tokenize_response
+  (each answer of a preference row), then apply_truncation.
   Written into a temporary directory and renamed into place, so a crash leaves no half cache.
 - Read back memory-mapped: no rank holds the token ids as Python objects; `Examples[i]` makes the
   two lists of one example when a micro-batch asks for it.
 - The mixture is the rows load_mixture would give (apply_weight on row indices, seed + source
-  number) and each row's examples in order, so the examples and their order are the ones a
-  row-by-row loop over the mixture gives.
+  number) and each row's examples in order, so the examples, their order and the counts are the
+  ones a row-by-row loop over the mixture gives (stages/sft.py before, preference.tokenize).
 """
 
 from __future__ import annotations
@@ -41,9 +48,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from posttrain_cli.data import sources
-from posttrain_cli.data.chat import apply_truncation, tokenize_conversation
+from posttrain_cli.data.chat import apply_truncation, tokenize_conversation, tokenize_response
 from posttrain_cli.data.paths import is_local, resolve_source_path
-from posttrain_cli.data.schemas import sft_messages
+from posttrain_cli.data.schemas import preference_row, sft_messages
 from posttrain_cli.errors import UserError
 
 # A file up to this size is keyed by its bytes; a bigger one by its path, size and mtime.
@@ -54,6 +61,10 @@ PROGRESS_ROWS = 50_000
 CODE = ("schemas.py", "chat.py", "tokenized.py")
 
 
+def cache_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "_cache" / "tokenized"
+
+
 @dataclass
 class SftTokenization:
     tokenizer: object
@@ -62,9 +73,41 @@ class SftTokenization:
     multi_turn: str = "each"
 
     def key(self) -> dict:
-        return {"tokenizer": tokenizer_hash(self.tokenizer), "chat_template": self.tokenizer.chat_template,
-                "max_seq_len": self.max_seq_len, "truncation": self.truncation, "multi_turn": self.multi_turn,
-                "code": _code_hash()}
+        return {"rows": "sft", "tokenizer": tokenizer_hash(self.tokenizer),
+                "chat_template": self.tokenizer.chat_template, "max_seq_len": self.max_seq_len,
+                "truncation": self.truncation, "multi_turn": self.multi_turn, "code": _code_hash()}
+
+    @property
+    def worker(self) -> Callable:
+        return _sft_chunk
+
+    def schema(self):
+        import pyarrow as pa
+
+        return pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.bool_()))])
+
+
+@dataclass
+class PreferenceTokenization:
+    tokenizer: object
+    max_seq_len: int
+    truncation: str
+
+    def key(self) -> dict:
+        return {"rows": "preference", "tokenizer": tokenizer_hash(self.tokenizer),
+                "chat_template": self.tokenizer.chat_template, "max_seq_len": self.max_seq_len,
+                "truncation": self.truncation, "code": _code_hash()}
+
+    @property
+    def worker(self) -> Callable:
+        return _preference_chunk
+
+    def schema(self):
+        import pyarrow as pa
+
+        return pa.schema([("input_ids", pa.list_(pa.list_(pa.int32()))),
+                          ("loss_mask", pa.list_(pa.list_(pa.bool_()))),
+                          ("margin", pa.float64()), ("src", pa.string())])
 
 
 def _sha(data: bytes | str) -> str:
@@ -113,16 +156,33 @@ def data_signature(src: dict, where: str) -> dict:
 
 # ------------------------------------------------------------------ the worker side
 
-_SPEC: SftTokenization | None = None
+_SPEC = None  # the worker's SftTokenization / PreferenceTokenization (set at fork by _init)
 
 
-def _init(spec: SftTokenization) -> None:
+def _init(spec) -> None:
     global _SPEC
     _SPEC = spec
 
 
-def _tokenize_chunk(chunk: sources.Chunk) -> dict:
-    """Check and tokenize one chunk of rows (in a worker) -> flat arrays of its examples."""
+def _flat(lists: list[list], dtype) -> np.ndarray:
+    return np.fromiter(chain.from_iterable(lists), dtype, sum(map(len, lists)))
+
+
+def _offsets(lengths) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+
+
+def _lists(lists: list[list], dtype):
+    """Python lists of numbers -> an Arrow list array (built from flat numpy, not element by element)."""
+    import pyarrow as pa
+
+    return pa.ListArray.from_arrays(pa.array(_offsets(list(map(len, lists)))), pa.array(_flat(lists, dtype)))
+
+
+def _sft_chunk(chunk: sources.Chunk) -> dict:
+    """Check and tokenize one chunk of SFT rows (in a worker) -> its record batch and index arrays."""
+    import pyarrow as pa
+
     spec = _SPEC
     ids, masks, rows, truncated, dropped = [], [], [], [], []
     for k, (n, row) in enumerate(sources.decode(chunk)):
@@ -142,27 +202,66 @@ def _tokenize_chunk(chunk: sources.Chunk) -> dict:
             rows.append(k)
             truncated.append(ex.truncated)
         dropped.append(lost)
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-    total = int(lengths.sum())
-    return {
-        "lines": len(chunk),
-        "lengths": lengths,
-        "ids": np.fromiter(chain.from_iterable(ids), np.int32, total),
-        "mask": np.fromiter(chain.from_iterable(masks), np.bool_, total),
-        "row": np.asarray(rows, np.int64),
-        "truncated": np.asarray(truncated, np.bool_),
-        "dropped": np.asarray(dropped, np.int32),
-    }
+    tokens = np.fromiter(map(len, ids), np.int32, len(ids))
+    loss = np.fromiter(map(sum, masks), np.int32, len(masks))
+    batch = pa.RecordBatch.from_arrays([_lists(ids, np.int32), _lists(masks, np.bool_)],
+                                       schema=spec.schema())
+    return {"lines": len(chunk), "rows": len(dropped), "batch": batch,
+            "index": {"row": np.asarray(rows, np.int64), "tokens": tokens, "loss": loss,
+                      "truncated": np.asarray(truncated, np.bool_), "dropped": np.asarray(dropped, np.int32)}}
 
 
-def _record_batch(part: dict):
+# Why a preference row is not trained on (index.npz `status`).
+KEPT, IDENTICAL, TOO_LONG, IDENTICAL_TRUNCATED = 0, 1, 2, 3
+
+
+def _preference_chunk(chunk: sources.Chunk) -> dict:
+    """Check and tokenize one chunk of preference rows (in a worker), as preference.tokenize does."""
     import pyarrow as pa
 
-    offsets = pa.array(np.concatenate([[0], np.cumsum(part["lengths"])]).astype(np.int32))
-    return pa.RecordBatch.from_arrays(
-        [pa.ListArray.from_arrays(offsets, pa.array(part["ids"])),
-         pa.ListArray.from_arrays(offsets, pa.array(part["mask"]))],
-        names=["input_ids", "loss_mask"])
+    spec = _SPEC
+    ids, masks, margins, srcs = [], [], [], []
+    status, truncated, no_margin, numbers = [], [], [], []
+    for n, row in sources.decode(chunk):
+        r = preference_row(row, chunk.label, n)
+        numbers.append(n)
+        no_margin.append(r["margin"] is None)
+        if r["drop"] is not None:
+            status.append(IDENTICAL)
+            truncated.append(0)
+            continue
+        answers, cut = [], 0
+        for resp in r["responses"]:
+            try:
+                tok = tokenize_response(spec.tokenizer, r["prompt"], resp)
+            except UserError as e:
+                raise UserError(f"{chunk.label}: row {n}: {e}") from None
+            tok = apply_truncation(tok, spec.max_seq_len, spec.truncation)
+            if tok is None:
+                break
+            cut += tok.truncated
+            answers.append(tok)
+        truncated.append(cut)
+        if len(answers) < len(r["responses"]):
+            status.append(TOO_LONG)
+        elif len({tuple(a.input_ids) for a in answers}) < len(answers):
+            status.append(IDENTICAL_TRUNCATED)
+        else:
+            status.append(KEPT)
+            ids.append([a.input_ids for a in answers])
+            masks.append([a.loss_mask for a in answers])
+            margins.append(r["margin"])
+            srcs.append(r["src"])
+    answers = [len(a) for a in ids]
+    batch = pa.RecordBatch.from_arrays([
+        pa.ListArray.from_arrays(pa.array(_offsets(answers)), _lists(list(chain.from_iterable(ids)), np.int32)),
+        pa.ListArray.from_arrays(pa.array(_offsets(answers)), _lists(list(chain.from_iterable(masks)), np.bool_)),
+        pa.array(margins, pa.float64()), pa.array(srcs, pa.string())], schema=spec.schema())
+    tokens = np.fromiter((sum(map(len, a)) for a in ids), np.int64, len(ids))
+    return {"lines": len(chunk), "rows": len(status), "batch": batch,
+            "index": {"status": np.asarray(status, np.int8), "truncated": np.asarray(truncated, np.int32),
+                      "no_margin": np.asarray(no_margin, np.bool_), "number": np.asarray(numbers, np.int64),
+                      "tokens": tokens}}
 
 
 # ------------------------------------------------------------------ one source's cache
@@ -172,7 +271,7 @@ def _record_batch(part: dict):
 class SourceCache:
     src: dict
     where: str
-    spec: SftTokenization
+    spec: SftTokenization | PreferenceTokenization
     dir: Path
     key: str
     signature: dict
@@ -195,31 +294,28 @@ class SourceCache:
         label = sources.source_label(self.src)
         total = sources.count_rows(self.src, self.where) if progress else 0
         bar = progress(total, f"tokenizing {label}") if total >= PROGRESS_ROWS else None
-        index = {k: [] for k in ("row", "tokens", "loss", "truncated", "dropped")}
+        index: dict[str, list] = {}
         done = rows = examples = 0
-        schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.bool_()))])
         try:
-            with pa.OSFile(str(tmp / "examples.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                for part in sources.map_chunks(sources.chunks(self.src, self.where), _tokenize_chunk,
+            with pa.OSFile(str(tmp / "examples.arrow"), "wb") as sink, \
+                    pa.ipc.new_file(sink, self.spec.schema()) as writer:
+                for part in sources.map_chunks(sources.chunks(self.src, self.where), self.spec.worker,
                                                workers=workers, initializer=_init, initargs=(self.spec,)):
-                    writer.write_batch(_record_batch(part))
-                    index["row"].append(part["row"] + rows)
-                    index["tokens"].append(part["lengths"].astype(np.int32))
-                    index["loss"].append(_loss_tokens(part))
-                    index["truncated"].append(part["truncated"])
-                    index["dropped"].append(part["dropped"])
+                    writer.write_batch(part["batch"])
+                    for k, v in part["index"].items():
+                        index.setdefault(k, []).append(v + rows if k == "row" else v)
                     done += part["lines"]
-                    rows += len(part["dropped"])
-                    examples += len(part["lengths"])
+                    rows += part["rows"]
+                    examples += part["batch"].num_rows
                     if bar:
                         bar.update(done, {"rows": rows, "examples": examples})
             if not rows:
                 raise UserError(f"{self.where}: {label} has no rows")
             np.savez(tmp / "index.npz", **{k: np.concatenate(v) for k, v in index.items()})
+            settings = {k: v for k, v in vars(self.spec).items() if k != "tokenizer"}
             (tmp / "meta.json").write_text(json.dumps({
-                "source": label, "rows": rows, "examples": examples, "data": self.signature,
-                "max_seq_len": self.spec.max_seq_len, "truncation": self.spec.truncation,
-                "multi_turn": self.spec.multi_turn}, indent=1) + "\n")
+                "source": label, "rows": rows, "examples": examples, "data": self.signature, **settings},
+                indent=1, default=str) + "\n")
             try:
                 tmp.rename(self.dir)
             except OSError:  # built meanwhile by another process: keep that one
@@ -231,6 +327,10 @@ class SourceCache:
                 bar.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
+    @property
+    def label(self) -> str:
+        return sources.source_label(self.src)
+
     def open(self):
         """(the Arrow table, memory-mapped; the index arrays)."""
         import pyarrow as pa
@@ -239,13 +339,6 @@ class SourceCache:
         with np.load(self.dir / "index.npz") as z:
             index = {k: z[k] for k in z.files}
         return table, index
-
-
-def _loss_tokens(part: dict) -> np.ndarray:
-    """Tokens carrying loss in each example of a chunk."""
-    ends = np.cumsum(part["lengths"])
-    marked = np.concatenate([[0], np.cumsum(part["mask"], dtype=np.int64)])
-    return (marked[ends] - marked[ends - part["lengths"]]).astype(np.int32)
 
 
 def _alive(pid: str) -> bool:
@@ -258,7 +351,7 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def locate(data: list[dict], where: str, spec: SftTokenization, root: Path,
+def locate(data: list[dict], where: str, spec, root: Path,
            resolved_from: dict | None = None) -> list[SourceCache]:
     """The cache of every source of a stage's `data` (built or not)."""
     common = spec.key()
@@ -276,9 +369,8 @@ def locate(data: list[dict], where: str, spec: SftTokenization, root: Path,
 # ------------------------------------------------------------------ the mixture
 
 
-class Examples(Sequence):
-    """The stage's training examples in mixture order: examples[i] -> (input_ids, loss_mask) lists,
-    read from the memory-mapped caches."""
+class _Cached(Sequence):
+    """Records of memory-mapped Arrow tables, picked and ordered by `order` (global record numbers)."""
 
     def __init__(self, tables: list, order: np.ndarray):
         self.batches = [b for t in tables for b in t.to_batches()]
@@ -288,10 +380,18 @@ class Examples(Sequence):
     def __len__(self) -> int:
         return len(self.order)
 
-    def __getitem__(self, i: int) -> tuple[list[int], list[bool]]:
+    def _at(self, i: int):
         g = int(self.order[i])
         b = int(np.searchsorted(self.starts, g, side="right")) - 1
-        batch, j = self.batches[b], g - int(self.starts[b])
+        return self.batches[b], g - int(self.starts[b])
+
+
+class Examples(_Cached):
+    """The stage's training examples in mixture order: examples[i] -> (input_ids, loss_mask) lists,
+    read from the memory-mapped caches."""
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[bool]]:
+        batch, j = self._at(i)
         return batch.column(0)[j].values.to_pylist(), batch.column(1)[j].values.to_pylist()
 
 
@@ -320,3 +420,55 @@ def mixture(caches: list[SourceCache], seed: int) -> tuple[Examples, dict]:
         order.append(ex + offset)
         offset += table.num_rows
     return Examples(tables, np.concatenate(order) if order else np.zeros(0, np.int64)), stats
+
+
+class PreferenceRows(_Cached):
+    """The kept preference rows in mixture order: rows[i] -> {"answers": [(ids, mask)], "margin", "src"}
+    (what preference.tokenize makes), read from the memory-mapped caches."""
+
+    def answer_counts(self) -> list[int]:
+        """How many answers each row has, in order (without reading the tokens)."""
+        import pyarrow.compute as pc
+
+        per = [pc.list_value_length(b.column(0)).to_numpy(zero_copy_only=False) for b in self.batches]
+        return np.concatenate(per)[self.order].tolist() if per else []
+
+    def __getitem__(self, i: int) -> dict:
+        batch, j = self._at(i)
+        ids, masks = batch.column(0)[j].as_py(), batch.column(1)[j].as_py()
+        return {"answers": list(zip(ids, masks)), "margin": batch.column(2)[j].as_py(),
+                "src": batch.column(3)[j].as_py()}
+
+
+def preference_mixture(caches: list[SourceCache], seed: int, *, margin_key: str | None = None
+                       ) -> tuple[PreferenceRows, dict]:
+    """Every source's rows weighted as load_mixture weights them, the kept ones in order -> (rows,
+    stats as preference.load_rows + preference.tokenize count them). With `margin_key` (a stage's
+    `margin: true`), a training row without a number margin is an error naming it (require_margins)."""
+    tables, order = [], []
+    stats = dict.fromkeys(("rows", "dropped_identical", "examples", "truncated_answers", "dropped_too_long",
+                           "dropped_identical_after_truncation", "tokens"), 0)
+    offset = 0
+    for i, c in enumerate(caches):
+        table, index = c.open()
+        status = index["status"]
+        picked = np.asarray(sources.weighted_indices(len(status), c.src["weight"], seed + i), np.int64)
+        st = status[picked]
+        if margin_key is not None:
+            missing = picked[(st != IDENTICAL) & index["no_margin"][picked]]
+            if len(missing):
+                raise UserError(f"{c.label}: row {int(index['number'][missing[0]])}: field 'margin' missing "
+                                f"({margin_key} is true, so every training row needs a number 'margin')")
+        example_of_row = np.cumsum(status == KEPT) - 1
+        kept = example_of_row[picked[st == KEPT]]
+        stats["rows"] += len(picked)
+        stats["dropped_identical"] += int((st == IDENTICAL).sum())
+        stats["examples"] += len(kept)
+        stats["truncated_answers"] += int(index["truncated"][picked].sum())
+        stats["dropped_too_long"] += int((st == TOO_LONG).sum())
+        stats["dropped_identical_after_truncation"] += int((st == IDENTICAL_TRUNCATED).sum())
+        stats["tokens"] += int(index["tokens"][kept].sum())
+        tables.append(table)
+        order.append(kept + offset)
+        offset += table.num_rows
+    return PreferenceRows(tables, np.concatenate(order) if order else np.zeros(0, np.int64)), stats

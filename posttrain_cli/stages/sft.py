@@ -38,15 +38,15 @@ def tokenize_data(ctx, tokenizer) -> tuple:
     cfg = ctx.cfg
     spec = tokenized.SftTokenization(tokenizer, cfg["max_seq_len"], cfg["truncation"],
                                      cfg.get("multi_turn", "each"))
-    caches = tokenized.locate(cfg["data"], ctx.where("data"), spec, ctx.stage_dir.parent / "_cache" / "tokenized",
+    caches = tokenized.locate(cfg["data"], ctx.where("data"), spec, tokenized.cache_root(ctx.stage_dir.parent),
                               resolved_from=ctx.datasets)
-    # Decided together (a collective): a rank that saw rank 0's fresh cache would skip the barrier.
-    if dist.all_sum([float(all(c.ready() for c in caches))])[0] < dist.world():
-        if dist.is_main():
-            for c in caches:
-                if not c.ready():
-                    c.build(progress=ctx.progress)
-        dist.barrier()
+
+    def build():
+        for c in caches:
+            if not c.ready():
+                c.build(progress=ctx.progress)
+
+    ctx.once(lambda: all(c.ready() for c in caches), build)
     return tokenized.mixture(caches, ctx.seed)
 
 

@@ -171,3 +171,54 @@ def test_parquet_shards_and_saved_datasets_tokenize_like_jsonl(tmp_path, tok):
         ex, _ = tokenized.mixture(caches, 0)
         got.append([ex[i] for i in range(len(ex))])
     assert got[0] == got[1]
+
+
+# ------------------------------------------------------------------ preference rows
+
+
+def _pref(i: int) -> dict:
+    q = {"role": "user", "content": f"{i}+{i}"}
+    if i % 7 == 0:
+        return {"prompt": f"{i}+{i}", "chosen": "same", "rejected": "same"}  # identical: dropped
+    if i % 5 == 0:
+        return {"prompt": q["content"], "ranked": [str(2 * i), str(2 * i + 1), "x" * (i % 30)]}
+    row = {"id": i, "source": "s", "prompt": q["content"], "chosen": [q, {"role": "assistant", "content": str(2 * i)}],
+           "rejected": [q, {"role": "assistant", "content": str(2 * i) + "9" * (i % 40)}],
+           "chosen_rating": 5.0, "rejected_rating": 1.0}
+    if i % 3:
+        row["margin"] = float(i % 4)
+    return row
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preference_rows_and_pairs_match_the_in_memory_path(tmp_path, tok, monkeypatch, workers):
+    from posttrain_cli.data import preference
+
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 16)
+    a = _write(tmp_path / "a.jsonl", [_pref(i) for i in range(90)])
+    b = _write(tmp_path / "b.jsonl", [_pref(i) for i in range(200, 240)])
+    srcs = [_src(a, 1.5), _src(b, 0.5)]
+    for truncation in ("truncate", "drop"):
+        rows, drops = preference.load_rows(srcs, "d", 5, {})
+        want, want_stats = preference.tokenize(tok, rows, 24, truncation)
+        spec = tokenized.PreferenceTokenization(tok, 24, truncation)
+        caches = tokenized.locate(srcs, "d", spec, tmp_path / "cache")
+        for c in caches:
+            c.build(workers=workers)
+        got, stats = tokenized.preference_mixture(caches, 5)
+        assert stats == {**drops, **want_stats}
+        assert stats["dropped_identical"] and stats["truncated_answers" if truncation == "truncate" else "dropped_too_long"]
+        assert [got[i] for i in range(len(got))] == want
+        pairs, want_pairs = preference.as_pairs(got), preference.as_pairs(want)
+        assert len(pairs) == len(want_pairs) > len(got)
+        assert [pairs[i] for i in range(len(pairs))] == [want_pairs[i] for i in range(len(want_pairs))]
+
+
+def test_preference_margin_missing_names_the_row(tmp_path, tok):
+    a = _write(tmp_path / "a.jsonl", [_pref(i) for i in (1, 2, 3, 4)])
+    caches = tokenized.locate([_src(a)], "d", tokenized.PreferenceTokenization(tok, 64, "truncate"),
+                              tmp_path / "cache")
+    caches[0].build()
+    with pytest.raises(UserError, match=r"a.jsonl: row 3: field 'margin' missing \(stages.rm.margin is true"):
+        tokenized.preference_mixture(caches, 0, margin_key="stages.rm.margin")
+    assert tokenized.preference_mixture(caches, 0)[1]["examples"] == 4
