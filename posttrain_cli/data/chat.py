@@ -122,9 +122,10 @@ def _turn_end(tokenizer) -> tuple[str, str]:
         if token is not None:
             closing = between[:between.find(token) + len(token)]
     if token is None:
-        raise UserError(f"model.chat_template: {_label(tokenizer)} ends an assistant turn with {after.strip()!r}, "
-                        f"which is not a token of its vocabulary, so generation could not stop there; pick a "
-                        f"template whose markers the vocabulary holds (model.chat_template: "
+        ends = (f"ends an assistant turn with {after.strip()!r}, which is not a token of its vocabulary"
+                if after.strip() else "writes no end-of-turn token after an assistant turn")
+        raise UserError(f"model.chat_template: {_label(tokenizer)} {ends}, so generation could not stop there; pick "
+                        f"a template whose markers the vocabulary holds (model.chat_template: "
                         f"{', '.join(TEMPLATE_NAMES)})")
     tokenizer._posttrain_turn_end = (tokenizer.chat_template, (token, closing))
     return token, closing
@@ -246,15 +247,10 @@ def tokenize_conversation(tokenizer, messages: list[dict], multi_turn: str = "ea
     if not turns:
         return []
     marked = bool(_GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""))
+    each = {k: _turn_span(tokenizer, messages, k) for k in turns}
     full = _render_turns(tokenizer, messages)
     # One example holds every turn when each turn, rendered as the last one, is a prefix of the whole.
-    spans = []
-    for k in turns:
-        text, span = _turn_span(tokenizer, messages, k)
-        if not full.startswith(text):
-            spans = None
-            break
-        spans.append(span)
+    spans = [span for text, span in each.values()] if all(full.startswith(t) for t, _ in each.values()) else None
     if spans is not None:
         if marked:
             full, spans = _marked(tokenizer, messages)
@@ -265,7 +261,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], multi_turn: str = "ea
             text, marks = _marked(tokenizer, messages[: k + 1])
             out.append(_encode(tokenizer, text, marks[-1:]))
         else:
-            text, span = _turn_span(tokenizer, messages, k)
+            text, span = each[k]
             out.append(_encode(tokenizer, text, [span]))
     return out
 

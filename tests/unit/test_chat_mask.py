@@ -60,5 +60,6 @@ def test_template_that_is_not_prefix_stable_is_refused(tok):
     bad = copy.deepcopy(tok)
     # Renders the turn count at the front: an earlier prefix is not a prefix of the whole.
     bad.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(UserError, match="does not render assistant turns after its generation prompt"):
+    # Refused before it could train on a wrong mask (it also writes no end of turn).
+    with pytest.raises(UserError, match="model.chat_template: the chat template (writes no end-of-turn|does not render)"):
         tokenize_chat(bad, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
