@@ -173,3 +173,21 @@ def test_source_rows_checks_everything_first_and_holds_nothing(tmp_path, monkeyp
     f.write_text("\n")
     with pytest.raises(UserError, match="a.jsonl has no rows"):
         sources.SourceRows(_src(f), "d", sft_messages, workers=2)
+
+
+def test_count_rows_for_the_progress_bar(tmp_path):
+    import gzip
+
+    import datasets
+    import zstandard
+
+    from posttrain_cli.data.sources import count_rows
+
+    body = (json.dumps(ROW) + "\n") * 5 + json.dumps(ROW)  # no newline at the end
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(body.encode()))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(body.encode()))
+    datasets.Dataset.from_list([ROW] * 4).to_parquet(str(tmp_path / "c.parquet"))
+    (tmp_path / "d.json").write_text(json.dumps([ROW] * 2))
+    assert count_rows(_src(tmp_path), "d") == 6 + 6 + 4 + 2
+    datasets.Dataset.from_list([ROW] * 3).save_to_disk(str(tmp_path / "saved"))
+    assert count_rows(_src(tmp_path / "saved"), "d") == 3
