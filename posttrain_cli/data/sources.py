@@ -32,6 +32,7 @@ from posttrain_cli.errors import UserError
 from posttrain_cli.data.paths import is_local, resolve_source_path
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet")
+METADATA = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
 # Rows per chunk: big enough that handing a chunk to a worker costs little, small enough for a
 # steady progress bar and little memory per worker.
 CHUNK_ROWS = 2000
@@ -91,7 +92,9 @@ def local_files(path: str, where: str) -> list[Path]:
     if p.is_dir():
         if saved_dataset(p):
             return [p]
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f))
+        # Hidden folders (.cache/ of a hub download) and datasets' metadata files are no data.
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _suffix(f) and f.name not in METADATA
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
             raise UserError(f"{where}: directory {path} holds no {', '.join(LOCAL_SUFFIXES)} files "
                             f"(nor a datasets save_to_disk directory)")

@@ -117,6 +117,10 @@ def test_a_directory_of_parquet_shards_reads_in_path_order(tmp_path):
         rows = [{"messages": [{"role": "user", "content": f"{k}-{i}"}, {"role": "assistant", "content": "a"}]}
                 for i in range(3)]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / f"train-0000{k}-of-00003.parquet")
+    # a hub snapshot's metadata and hidden folders are no data
+    (tmp_path / "dataset_infos.json").write_text("{}")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x.json").write_text("{}")
     got = load_source(_src(tmp_path), "d", sft_messages)
     assert [r[0]["content"] for r in got] == [f"{k}-{i}" for k in range(3) for i in range(3)]
     bad = [{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}]
