@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -286,10 +287,9 @@ class SourceCache:
         root = self.dir.parent
         root.mkdir(parents=True, exist_ok=True)
         for old in root.glob(f".tmp-{self.key}-*"):  # a build that died (its process is gone)
-            if not _alive(old.name.rsplit("-", 1)[-1]):
+            if not _alive(old.name.split("-")[2]):
                 shutil.rmtree(old, ignore_errors=True)
-        tmp = root / f".tmp-{self.key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = root / f".tmp-{self.key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         label = sources.source_label(self.src)
         total = sources.count_rows(self.src, self.where) if progress else 0

@@ -222,3 +222,18 @@ def test_preference_margin_missing_names_the_row(tmp_path, tok):
     with pytest.raises(UserError, match=r"a.jsonl: row 3: field 'margin' missing \(stages.rm.margin is true"):
         tokenized.preference_mixture(caches, 0, margin_key="stages.rm.margin")
     assert tokenized.preference_mixture(caches, 0)[1]["examples"] == 4
+
+
+def test_a_dead_builds_leftovers_are_removed_and_a_finished_cache_is_kept(tmp_path, tok, monkeypatch):
+    a = _write(tmp_path / "a.jsonl", [_row(i) for i in range(5)])
+    spec = tokenized.SftTokenization(tok, 64, "truncate")
+    (c,) = tokenized.locate([_src(a)], "d", spec, tmp_path / "cache")
+    stale = tmp_path / "cache" / f".tmp-{c.key}-999999999-abcdef12"
+    stale.mkdir(parents=True)
+    c.build()
+    assert not stale.exists() and c.ready()
+    # another process finished the same cache while this one built: its cache stays
+    before = (c.dir / "meta.json").stat().st_mtime_ns
+    c.build()
+    assert (c.dir / "meta.json").stat().st_mtime_ns == before
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [c.key]
