@@ -2,8 +2,8 @@
 templates real checkpoints ship (tests/fixtures/real.py), through the CLI, on 1 rank and on 2 ranks
 under ZeRO-3:
 
-- `qwen3`: a Qwen3 model (untied head) with Qwen2's 151k byte-level BPE and trl's qwen3.jinja as the
-  model's own template (the template rewrites history: reasoning of earlier turns is dropped, the
+- `qwen3`: a Qwen3 model (untied head) with Qwen2's 151k byte-level BPE, its embedding padded to
+  151936 rows as Qwen3 checkpoints pad theirs, and trl's qwen3.jinja as the model's own template (the template rewrites history: reasoning of earlier turns is dropped, the
   last turn gets a think block), its generation_config a base model's (eos <|endoftext|> only);
 - `llama`: a Llama model with Llama 3's 128k vocabulary, no template of its own (a base model), given
   trl's llama3_1.jinja through `model.chat_template` (a .jinja file); eos <|end_of_text|> only.
@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import CompletedProcess
+from typing import NamedTuple
 
 import pytest
 
@@ -40,8 +41,19 @@ from tests.fixtures.real import FAMILIES, build_model, tokenizer, trl_template
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
-# name -> (architecture, tokenizer family, trl template, template set on the model (True) or by model.chat_template)
-MODELS = {"qwen3": ("qwen3", "qwen2", "qwen3", True), "llama": ("llama", "llama3", "llama3_1", False)}
+
+
+class Model(NamedTuple):
+    arch: str
+    family: str
+    # trl's template: the model's own (own=True) or given by model.chat_template (a base model's case)
+    template: str
+    own: bool
+    # embedding rows: Qwen3 checkpoints pad theirs to 151936 (len(tokenizer) is 151669); None: len(tokenizer)
+    vocab_size: int | None
+
+
+MODELS = {"qwen3": Model("qwen3", "qwen2", "qwen3", True, 151936), "llama": Model("llama", "llama3", "llama3_1", False, None)}
 SETUPS = {"1rank": [], "2rank_zero3": ["cluster.nproc_per_node=2", "deepspeed=zero3"]}
 KINDS = ["sft", "rm", "dpo", "grpo", "ppo", "gen", "rs", "soup", "distill", "evaluate", "tied_soup"]
 EOT = ["sft_eot", "gen_eot"]
@@ -222,9 +234,10 @@ def bases(tmp_path_factory) -> dict:
     """The base models (built once): {name: (dir, template file or None)} and the tied Qwen2 pair."""
     tmp = tmp_path_factory.mktemp("real_bases")
     out = {}
-    for name, (arch, family, template, own) in MODELS.items():
+    for name, (arch, family, template, own, vocab_size) in MODELS.items():
         text = trl_template(template)
-        path = build_model(arch, tmp / name, family, text if own else None, seed=0, instruct=False)
+        path = build_model(arch, tmp / name, family, text if own else None, seed=0, instruct=False,
+                           vocab_size=vocab_size)
         template_file = None
         if not own:
             template_file = tmp / f"{template}.jinja"
@@ -274,7 +287,7 @@ CASES = [pytest.param(name, setup, marks=[pytest.mark.dist] if setup != "1rank" 
 
 
 def end_of_turn_id(name: str) -> int:
-    arch, family, template, own = MODELS[name]
+    family = MODELS[name].family
     return tokenizer(family).convert_tokens_to_ids(FAMILIES[family].end_of_turn)
 
 
@@ -294,7 +307,7 @@ def test_published_models_load_and_stop_on_the_templates_end_of_turn(runs, name,
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     run = runs[(name, setup)]
-    arch, family, template, _ = MODELS[name]
+    arch, family, template, _, vocab_size = MODELS[name]
     real = tokenizer(family)
     sample = "Hi there\n\n2023 650841823 don't"
     eot, eos = end_of_turn_id(name), real.eos_token_id
@@ -303,7 +316,7 @@ def test_published_models_load_and_stop_on_the_templates_end_of_turn(runs, name,
         run.completed(stage)
         path = run.run_dir / stage / "model"
         model = AutoModelForCausalLM.from_pretrained(path)
-        assert model.config.model_type == arch and model.config.vocab_size == len(real), stage
+        assert model.config.model_type == arch and model.config.vocab_size == (vocab_size or len(real)), stage
         tok = AutoTokenizer.from_pretrained(path)
         assert tok.chat_template == trl_template(template), stage
         assert tok(sample)["input_ids"] == real(sample)["input_ids"], stage
@@ -319,7 +332,7 @@ def test_the_reward_model_publishes_a_scalar_head(runs, name, setup):
     run = runs[(name, setup)]
     run.completed("rm")
     model = AutoModelForSequenceClassification.from_pretrained(run.run_dir / "rm" / "model")
-    assert model.config.num_labels == 1 and model.config.model_type == MODELS[name][0]
+    assert model.config.num_labels == 1 and model.config.model_type == MODELS[name].arch
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -349,7 +362,7 @@ def test_sft_on_one_answer_learns_to_end_its_turn(runs, name):
     assert len(rows) == 4 and all(r["finish_reason"] == "eos" for r in rows), [r["finish_reason"] for r in rows]
     assert all(ANSWER in r["messages"][-1]["content"] for r in rows), [r["messages"][-1] for r in rows]
     # The answer is stored without the end-of-turn marker (it is the template's to add).
-    assert all(FAMILIES[MODELS[name][1]].end_of_turn not in r["messages"][-1]["content"] for r in rows)
+    assert all(FAMILIES[MODELS[name].family].end_of_turn not in r["messages"][-1]["content"] for r in rows)
 
 
 @pytest.mark.parametrize("name, setup", CASES)
@@ -414,3 +427,29 @@ def test_published_tensors_are_the_base_models(runs, name, setup):
     for stage in CAUSAL:
         run.completed(stage)
         assert shapes(run.run_dir / stage / "model") == base, stage
+
+
+def test_distill_takes_a_teacher_whose_embedding_is_padded_to_another_size(bases, tmp_path):
+    """Qwen2.5-7B pads its embedding to 152064 rows, Qwen2.5-0.5B / 1.5B / 3B and Qwen3 to 151936, all
+    over the same 151665-token tokenizer: the usual big-teacher / small-student pair. Log-probs
+    compare over the tokenizer's ids, which both models share, so distillation must take it."""
+    from transformers import AutoConfig
+
+    student, _ = bases["qwen3"]
+    teacher = build_model("qwen3", tmp_path / "teacher", "qwen2", trl_template("qwen3"), seed=5, vocab_size=152064)
+    assert AutoConfig.from_pretrained(teacher).vocab_size != AutoConfig.from_pretrained(student).vocab_size
+    _data(tmp_path)
+    body = f"""defaults: [base, _self_]
+name: padded
+run_dir: {tmp_path / 'runs' / 'padded'}
+model: {{path: {student}}}
+stages:
+  distill:
+    kind: distill
+    teachers: {{gsm8k: {teacher}}}
+    num_generations: 2
+    lr: 1.0e-3""" + RL.replace("max_steps: 2", "max_steps: 1").format(tmp=tmp_path) + "\n"
+    rec = write_recipe(tmp_path, body, "padded")
+    r = posttrain("run", f"recipe={rec}", cwd=tmp_path, timeout=600)
+    run = Run("padded teacher", "qwen3", student, tmp_path / "runs" / "padded", r, 0.0)
+    assert run.completed("distill")["metrics"]["steps"] == 1
