@@ -14,8 +14,9 @@ Where the turns are found, in order:
 - a template with `{% generation %}` markers: the marked text (the template author's own mask);
 - otherwise character offsets: the conversation is rendered once, each turn's generation prompt and
   turn are rendered as prefixes of it, and the trained characters [len(prompt), len(turn)) are mapped
-  to tokens through the fast tokenizer's offsets (a token overlapping the span counts), so byte-level
-  BPE merges across a turn boundary cannot shift the mask.
+  to tokens through the fast tokenizer's offsets (a token crossing into the span counts, one crossing
+  out of it into the next turn does not), so byte-level BPE merges across a turn boundary cannot
+  shift the mask.
 
 Templates that rewrite history (Qwen3 drops the reasoning of earlier turns and gives the last one a
 think block; DeepSeek-R1 distills drop everything before `</think>`; OLMo 3 ends only the last turn
@@ -88,7 +89,21 @@ def _label(tokenizer) -> str:
     return f"the chat template of {tokenizer.name_or_path}" if tokenizer.name_or_path else "the chat template"
 
 
+def _as_parts(messages: list[dict]) -> list[dict]:
+    """String contents as one text part: multimodal templates (Idefics3, SmolVLM, LLaVA-NeXT) read
+    content as a list of parts and render a plain string as nothing."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
+def _wants_parts(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    return template is not None and getattr(tokenizer, "_posttrain_parts", None) == template
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    if _wants_parts(tokenizer):
+        messages = _as_parts(messages)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -108,8 +123,22 @@ def _turn_end(tokenizer) -> tuple[str, str]:
     if cache is not None and cache[0] == tokenizer.chat_template:
         return cache[1]
     user = [{"role": "user", "content": "x"}]
-    full = render(tokenizer, user + [{"role": "assistant", "content": _PROBE}])
-    at = full.find(_PROBE)
+    try:
+        full = render(tokenizer, user + [{"role": "assistant", "content": _PROBE}])
+        at = full.find(_PROBE)
+    except Exception:  # noqa: BLE001 - a template that reads content as parts may fail on a string
+        if _wants_parts(tokenizer):
+            raise
+        at = -1
+    if at < 0 and not _wants_parts(tokenizer):
+        try:
+            tokenizer._posttrain_parts = tokenizer.chat_template
+            full = render(tokenizer, user + [{"role": "assistant", "content": _PROBE}])
+            at = full.find(_PROBE)
+        except Exception:  # noqa: BLE001 - a template error in the parts form: it wants strings after all
+            at = -1
+        if at < 0:
+            tokenizer._posttrain_parts = None
     if at < 0:
         raise UserError(f"model.chat_template: {_label(tokenizer)} does not render an assistant message's content; "
                         f"set model.chat_template ({', '.join(TEMPLATE_NAMES)})")
@@ -139,6 +168,12 @@ def end_of_turn(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(_turn_end(tokenizer)[0])]
 
 
+def _prepare(tokenizer) -> None:
+    """The template's end of turn, and whether it reads content as parts, found before rendering."""
+    if getattr(tokenizer, "chat_template", None):
+        _turn_end(tokenizer)
+
+
 def _render_turns(tokenizer, messages: list[dict]) -> str:
     """The rendered conversation, with the closing text after a final answer (_turn_end)."""
     text = render(tokenizer, messages)
@@ -158,7 +193,7 @@ def stop_ids(tokenizer, generation_eos=None) -> list[int]:
 # ------------------------------------------------------------------ which tokens carry loss
 
 def _encode(tokenizer, text: str, spans: list[tuple[int, int]]) -> Tokenized:
-    """Tokenize text once; a token is trained when its characters overlap a span."""
+    """Tokenize text once; a token is trained when its characters overlap a span and end in it."""
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
@@ -171,7 +206,9 @@ def _encode(tokenizer, text: str, spans: list[tuple[int, int]]) -> Tokenized:
             j += 1
         if j == len(spans):
             break
-        if b > spans[j][0] and a < spans[j][1]:
+        # A token crossing into the answer is trained (it holds the answer's first characters); one
+        # crossing out of it into the next turn is not (BPE may join a trailing space to "[INST").
+        if b > spans[j][0] and a < spans[j][1] and b <= spans[j][1]:
             mask[t] = True
     return Tokenized(ids, mask)
 
@@ -199,6 +236,8 @@ def _marked(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]
     from transformers.utils.chat_template_utils import render_jinja_template
 
     msgs = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    if _wants_parts(tokenizer):
+        msgs = _as_parts(msgs)
     texts, spans = render_jinja_template([msgs], chat_template=tokenizer.chat_template,
                                          return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
     return texts[0], list(spans[0])
@@ -246,6 +285,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], multi_turn: str = "ea
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         return []
+    _prepare(tokenizer)
     marked = bool(_GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""))
     each = {k: _turn_span(tokenizer, messages, k) for k in turns}
     full = _render_turns(tokenizer, messages)
@@ -287,11 +327,13 @@ def apply_truncation(tok: Tokenized, max_len: int, policy: str) -> Tokenized | N
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The tokens a sampler starts from: the conversation and the template's generation prompt."""
+    _prepare(tokenizer)
     return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
 def tokenize_response(tokenizer, prompt: list[dict], response: dict) -> Tokenized:
     """prompt + one assistant answer; the mask marks only that answer (and its end-of-turn tokens)."""
+    _prepare(tokenizer)
     messages = prompt + [response]
     k = len(prompt)
     if _GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""):
