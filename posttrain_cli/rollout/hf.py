@@ -93,12 +93,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 attn[r, width - len(p):] = 1
             sample = temperature > 0
             recorder = _LogpRecorder(temperature) if logprobs else None
+            processors = [p for p in (_no_padding_rows(model, tokenizer), recorder) if p is not None]
             gen = model.generate(
                 input_ids=ids.to(dev), attention_mask=attn.to(dev), max_new_tokens=max_new_tokens,
                 do_sample=sample, temperature=temperature if sample else None,
                 top_p=top_p if sample else None, top_k=None if not sample else 0,
                 pad_token_id=pad, eos_token_id=stops, synced_gpus=synced,
-                logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+                logits_processor=LogitsProcessorList(processors) if processors else None,
             )
             lp = recorder.finish(gen[:, -1]) if recorder else None
             for r in range(real):
@@ -113,6 +114,21 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                 out.append(Completion(new, tokenizer.decode(new, skip_special_tokens=True), reason, stop,
                                       lp[r, :n].tolist() if lp is not None else None))
     return out
+
+
+def _no_padding_rows(model, tokenizer):
+    """Checkpoints pad their embeddings past the tokenizer (Qwen: 151936 rows for 151669 tokens):
+    those rows are no token, so they are never sampled (None when there are none)."""
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    n = len(tokenizer)
+    if rows is None or rows <= n:
+        return None
+
+    def processor(input_ids, scores):
+        scores[:, n:] = float("-inf")
+        return scores
+
+    return processor
 
 
 def stop_ids(model, tokenizer) -> list[int]:

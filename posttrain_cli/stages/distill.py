@@ -86,9 +86,13 @@ def load_prompts(ctx, tokenizer, key: str, rewards=None) -> tuple[list[dict], li
     return [r for r, _ in kept], [i for _, i in kept]
 
 
-def log_softmax(module, micro: dict, temperature: float) -> torch.Tensor:
-    """[completion tokens, vocab] log-probs of softmax(logits / T) at every completion position."""
+def log_softmax(module, micro: dict, temperature: float, width: int | None = None) -> torch.Tensor:
+    """[completion tokens, vocab] log-probs of softmax(logits / T) at every completion position;
+    `width`: over the first `width` token ids only (teacher and student embeddings padded to
+    different sizes over one tokenizer)."""
     logits = packed_logits(module, micro).float()
+    if width is not None:
+        logits = logits[:, :width]
     return torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
 
 
@@ -120,6 +124,10 @@ class Teachers:
         self.weights = [float(weights.get(k, 0.0)) if weights else 1.0 for k in self.keys]
         self.synced = synced(ctx.run["deepspeed"])
         vocab = AutoConfig.from_pretrained(ctx.input_model, trust_remote_code=model_cfg["trust_remote_code"]).vocab_size
+        # Checkpoints of one family pad their embeddings to different sizes over the same tokenizer
+        # (Qwen2.5-7B: 152064 rows, 0.5B-3B and Qwen3: 151936): the distributions are then compared
+        # over the tokenizer's ids, the rows past them being no token at all.
+        self.width: int | None = None
         self.modules: list = []
         for key, w in zip(self.keys, self.weights):
             if not self.route and w == 0:
@@ -128,17 +136,19 @@ class Teachers:
             path, where = ctx.models[f"teachers.{key}"], ctx.where(f"teachers.{key}")
             tok = load_tokenizer(path, model_cfg)
             t_vocab = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg["trust_remote_code"]).vocab_size
-            if tok.get_vocab() != tokenizer.get_vocab() or t_vocab != vocab:
+            if tok.get_vocab() != tokenizer.get_vocab() or min(t_vocab, vocab) < len(tokenizer):
                 raise UserError(f"{where}: teacher {path} does not share the student's tokenizer ({len(tok)} tokens, "
                                 f"vocab_size {t_vocab}; the student: {len(tokenizer)}, {vocab}); distillation compares "
                                 f"log-probs token by token, so teacher and student need the same tokenizer")
+            if t_vocab != vocab:
+                self.width = len(tokenizer)
             self.modules.append(frozen_causal_lm(path, model_cfg, ctx.run["deepspeed"]))
         # A one-token answer for the calls a rank makes only to keep ZeRO-3's collectives in step.
         eos = tokenizer.eos_token_id
         self.dummy = pack_answers([([eos, eos], [False, True])], **pack)
 
     def _forward(self, k: int, micro: dict) -> torch.Tensor:
-        return log_softmax(self.modules[k], micro, self.temperature)
+        return log_softmax(self.modules[k], micro, self.temperature, self.width)
 
     @torch.no_grad()
     def log_probs(self, micro: dict, route: list[int]) -> torch.Tensor:
@@ -308,7 +318,7 @@ def run(ctx) -> dict:
         """One micro-batch of an update: the student's reverse KL to each episode's teacher (`kl`),
         token mean; per-teacher KL sums for the update's row."""
         seq, n = micro["seq"], micro["n"]
-        student = log_softmax(module, micro, cfg["temperature"])
+        student = log_softmax(module, micro, cfg["temperature"], teachers.width)
         episode_route = [route[e.prompt] for e in micro["episodes"]]
         teacher = teachers.log_probs(micro, episode_route)
         outcome = torch.tensor([e.adv for e in micro["episodes"]], dtype=student.dtype, device=student.device)[seq]

@@ -182,7 +182,7 @@ def _teachers(n: int, synced: bool = False) -> distill.Teachers:
     pack = dict(boundaries="mask", mask_dtype=torch.float32, device=torch.device("cpu"))
     tt = object.__new__(distill.Teachers)
     tt.keys, tt.route, tt.temperature, tt.pack, tt.synced = [f"t{k}" for k in range(n)], True, 1.0, pack, synced
-    tt.modules, tt.weights = [StubTeacher(k) for k in range(n)], [1.0] * n
+    tt.modules, tt.weights, tt.width = [StubTeacher(k) for k in range(n)], [1.0] * n, None
     tt.dummy = distill.pack_answers([([2, 2], [False, True])], **pack)
     return tt
 
@@ -232,3 +232,20 @@ def test_mixture_scores_every_episode_with_every_teacher():
     assert [len(m.calls) for m in tt.modules] == [1, 1]
     # Both signatures carry the same mass in an equal mixture.
     assert torch.allclose(out[:, V - 1], out[:, V - 2])
+
+
+def test_log_probs_over_the_tokenizer_ids_when_embeddings_are_padded():
+    """A teacher padded to more rows than the student (same tokenizer): both distributions are
+    taken over the first `width` ids, each normalised there; the padded rows take no mass."""
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids=None, logits_to_keep=None, **kw):
+            logits = torch.tensor([[[0.0, 0.0, 0.0, 5.0, 5.0]]]).expand(1, input_ids.shape[1], 5)
+            return type("Out", (), {"logits": logits[:, logits_to_keep] if logits_to_keep is not None else logits})
+
+    micro = {"inputs": {"input_ids": torch.zeros(1, 2, dtype=torch.long)}, "positions": torch.tensor([1])}
+    full = distill.log_softmax(Fixed(), micro, 1.0)
+    cut = distill.log_softmax(Fixed(), micro, 1.0, width=3)
+    assert full.shape == (1, 5) and cut.shape == (1, 3)
+    # Three equal logits over 3 ids: log(1/3) each, whatever the two padded rows held.
+    assert torch.allclose(cut, torch.full((1, 3), -math.log(3.0)))
