@@ -237,3 +237,28 @@ def test_a_dead_builds_leftovers_are_removed_and_a_finished_cache_is_kept(tmp_pa
     c.build()
     assert (c.dir / "meta.json").stat().st_mtime_ns == before
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [c.key]
+
+
+def test_a_hub_dataset_is_keyed_by_its_datasets_fingerprint(tmp_path, tok, monkeypatch):
+    """The hub path (load_dataset by name) run on a local directory, no download."""
+    import datasets
+
+    rows = [_row(i) for i in range(12)]
+    d = tmp_path / "org_dataset"
+    d.mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(d / "train-00000.parquet"))
+    a = _write(tmp_path / "a.jsonl", rows)
+    spec = tokenized.SftTokenization(tok, 64, "truncate")
+    want, _ = tokenized.mixture(_built(tokenized.locate([_src(a)], "d", spec, tmp_path / "cache")), 0)
+    for module in (tokenized, sources):
+        monkeypatch.setattr(module, "is_local", lambda path: False)
+    caches = tokenized.locate([_src(d)], "d", spec, tmp_path / "cache")
+    assert caches[0].signature["hub"] == str(d) and caches[0].signature["fingerprint"]
+    got, stats = tokenized.mixture(_built(caches), 0)
+    assert stats["rows"] == 12 and [got[i] for i in range(len(got))] == [want[i] for i in range(len(want))]
+
+
+def _built(caches):
+    for c in caches:
+        c.build()
+    return caches
