@@ -102,9 +102,16 @@ def _wants_parts(tokenizer) -> bool:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The template's text; a conversation it refuses (Gemma: no system role; roles that must
+    alternate) is one line naming the key, which the data layer prefixes with file and row."""
+    from jinja2.exceptions import TemplateError
+
     if _wants_parts(tokenizer):
         messages = _as_parts(messages)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise UserError(f"model.chat_template: {_label(tokenizer)} cannot render this conversation ({e})") from None
 
 
 def _added_at(tokenizer, text: str) -> str | None:

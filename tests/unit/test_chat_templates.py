@@ -392,3 +392,13 @@ def test_olmo3_and_llama2_templates_by_hand():
     assert tok.decode(ex.input_ids) == ("<|begin_of_text|>[INST] <<SYS>>\nYou are a terse assistant.\n<</SYS>>\n\n"
                                        "Say hello. [/INST] Hello there! <|end_of_text|>")
     assert [tok.decode(r) for r in _runs(ex.input_ids, ex.loss_mask)] == [" Hello there! <|end_of_text|>"]
+
+
+def test_a_conversation_the_template_refuses_is_one_line():
+    """Gemma's template refuses a system turn: a UserError naming the key (the data layer adds the
+    file and row), not a Jinja traceback."""
+    from posttrain_cli.errors import UserError
+
+    tok = _tok("gemma", trl_template("gemma"))
+    with pytest.raises(UserError, match=r"model.chat_template: .*cannot render this conversation \(System role"):
+        tokenize_conversation(tok, CONVERSATIONS["system"])
