@@ -36,6 +36,7 @@ into memory-mapped Arrow files that every stage reading the same data with the s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -115,9 +116,14 @@ def _sha(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+@functools.cache
 def _code_hash() -> str:
+    """Read once a process: the code running is the code imported, whatever is edited on disk later."""
     here = Path(__file__).parent
     return _sha(b"".join((here / name).read_bytes() for name in CODE))[:16]
+
+
+_code_hash()  # at import, next to the imports of chat and schemas
 
 
 def tokenizer_hash(tokenizer) -> str:
