@@ -276,3 +276,41 @@ def test_two_turns_train_both_answers(family, template, end_of_turn, examples):
     trained = [[t for t, m in zip(ex.input_ids, ex.loss_mask) if m] for ex in got]
     assert sum(ids_.count(eot) for ids_ in trained) == 2
     assert "2" in tok.decode(trained[0]) and "4" in tok.decode(trained[-1])
+
+
+@pytest.mark.parametrize("text, spans, trained", [
+    # "Ġthere" (2, 8) crosses into the answer "there<|im_end|>" (3, 18): trained, as is <|im_end|>.
+    ("Hi there<|im_end|>", [(3, 18)], ["Ġthere", "<|im_end|>"]),
+    # ... and crosses out of the answer "Hi " (0, 3) into the next text: not trained.
+    ("Hi there<|im_end|>", [(0, 3)], ["Hi"]),
+    # U+200D (chars 2 and 4) is split over two byte tokens with the same offsets: both trained with it.
+    ("x👨\u200d👩\u200d👧y", [(2, 3)], ["âĢ", "į"]),
+    ("x👨\u200d👩\u200d👧y", [(1, 2), (4, 6)], ["ðŁĳ¨", "âĢ", "į", "ðŁĳ§"]),
+    # Two answers, the token (2, 8) starting in the first and crossing into the second: trained in neither.
+    ("Hi there<|im_end|>", [(0, 3), (5, 18)], ["Hi", "<|im_end|>"]),
+])
+def test_trained_tokens_by_character_offsets_under_byte_level_bpe(toks, text, spans, trained):
+    from posttrain_cli.data.chat import _encode
+
+    tok = toks["qwen2"]
+    ex = _encode(tok, text, spans)
+    assert [p for p, m in zip(tok.convert_ids_to_tokens(ex.input_ids), ex.loss_mask) if m] == trained
+
+
+def test_mask_from_span_edges_equals_the_per_token_offsets_rule(toks):
+    """chat._span_mask (a few lookups at each span's edges) gives the per-token rule's mask
+    (_offsets_mask) on random texts and spans, multi-byte characters and specials included."""
+    import random
+
+    from posttrain_cli.data.chat import _offsets_mask, _span_mask
+
+    rng = random.Random(0)
+    pieces = ["hello", " world", "  ", "\n", "\n\n", "日本語", "🙂", "é", " [INST]", "<|im_end|>", "<|eot_id|>",
+              "123", "\t", "naïve", "👨\u200d👩\u200d👧", "<think>", "a"]
+    for family, tok in toks.items():
+        for _ in range(300):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
+            cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 2 * rng.randint(1, 3))))
+            spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+            enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+            assert _span_mask(enc, len(enc.ids), spans) == _offsets_mask(enc.offsets, spans), (family, text, spans)
