@@ -281,10 +281,11 @@ def _marked(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]
     return texts[0], list(spans[0])
 
 
-def _turn_span(tokenizer, messages: list[dict], k: int) -> tuple[str, tuple[int, int]]:
-    """Turn k as it is generated: the text up to its end and the characters the model writes."""
+def _turn_span(tokenizer, messages: list[dict], k: int, upto: str | None = None) -> tuple[str, tuple[int, int]]:
+    """Turn k as it is generated: the text up to its end and the characters the model writes
+    (`upto`: _render_turns of messages[:k + 1] where the caller has it)."""
     prompt = render(tokenizer, messages[:k], add_generation_prompt=True)
-    upto = _render_turns(tokenizer, messages[: k + 1])
+    upto = _render_turns(tokenizer, messages[: k + 1]) if upto is None else upto
     if upto.startswith(prompt) and len(upto) > len(prompt):
         return upto, (len(prompt), len(upto))
     # The rendered turn does not continue its generation prompt: the prompt prefills part of the
@@ -325,8 +326,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], multi_turn: str = "ea
         return []
     _prepare(tokenizer)
     marked = bool(_GENERATION_TAG.search(getattr(tokenizer, "chat_template", None) or ""))
-    each = {k: _turn_span(tokenizer, messages, k) for k in turns}
     full = _render_turns(tokenizer, messages)
+    each = {k: _turn_span(tokenizer, messages, k, full if k == len(messages) - 1 else None) for k in turns}
     # One example holds every turn when each turn, rendered as the last one, is a prefix of the whole.
     spans = [span for text, span in each.values()] if all(full.startswith(t) for t, _ in each.values()) else None
     if spans is not None:
