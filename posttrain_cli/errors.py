@@ -11,3 +11,8 @@ class StageFailed(Exception):
     """A stage crashed for a reason that is not the user's input (exit 1)."""
 
     exit_code = 1
+
+
+class Diverged(StageFailed):
+    """A training stage's loss or gradients went non-finite, or its model holds a non-finite tensor:
+    nothing is published (exit 1, like any stage failure: the stage ran, which a bad config does not)."""

@@ -30,6 +30,9 @@ from posttrain_cli.kinds import KINDS
 from posttrain_cli.kinds.base import EVAL_MODEL_REFS
 
 PREV = "prev."
+# Rounds a block may repeat. Published recipes run a handful (Llama 2: 5, Llama 3: 6); each round is
+# a stage directory and a job per stage, and 100 rounds already take `plan` about 10 s to lay out.
+MAX_ROUNDS = 100
 
 
 def is_block(stage) -> bool:
@@ -51,6 +54,9 @@ def expand(stages: dict, check_stage, check_table) -> tuple[dict, dict]:
         block = check_table(path, given, schema.ROUNDS)
         if block["count"] < 1:
             raise UserError(f"{path}.count={block['count']} must be >= 1")
+        if block["count"] > MAX_ROUNDS:
+            raise UserError(f"{path}.count={block['count']} is more rounds than a run can lay out (at most "
+                            f"{MAX_ROUNDS}; published recipes run 5 or 6)")
         inner = block["stages"]
         if not inner:
             raise UserError(f"{path}.stages is empty: a rounds block repeats at least one stage")

@@ -8,6 +8,7 @@ record's (posttrain_cli/kinds/), and what is checked here holds for every kind a
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 from posttrain_cli.config import schema
@@ -50,6 +51,7 @@ def check_stage(name: str, given: Any, path: str | None = None) -> dict:
     if "heldout" in stage:
         stage["heldout"] = check_sources(f"{path}.heldout", stage["heldout"])
     record.validate(path, stage)
+    _check_trainable_values(path, stage)
     if stage["deepspeed"] is not None:
         stage["deepspeed"] = check_table(f"{path}.deepspeed", stage["deepspeed"], partial(schema.SECTIONS["deepspeed"]))
     return stage
@@ -125,6 +127,7 @@ def check_run(cfg: dict) -> dict:
     if c["gpus_per_node"] < 0 or c["signal_seconds"] < 0:
         key = "gpus_per_node" if c["gpus_per_node"] < 0 else "signal_seconds"
         raise UserError(f"cluster.{key}={c[key]} must be >= 0")
+    _check_seed(out["seed"])
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None
     template = out["model"]["chat_template"]
@@ -140,3 +143,106 @@ def check_run(cfg: dict) -> dict:
             # A file: the stage workers (SLURM jobs too) may start elsewhere.
             out["model"]["chat_template"] = str(Path(template).expanduser().resolve())
     return out
+
+# ------------------------------------------------------------------ values that cannot train
+
+# numpy seeds 0 .. 2**32 - 1, the narrowest range of the generators a stage seeds (random, numpy,
+# torch); torch's 64 bits then also hold the seeds derived from it (seed x 1,000,003 + rank).
+MAX_SEED = 2**32 - 1
+# Sequences in one batch of any kind (and counts that multiply one): 2**24 is a thousand times the
+# largest published global batch (DeepSeek-V3: 15,360 sequences); a step's indices live in memory.
+MAX_SEQUENCES = 2**24
+SEQUENCE_KEYS = ("global_batch_size", "micro_batch_size", "prompts_per_step", "rollout_batch_size", "batch_size",
+                 "num_generations", "num_samples", "mini_batches", "ppo_epochs")
+# Tokens in one sequence, and in one forward (micro_batch_size x max_seq_len): token offsets are
+# int32 (flash-attention's cu_seqlens, packed rows' positions).
+MAX_TOKENS = 2**31 - 1
+TOKEN_KEYS = ("max_seq_len", "max_new_tokens")
+# Optimizer steps and passes over the data past any run (Llama 3 pre-trained for about 1.2M steps).
+MAX_STEPS = 10**8
+MAX_EPOCHS = 10**6
+# The optimizer takes its hyperparameters as float32 (torch's AdamW: "value cannot be converted to
+# type float without overflow" past this).
+FLOAT32_MAX = 3.4028234663852886e38
+OPTIMIZER_KEYS = ("lr", "value_lr", "adam_eps", "weight_decay")
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed={seed} is outside 0..{MAX_SEED} (2**32 - 1, numpy's seed range, the narrowest "
+                        f"of the generators a stage seeds)")
+
+
+def _nonfinite(path: str, value) -> str | None:
+    """The full key of the first nan or inf under `value` (mappings and lists walked), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path}={value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        found = _nonfinite(f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}", v)
+        if found:
+            return found
+    return None
+
+
+def _check_trainable_values(path: str, stage: dict) -> None:
+    """Numbers no run can train with, refused at plan time (exit 2) naming the full key: a nan or
+    inf anywhere in the stage, an lr that is not positive, Adam betas outside [0, 1), eps <= 0, a
+    negative weight decay, batch sizes and lengths no machine holds, step counts past any run. A
+    finite lr that still diverges is caught while training (engine/loop.py)."""
+    found = _nonfinite(path, stage)
+    if found:
+        raise UserError(f"{found}: not a finite number (nan and inf cannot train)")
+
+    def bad(key: str, why: str):
+        return UserError(f"{path}.{key}={stage[key]} {why}")
+
+    for key in SEQUENCE_KEYS:
+        if isinstance(stage.get(key), int) and stage[key] > MAX_SEQUENCES:
+            raise bad(key, f"is more sequences than any machine holds in one batch (at most {MAX_SEQUENCES:,})")
+    for key in TOKEN_KEYS:
+        if isinstance(stage.get(key), int) and stage[key] > MAX_TOKENS:
+            raise bad(key, f"is more tokens than a sequence can have (at most {MAX_TOKENS:,}, int32 offsets)")
+    ev = stage.get("eval") or {}
+    for key, limit in (("batch_size", MAX_SEQUENCES), ("max_new_tokens", MAX_TOKENS)):
+        if isinstance(ev.get(key), int) and ev[key] > limit:
+            raise UserError(f"{path}.eval.{key}={ev[key]} is past any machine (at most {limit:,})")
+    if (stage.get("prompts_per_step") or 0) * (stage.get("num_generations") or 0) > MAX_SEQUENCES:
+        raise UserError(f"{path}: prompts_per_step {stage['prompts_per_step']} x num_generations "
+                        f"{stage['num_generations']} is more sequences than any machine holds in one rollout "
+                        f"(at most {MAX_SEQUENCES:,})")
+    micro, length = stage.get("micro_batch_size"), stage.get("max_seq_len")
+    if micro and length and micro > 0 and length > 0 and micro * length > MAX_TOKENS:
+        raise UserError(f"{path}: micro_batch_size {micro} x max_seq_len {length} = {micro * length:,} tokens in one "
+                        f"forward, past int32 token offsets ({MAX_TOKENS:,})")
+    g = stage.get("global_batch_size")
+    if micro and g and 0 < g < micro:
+        raise bad("micro_batch_size", f"is more than global_batch_size={g} (sequences per optimizer step, all "
+                                      f"ranks): lower micro_batch_size or raise global_batch_size")
+    if not KINDS[stage["kind"]].trains:
+        return
+    for key in ("lr", "value_lr"):
+        if stage.get(key) is not None and stage[key] <= 0:
+            raise bad(key, "must be > 0")
+    for key in OPTIMIZER_KEYS:
+        if stage.get(key) is not None and stage[key] > FLOAT32_MAX:
+            raise bad(key, f"is past float32's largest value ({FLOAT32_MAX:.4g}), in which the optimizer computes")
+    betas = stage["adam_betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise bad("adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if stage["adam_eps"] <= 0:
+        raise bad("adam_eps", "must be > 0, e.g. 1.0e-8")
+    if stage["weight_decay"] < 0:
+        raise bad("weight_decay", "must be >= 0")
+    if stage["grad_clip"] is not None and stage["grad_clip"] < 0:
+        raise bad("grad_clip", "must be >= 0 (0 or null: no clipping)")
+    if not 0 <= stage["min_lr_ratio"] <= 1:
+        raise bad("min_lr_ratio", "must be in [0, 1]")
+    if stage["epochs"] is not None and not 0 <= stage["epochs"] <= MAX_EPOCHS:
+        raise bad("epochs", f"must be between 0 and {MAX_EPOCHS:,} passes over the data")
+    if stage["max_steps"] is not None and not 0 < stage["max_steps"] <= MAX_STEPS:
+        raise bad("max_steps", f"must be in 1..{MAX_STEPS:,} optimizer steps")
+    if not 0 <= stage["nonfinite_patience"] <= MAX_STEPS:
+        raise bad("nonfinite_patience", "must be >= 0 (non-finite steps in a row tolerated; 0: stop at the first)")
+

@@ -2,8 +2,8 @@
 
     stages.sft.save_every: 200      # optimizer steps between checkpoints (RL kinds: rollout steps)
 
-A training stage saves every `save_every` steps, and at once when the process gets SIGUSR1 or
-SIGTERM (SLURM's warning before a time limit or a preemption). Run the same command again and the
+A training stage saves every `save_every` steps, and at once when the process gets SIGUSR1,
+SIGTERM (SLURM's warning before a time limit or a preemption) or SIGINT (Ctrl-C). Run the same command again and the
 stage continues from its newest checkpoint; the final weights are the uninterrupted run's.
 
     RUN_DIR/<stage>/checkpoints/
@@ -54,8 +54,12 @@ BATCH_KEYS = ("global_batch_size", "micro_batch_size", "prompts_per_step", "num_
 class Preempted(Exception):
     """The stage stopped on a signal after saving a checkpoint (the launcher requeues or reports)."""
 
-    def __init__(self, signame: str, step: int, total: int, path: Path):
-        super().__init__(f"stopped by {signame} at step {step} of {total}; checkpoint saved at {path}")
+    def __init__(self, signame: str, step: int, total: int, path: Path | None, saved: bool = True):
+        # saved=False: the last steps were non-finite (engine/loop.py), so nothing was written over
+        # the last good checkpoint (`path`, or None: the stage starts over).
+        what = f"checkpoint saved at {path}" if saved else \
+            f"not saved (its last steps were non-finite); {f'kept {path}' if path else 'no checkpoint yet'}"
+        super().__init__(f"stopped by {signame} at step {step} of {total}; {what}")
         self.signame, self.step, self.total, self.path = signame, step, total, path
 
 
@@ -245,16 +249,19 @@ def set_rng(state: dict) -> None:
 
 
 class StopSignals:
-    """SIGUSR1 / SIGTERM ask the loop to checkpoint and stop at the next step boundary. The handlers
-    only set a flag; the loop reads it in its per-step all-reduce, so every rank stops at the same step."""
+    """SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) ask the loop to checkpoint and stop at the next step
+    boundary. The handlers only set a flag; the loop reads it in its per-step all-reduce, so every rank
+    stops at the same step. A second Ctrl-C does not wait for the step: KeyboardInterrupt at once."""
 
-    SIGNALS = ("SIGUSR1", "SIGTERM")
+    SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
     def __init__(self):
         self.received: str | None = None
         self._old: dict = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
     def __enter__(self) -> "StopSignals":

@@ -214,21 +214,42 @@ def train_policy(ctx, total_steps: int):
     return engine, pack_options(ctx.run, engine.device)
 
 
-def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None) -> None:
+def nonfinite_tensor(state: dict) -> tuple[str, int, int] | None:
+    """The first floating-point tensor of a state dict that holds nan or inf -> (name, how many
+    values, of how many), or None when every value is finite."""
+    for name, t in state.items():
+        if torch.is_floating_point(t):
+            bad = int(t.numel() - torch.isfinite(t).sum())
+            if bad:
+                return name, bad, t.numel()
+    return None
+
+
+def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: str = "the stage") -> None:
     """Write a Hugging Face directory; ZeRO-3 shards are gathered first (all ranks call).
-    `part` saves one submodule of a wrapper (PPO's `policy`)."""
+    `part` saves one submodule of a wrapper (PPO's `policy`). A model with a non-finite tensor is
+    never written: every rank raises Diverged naming `where` (the stage key) and the tensor."""
+    from posttrain_cli.errors import Diverged
+
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict() if dist.is_main() else None
+    module = engine.module if part is None else getattr(engine.module, part)
+    bad = None
+    if dist.is_main():
+        if part is not None:
+            state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        bad = nonfinite_tensor(state)
+    # Rank 0 holds the whole model; the flag reaches every rank, so none waits at the barrier below.
+    if dist.all_sum([float(bad is not None)])[0] > 0:
+        found = f"{bad[1]} of the {bad[2]} values of {bad[0]}" if bad else "a tensor (rank 0 names it)"
+        raise Diverged(f"{where}: the trained model holds non-finite values ({found} are nan or inf): training "
+                       f"diverged; the model is not published; lower {where}.lr")
     if dist.is_main():
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        module = engine.module
-        if part is not None:
-            module = getattr(module, part)
-            state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         gen = getattr(module, "generation_config", None)
         if gen is not None:
             # The template's end of turn ends generation for whoever loads the model next

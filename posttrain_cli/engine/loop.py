@@ -18,8 +18,8 @@ import time
 from typing import Callable
 
 from posttrain_cli.engine import dist
-from posttrain_cli.engine.checkpoint import Checkpoints, Preempted, StopSignals
-from posttrain_cli.errors import UserError
+from posttrain_cli.engine.checkpoint import Checkpoints, Preempted, StopSignals, latest
+from posttrain_cli.errors import Diverged, UserError
 
 
 class StepPlan:
@@ -81,7 +81,12 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
     Checkpoints (engine/checkpoint.py) fall every `save_every` x `unit` steps (RL: `unit` optimizer
     updates per rollout step; a checkpoint only between rollouts) and on SIGUSR1 / SIGTERM, after
     which the loop raises Preempted. `state` (state_dict / load_state_dict) is the stage's own part
-    of a checkpoint. A checkpoint a killed run of this stage left is resumed from."""
+    of a checkpoint. A checkpoint a killed run of this stage left is resumed from.
+
+    A step whose loss or gradient norm is non-finite counts; more than the stage's
+    `nonfinite_patience` in a row (or any left at the end) raise Diverged: no checkpoint is written
+    while such a streak lasts, so the last good one stays, and the stage publishes nothing. The flag
+    travels in the per-step all-reduce: every rank stops at the same step."""
     world = dist.world()
     log_every = ctx.run["logging"]["log_every"]
     ckpt = Checkpoints(ctx, engine, total=total_steps, unit=unit, state=state)
@@ -92,6 +97,8 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
     history: list[dict] = resumed.get("history", [])
     tokens_total = resumed.get("tokens", 0.0)
     start = time.perf_counter() - resumed.get("seconds", 0.0)
+    patience = ctx.cfg.get("nonfinite_patience", 0)
+    streak = 0  # non-finite steps in a row
     engine.train()
     try:
         with StopSignals() as signals:
@@ -109,10 +116,14 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
                     loss_sum_local += float(loss_sum.detach())
                     for k, v in extra.items():
                         extras[k] = extras.get(k, 0.0) + float(v)
+                grad_norm = _grad_norm(engine)
                 # Every rank reports the same extras keys (stages build them unconditionally). The
-                # last number counts ranks that got a stop signal: every rank stops at the same step.
-                sums = dist.all_sum([loss_sum_local, *extras.values(), float(signals.received is not None)])
+                # last two numbers count ranks whose gradient norm is non-finite and ranks that got
+                # a stop signal: every rank decides both at the same step.
+                sums = dist.all_sum([loss_sum_local, *extras.values(), float(_bad_grads(engine, grad_norm)),
+                                     float(signals.received is not None)])
                 stop = sums.pop() > 0
+                grads_bad = sums.pop() > 0
                 means = {"loss": sums[0] / max(weight, 1e-12),
                          **{k: v / max(weight, 1e-12) for k, v in zip(extras, sums[1:])},
                          **(step_metrics(step) if step_metrics else {})}
@@ -120,19 +131,35 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
                 tokens_total += tokens
                 dt = time.perf_counter() - t0
                 row = {"step": step + 1, "loss": means["loss"], "lr": engine.get_lr()[0],
-                       "grad_norm": _grad_norm(engine), "tokens": tokens, "tokens_per_s": tokens / dt,
+                       "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt,
                        **{k: v for k, v in means.items() if k != "loss"}}
-                if (step + 1) % log_every == 0 or step + 1 == total_steps:
+                what = nonfinite(means["loss"], grad_norm, grads_bad)
+                if (step + 1) % log_every == 0 or step + 1 == total_steps or what:
                     ctx.log_metrics(row)
                 shown = {"loss": means["loss"], **({"reward": means["reward"]} if "reward" in means else {})}
                 bar.update(step + 1, {**shown, "tok/s": round(tokens / dt)})
                 done = step + 1
+                streak = streak + 1 if what else 0
+                if what:
+                    ctx.log.warning("step %d: %s (%d non-finite in a row, nonfinite_patience %d)",
+                                    done, what, streak, patience)
+                    if streak > patience:
+                        raise Diverged(diverged_message(ctx, what, done, total_steps, unit, streak, patience))
                 if done < total_steps and done % unit == 0 and (stop or ckpt.due(done)):
+                    if streak:
+                        # The weights may be diverged: never over the last good checkpoint.
+                        if stop:
+                            raise Preempted(signals.received or "a signal on another rank", done // unit,
+                                            total_steps // unit, latest(ctx.stage_dir), saved=False)
+                        continue
                     path = ckpt.save(done, {"step": done, "history": history, "tokens": tokens_total,
                                             "seconds": time.perf_counter() - start})
                     if stop:
                         raise Preempted(signals.received or "a signal on another rank", done // unit,
                                         total_steps // unit, path)
+            if streak:
+                raise Diverged(diverged_message(ctx, what, total_steps, total_steps, unit, streak, patience,
+                                                at_end=True))
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -154,6 +181,40 @@ def _trim_metrics(ctx, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def nonfinite(loss: float, grad_norm: float | None, grads_bad: bool) -> str | None:
+    """What went non-finite in a step, as the error names it, or None. `grads_bad`: some rank's
+    gradient norm is (the all-reduced flag; this rank's own norm may be fine)."""
+    if not math.isfinite(loss):
+        return f"loss {loss}"
+    if grads_bad:
+        return f"gradient norm {grad_norm}" if grad_norm is not None and not math.isfinite(grad_norm) \
+            else "gradient norm non-finite (on another rank)"
+    return None
+
+
+def diverged_message(ctx, what: str, done: int, total: int, unit: int, streak: int, patience: int, *,
+                     at_end: bool = False) -> str:
+    """One line: the stage, the step (RL: the update and its rollout step), what went non-finite,
+    what is kept and what to change."""
+    where = f"step {done} of {total}" if unit == 1 else \
+        f"update {done} of {total} (rollout step {math.ceil(done / unit)} of {total // unit})"
+    tolerated = f" ({streak} steps in a row, nonfinite_patience {patience})" if patience else ""
+    kept = latest(ctx.stage_dir)
+    kept = f"the last good checkpoint {kept.name} is kept" if kept else "no checkpoint had been saved"
+    end = "; training ended before it recovered" if at_end else ""
+    lr = ctx.cfg.get("lr")
+    return (f"{ctx.where()}: {what} at {where}{tolerated}{end}: training diverged and stopped; nothing published, "
+            f"{kept}; lower {ctx.where('lr')}" + (f" (now {lr:g})" if isinstance(lr, float) else ""))
+
+
+def _bad_grads(engine, grad_norm: float | None) -> bool:
+    """This rank's gradient norm is non-finite, and not because fp16's loss scaler overflowed: the
+    scaler skips such a step (the weights stay as they were) and retries at a lower scale."""
+    if grad_norm is None or math.isfinite(grad_norm):
+        return False
+    return not (engine.fp16_enabled() and not engine.was_step_applied())
 
 
 def _grad_norm(engine) -> float | None:

@@ -153,6 +153,10 @@ TRAINING = {
     # A checkpoint (weights, optimizer, schedule, RNG, data position) every N optimizer steps (RL
     # kinds: rollout steps) and on SIGUSR1 / SIGTERM; a re-run resumes from it. null: on a signal only.
     "save_every": ("?int", 500),
+    # Optimizer steps in a row whose loss or gradient norm may be non-finite (nan / inf) before the
+    # stage stops, keeping its last good checkpoint and publishing nothing (engine/loop.py). 0: stop
+    # at the first. Not in the fingerprint: a completed stage's weights do not depend on it.
+    "nonfinite_patience": ("int", 0),
 }
 # The RL kinds count their batch in rollouts (RL: prompts_per_step) and their length in passes
 # over the prompts (their own `epochs`).

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from posttrain_cli.errors import Diverged
 from posttrain_cli.merge.checks import check
 from posttrain_cli.merge.methods import MERGE_METHODS
 from posttrain_cli.merge.shards import DTYPES, Checkpoint, plan_shards, shard_header, write_config
@@ -32,9 +33,11 @@ CHUNK_ELEMENTS = 1 << 20
 def merge(models: list[tuple[str, Path]], out_dir: Path, *, method: str, base: tuple[str, Path] | None = None,
           weights: list[float] | None = None, density: float | list[float] = 0.5, t: float = 0.5,
           normalize: bool = True, dtype: str = "auto", max_shard_size: int = 2 * 10**9, seed: int = 0,
-          progress: Callable[[int], object] | None = None) -> dict:
+          progress: Callable[[int], object] | None = None, where: str = "merge") -> dict:
     """Merge the (stage key, directory) `models` into a Hugging Face directory out_dir.
-    -> {"tensors", "shards", "bytes_written"}."""
+    -> {"tensors", "shards", "bytes_written"}. A merged tensor with a nan or inf raises Diverged
+    naming `where` (the stage key), the tensor and the input that holds one, if any: the stage
+    publishes nothing."""
     fn = MERGE_METHODS[method]
     ckpts = [Checkpoint(path, where) for where, path in models]
     base_ckpt = Checkpoint(base[1], base[0]) if base and fn.uses_base else None
@@ -62,7 +65,7 @@ def merge(models: list[tuple[str, Path]], out_dir: Path, *, method: str, base: t
                 f.write(shard_header(shard))
                 for name, out_dtype, _, nbytes in shard:
                     size = 0
-                    for piece in _merged(fn, name, ckpts, base_ckpt, opts, out_dtype, seed):
+                    for piece in _merged(fn, name, ckpts, base_ckpt, opts, out_dtype, seed, where):
                         raw = piece.reshape(-1).view(torch.uint8).numpy()
                         f.write(raw)
                         size += raw.nbytes
@@ -85,7 +88,7 @@ def merge(models: list[tuple[str, Path]], out_dir: Path, *, method: str, base: t
 
 
 def _merged(fn, name: str, ckpts: list[Checkpoint], base: Checkpoint | None, opts: dict, out_dtype: torch.dtype,
-            seed: int):
+            seed: int, where: str = "merge"):
     """Yield the merged tensor `name` in out_dtype: in flat slices for an elementwise method, else whole."""
     ref = ckpts[0].entry(name)
     if not DTYPES[ref.dtype].is_floating_point:
@@ -99,9 +102,22 @@ def _merged(fn, name: str, ckpts: list[Checkpoint], base: Checkpoint | None, opt
         count = min(step, numel - start) if fn.elementwise else None
         xs = [c.read(name, start, count).float() for c in ckpts]
         b = base.read(name, start, count).float() if base else None
-        out = fn(xs, base=b, generator=generator, **opts)
+        out = fn(xs, base=b, generator=generator, **opts).to(out_dtype)
+        if not torch.isfinite(out).all():
+            raise Diverged(_nonfinite_message(where, name, out_dtype, ckpts, xs, base, b))
         del xs, b
-        yield out.to(out_dtype)
+        yield out
+
+
+def _nonfinite_message(where: str, name: str, out_dtype: torch.dtype, ckpts: list[Checkpoint], xs: list,
+                       base: Checkpoint | None, b) -> str:
+    """One line: the merged tensor is not finite, and why: an input holds nan or inf, or the result
+    overflows the output dtype."""
+    inputs = [(c.where, x) for c, x in zip(ckpts, xs)] + ([(base.where, b)] if base is not None else [])
+    culprit = next((w for w, x in inputs if not torch.isfinite(x).all()), None)
+    why = (f"the input {culprit} holds nan or inf there" if culprit else
+           f"the result overflows {str(out_dtype).removeprefix('torch.')}")
+    return f"{where}: the merged tensor {name} holds non-finite values ({why}); the merge is not published"
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:

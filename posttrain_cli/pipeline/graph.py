@@ -228,8 +228,10 @@ def model_key(ref: tuple, run: dict, fps: dict):
 
 
 def training_part(cfg: dict) -> dict:
-    """What decides a stage's output: everything but where it runs and the eval block."""
-    return {k: v for k, v in cfg.items() if k not in ("eval", "resources", "deepspeed", "save_every")}
+    """What decides a stage's output: everything but where it runs, the eval block, and the keys that
+    decide only whether and where it stops (a completed stage's weights do not depend on them)."""
+    return {k: v for k, v in cfg.items() if k not in ("eval", "resources", "deepspeed", "save_every",
+                                                      "nonfinite_patience")}
 
 
 def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:

@@ -87,7 +87,7 @@ class Reference:
         return self.ctx.work_dir / "ref_refresh"
 
     def refresh(self, engine, tokenizer) -> None:
-        eng.save_hf(engine, tokenizer, self.path)
+        eng.save_hf(engine, tokenizer, self.path, where=self.ctx.where())
         self.load(str(self.path))
         self.refreshed = True
 
@@ -196,7 +196,7 @@ class OnPolicy:
         """The reference freed, the policy saved (`part`: ppo's policy half) -> the stage's result,
         with the verifiers' failures when there were any."""
         self.ref = None
-        eng.save_hf(self.engine, self.tokenizer, self.ctx.work_dir / "model", part=part)
+        eng.save_hf(self.engine, self.tokenizer, self.ctx.work_dir / "model", part=part, where=self.ctx.where())
         self.engine = self.policy = self.sampler = None
         if self.rewards is not None and self.rewards.failures:
             out["verifier_failures"] = dict(self.rewards.failures)

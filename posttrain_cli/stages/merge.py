@@ -64,7 +64,7 @@ def _merge(ctx, out_dir) -> dict:
     stats = stream.merge(models, out_dir, method=cfg["method"], base=base, weights=cfg["weights"],
                          density=cfg["density"], t=cfg["t"], normalize=cfg["normalize"], dtype=cfg["dtype"],
                          max_shard_size=parse_size(ctx.where("max_shard_size"), cfg["max_shard_size"]),
-                         seed=ctx.seed, progress=lambda total: ctx.progress(total, "tensors"))
+                         seed=ctx.seed, progress=lambda total: ctx.progress(total, "tensors"), where=ctx.where())
     seconds = time.perf_counter() - start
     peak = memory.peak_rss()
     metrics = {"method": cfg["method"], "models": len(models), **stats, "seconds": round(seconds, 3)}
