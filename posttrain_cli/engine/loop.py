@@ -85,8 +85,10 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
 
     A step whose loss or gradient norm is non-finite counts; more than the stage's
     `nonfinite_patience` in a row (or any left at the end) raise Diverged: no checkpoint is written
-    while such a streak lasts, so the last good one stays, and the stage publishes nothing. The flag
-    travels in the per-step all-reduce: every rank stops at the same step."""
+    while such a streak lasts, so the last good one stays, and the stage publishes nothing. Where
+    DeepSpeed reports no gradient norm (ZeRO-0 applies an inf gradient), the weights themselves are
+    checked after every step, and before every checkpoint in any case; non-finite weights stop the
+    stage at once. The flags travel in the per-step all-reduce: every rank stops at the same step."""
     world = dist.world()
     log_every = ctx.run["logging"]["log_every"]
     ckpt = Checkpoints(ctx, engine, total=total_steps, unit=unit, state=state)
@@ -118,11 +120,14 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
                         extras[k] = extras.get(k, 0.0) + float(v)
                 grad_norm = _grad_norm(engine)
                 # Every rank reports the same extras keys (stages build them unconditionally). The
-                # last two numbers count ranks whose gradient norm is non-finite and ranks that got
-                # a stop signal: every rank decides both at the same step.
+                # last three numbers count ranks whose gradient norm is non-finite, whose weights are
+                # (checked here only without a norm), and that got a stop signal: every rank decides
+                # at the same step.
                 sums = dist.all_sum([loss_sum_local, *extras.values(), float(_bad_grads(engine, grad_norm)),
+                                     float(grad_norm is None and not weights_finite(engine)),
                                      float(signals.received is not None)])
                 stop = sums.pop() > 0
+                weights_bad = sums.pop() > 0
                 grads_bad = sums.pop() > 0
                 means = {"loss": sums[0] / max(weight, 1e-12),
                          **{k: v / max(weight, 1e-12) for k, v in zip(extras, sums[1:])},
@@ -133,7 +138,7 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
                 row = {"step": step + 1, "loss": means["loss"], "lr": engine.get_lr()[0],
                        "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt,
                        **{k: v for k, v in means.items() if k != "loss"}}
-                what = nonfinite(means["loss"], grad_norm, grads_bad)
+                what = nonfinite(means["loss"], grad_norm, grads_bad, weights_bad)
                 if (step + 1) % log_every == 0 or step + 1 == total_steps or what:
                     ctx.log_metrics(row)
                 shown = {"loss": means["loss"], **({"reward": means["reward"]} if "reward" in means else {})}
@@ -143,6 +148,8 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
                 if what:
                     ctx.log.warning("step %d: %s (%d non-finite in a row, nonfinite_patience %d)",
                                     done, what, streak, patience)
+                    if weights_bad:  # non-finite weights do not recover: patience has nothing to wait for
+                        raise Diverged(diverged_message(ctx, what, done, total_steps, unit, 1, 0))
                     if streak > patience:
                         raise Diverged(diverged_message(ctx, what, done, total_steps, unit, streak, patience))
                 if done < total_steps and done % unit == 0 and (stop or ckpt.due(done)):
@@ -152,6 +159,9 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
                             raise Preempted(signals.received or "a signal on another rank", done // unit,
                                             total_steps // unit, latest(ctx.stage_dir), saved=False)
                         continue
+                    if dist.all_sum([float(not weights_finite(engine))])[0] > 0:
+                        what = nonfinite(means["loss"], grad_norm, grads_bad, True)
+                        raise Diverged(diverged_message(ctx, what, done, total_steps, unit, 1, 0))
                     path = ckpt.save(done, {"step": done, "history": history, "tokens": tokens_total,
                                             "seconds": time.perf_counter() - start})
                     if stop:
@@ -183,14 +193,16 @@ def _trim_metrics(ctx, step: int) -> None:
     os.replace(tmp, path)
 
 
-def nonfinite(loss: float, grad_norm: float | None, grads_bad: bool) -> str | None:
-    """What went non-finite in a step, as the error names it, or None. `grads_bad`: some rank's
-    gradient norm is (the all-reduced flag; this rank's own norm may be fine)."""
+def nonfinite(loss: float, grad_norm: float | None, grads_bad: bool, weights_bad: bool = False) -> str | None:
+    """What went non-finite in a step, as the error names it, or None. `grads_bad`, `weights_bad`:
+    some rank's gradient norm or weights are (all-reduced flags; this rank's own may be fine)."""
     if not math.isfinite(loss):
         return f"loss {loss}"
     if grads_bad:
         return f"gradient norm {grad_norm}" if grad_norm is not None and not math.isfinite(grad_norm) \
             else "gradient norm non-finite (on another rank)"
+    if weights_bad:
+        return "weights nan or inf after the update"
     return None
 
 
@@ -207,6 +219,18 @@ def diverged_message(ctx, what: str, done: int, total: int, unit: int, streak: i
     lr = ctx.cfg.get("lr")
     return (f"{ctx.where()}: {what} at {where}{tolerated}{end}: training diverged and stopped; nothing published, "
             f"{kept}; lower {ctx.where('lr')}" + (f" (now {lr:g})" if isinstance(lr, float) else ""))
+
+
+def weights_finite(engine) -> bool:
+    """This rank's weights hold no nan or inf (ZeRO-3: its partition of each parameter)."""
+    import torch
+
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            t = getattr(p, "ds_tensor", p)
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                return False
+    return True
 
 
 def _bad_grads(engine, grad_norm: float | None) -> bool:
