@@ -15,9 +15,8 @@ import pytest
 from posttrain_cli.rewards import sandbox
 from posttrain_cli.rewards.sandbox import Limits, Tests
 
-# The code sandbox runs as `nobody` under RLIMIT_NPROC, a per-user count: sandboxes of two test
-# files running at once on two xdist workers share it, and a fork in one failed with EAGAIN. The
-# files that run sandboxes share an xdist group, so they run one after another.
+# The files that run sandboxes share an xdist group, so they run one after another (the process
+# limit is per sandbox now, but timings are tight on a 2-core machine).
 pytestmark = pytest.mark.xdist_group("sandbox")
 
 FAST = Limits(timeout=3)
@@ -189,10 +188,11 @@ def test_writes_do_not_reach_the_host(namespaces):
         os.chmod(shared, 0o777)  # writable by anyone: only the mount namespace keeps it out of reach
         target = os.path.join(shared, "owned.txt")
         tmp_file = f"/tmp/ptsbx-{os.getpid()}.txt"
-        tests = Tests("asserts", [f"open({target!r}, 'w').write('x')",
-                                  f"open({tmp_file!r}, 'w').write('x')",  # a private /tmp: allowed
-                                  "open('local.txt', 'w').write('x')"])   # its own working dir: allowed
-        got = sandbox.run_tests("", tests, FAST)
+        program = "def write(path):\n    open(path, 'w').write('x')\n    return True\n"
+        tests = Tests("asserts", [f"assert write({target!r})",
+                                  f"assert write({tmp_file!r})",  # a private /tmp: allowed
+                                  "assert write('local.txt')"])   # its own working dir: allowed
+        got = sandbox.run_tests(program, tests, FAST)
         assert got.passed == [False, True, True]
         assert not os.path.exists(target) and not os.path.exists(tmp_file)
 
@@ -207,10 +207,14 @@ def test_cannot_write_root_owned_dirs(mode):
         assert got.passed == [False] and not os.path.exists(target)
 
 
-def test_runs_as_nobody_when_root(mode):
+def test_solution_and_tests_run_as_uids_of_their_own_when_root(mode):
     if os.geteuid() != 0 or mode == "plain":
         pytest.skip("drops privileges only when started as root")
-    assert sandbox.run_tests("import os", Tests("asserts", ["assert os.getuid() == 65534"]), FAST).score == 1.0
+    program = "import os\ndef ids():\n    return os.getuid(), os.getgid(), os.getgroups()\n"
+    tests = Tests("asserts", [f"assert ids()[0] in range({sandbox.UID_POOL.start}, {sandbox.UID_POOL.stop})",
+                              "assert ids()[0] == ids()[1] and ids()[2] == []",
+                              "import os\nassert os.getuid() == 65534"])  # the tests: nobody
+    assert sandbox.run_tests(program, tests, FAST).score == 1.0
 
 
 def test_throwaway_dirs_are_removed(tmp_path, monkeypatch):
@@ -249,7 +253,7 @@ def test_plain_mode_still_grades():
 
 
 def test_probe_falls_back_with_a_note(monkeypatch):
-    broken = sandbox.Isolation("namespaces", None, ("false",))
+    broken = sandbox.Isolation("namespaces", None, unshare=0x1)  # not a namespace flag: unshare fails
     monkeypatch.setattr(sandbox, "_candidates", lambda: [broken, sandbox.Isolation("plain")])
     iso = sandbox._probe()
     assert iso.mode == "plain" and "no namespaces" in iso.note and "network reachable" in iso.note
