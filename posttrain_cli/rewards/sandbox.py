@@ -16,12 +16,16 @@ under a uid of its own and never holds the tests or the report pipe. The test co
 read it. The harness calls the solution's functions through the worker: arguments and results
 cross as plain builtin data (None, bool, int, float, complex, str, bytes, bytearray and lists,
 tuples, sets, frozensets and dicts of them) that the harness decodes itself; any other result (an
-object with its own __eq__, a generator, an instance of the solution's class) fails the test.
-Modules the solution imported are re-imported by the harness, plain values are copied, and names
-that shadow a builtin (`abs`, `all`, `len`) are not seen by the tests. For stdio tests the harness
-relays each case's normalized stdout and this module compares it with the expected output, which
-never enters the sandbox. So patching builtins, json or the harness's frames, printing a report,
-writing to inherited fds or exiting early all stay inside the worker and earn nothing.
+object with its own __eq__, a generator, an instance of the solution's class) fails the test, as
+does an argument that is not plain data (a lambda). Lists, dicts, sets and bytearrays a call
+changed in place are copied back. An exception the solution raises reaches the tests as its
+nearest builtin class (a ValueError subclass as ValueError; StopIteration, and one of no builtin
+class, as RemoteError). Modules the solution imported are re-imported by the harness, plain values
+are copied, and names that shadow a builtin (`abs`, `all`, `len`) are not seen by the tests. For
+stdio tests the harness relays each case's normalized stdout and this module compares it with the
+expected output, which never enters the sandbox. So patching builtins, json or the harness's
+frames, printing a report, writing to inherited fds or exiting early all stay inside the worker
+and earn nothing.
 
 Isolation, strongest first (`isolation()` says which one this machine gets, found once by a
 self-test):
@@ -39,11 +43,12 @@ self-test):
     The code can reach the network and write wherever any user may; everything the leased uid
     runs is killed at the end.
   * "plain": as "unprivileged" but every process runs as the caller: as root there is no process
-    limit, and a fork that leaves the process group can outlive the run.
+    limit, a fork that leaves the process group can outlive the run, and the solution can kill
+    the harness (which fails its own tests; without root in "namespaces" mode the same holds).
 Always: `python -I -B`, a minimal environment, RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE,
 RLIMIT_NPROC, RLIMIT_NOFILE, no core files, PR_SET_NO_NEW_PRIVS, a wall-clock timeout after which
 every process of the sandbox is SIGKILLed (each process also dies with its parent), and the host
-temp dir is deleted afterwards. Worst-case memory is max_processes x memory_mb.
+temp dir is deleted afterwards. Worst-case memory is (max_processes + 1) x memory_mb (the harness).
 """
 
 from __future__ import annotations
@@ -67,9 +72,27 @@ from functools import cache
 from pathlib import Path
 
 NOBODY = 65534
-# uids leased to workers, one per concurrent sandbox on this machine (root only); far from any
-# account's and from the usual subordinate-uid ranges
-UID_POOL = range(1_590_000_000, 1_590_000_000 + 4096)
+_POOL_SIZE = 4096
+
+
+def _uid_pool(uid_map: str = "/proc/self/uid_map") -> range:
+    """uids leased to workers, one per concurrent sandbox on this machine (root only): far from any
+    account's and from the usual subordinate-uid ranges; in a user namespace that maps fewer
+    (a rootless container: 65536), the top of its largest range, below nobody."""
+    default = range(1_590_000_000, 1_590_000_000 + _POOL_SIZE)
+    try:
+        with open(uid_map) as f:
+            ranges = [range(int(a), int(a) + int(n)) for a, _, n in (line.split() for line in f if line.strip())]
+    except (OSError, ValueError):
+        return default
+    if any(default.start in r and default.stop - 1 in r for r in ranges):
+        return default
+    top = max(ranges, key=len, default=range(0))
+    stop = min(top.stop, NOBODY)
+    return range(stop - _POOL_SIZE, stop) if stop - _POOL_SIZE >= max(top.start, 1000) else range(0)
+
+
+UID_POOL = _uid_pool()
 _WORKDIR = "/tmp/work"  # inside the mount namespace, on its own tmpfs
 _CHILD = str(Path(__file__).with_name("sandbox_child.py"))
 # clone flags; the child unshares the mount namespace itself, after the pid namespace's fork
@@ -232,6 +255,8 @@ def _lock_dir() -> str:
 def _leased_uid():
     """A uid from UID_POOL no other sandbox on this machine runs as until this one has ended
     (an flock per uid; the kernel drops it if this process dies)."""
+    if not UID_POOL:
+        raise RuntimeError("code sandbox: this user namespace maps too few uids for a pool of sandbox uids")
     directory = _lock_dir()
     start = random.randrange(len(UID_POOL))
     for k in range(len(UID_POOL)):

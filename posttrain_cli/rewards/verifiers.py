@@ -9,8 +9,11 @@ answer must both hold non-whitespace; whitespace around tags and at either end i
 answer in `<answer>` tags must be exactly one `<answer>...</answer>` with nothing outside it.
 
 `code`: the last ```python (or ```py) fenced block of the answer part, else the last fenced block
-of any language, else the whole answer, run against the row's tests in a sandboxed child process
-(posttrain_cli/rewards/sandbox.py; never in this process). The score is the fraction of tests
+of any language, else the whole answer, run against the row's tests in a sandbox
+(posttrain_cli/rewards/sandbox.py; never in this process). The tests run in another process than
+the code and see its functions' results as plain data (None, numbers, str, bytes and lists,
+tuples, sets, dicts of them), so a completion cannot make its own tests pass; a result of another
+type (a generator, an instance of its own class) fails. The score is the fraction of tests
 passed: code that does not run scores 0, and tests it has not passed when it runs out of time
 or memory fail. Ground truth formats:
   (a) a string of Python test code (asserts), run after the solution: one test, all or nothing.
