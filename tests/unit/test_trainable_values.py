@@ -194,3 +194,14 @@ def test_merge_of_finite_models_is_written(tmp_path):
     a, b = write_model(tmp_path / "a", tensors(0)), write_model(tmp_path / "b", tensors(1))
     stats = stream.merge([("m[0]", a), ("m[1]", b)], tmp_path / "out", method="linear", where="stages.m")
     assert stats["tensors"] == 6 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_signal_during_non_finite_steps_saves_nothing_over_the_last_good_checkpoint(tmp_path):
+    """The loop raises Preempted(saved=False) then: the message says what is kept (or that nothing is)."""
+    from posttrain_cli.engine.checkpoint import Preempted
+
+    kept = tmp_path / "checkpoints" / "step-000002"
+    assert str(Preempted("SIGTERM", 3, 10, kept, saved=False)) == (
+        f"stopped by SIGTERM at step 3 of 10; not saved (its last steps were non-finite); kept {kept}")
+    assert str(Preempted("SIGUSR1", 1, 10, None, saved=False)).endswith("; no checkpoint yet")
+    assert str(Preempted("SIGTERM", 3, 10, kept)) == f"stopped by SIGTERM at step 3 of 10; checkpoint saved at {kept}"
