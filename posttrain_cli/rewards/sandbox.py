@@ -57,6 +57,7 @@ import fcntl
 import json
 import os
 import random
+import select
 import selectors
 import shutil
 import signal
@@ -206,6 +207,15 @@ def _binds() -> list[str]:
     return out
 
 
+@cache
+def _sys_path() -> list[str]:
+    """The isolated interpreter's sys.path, site's .pth files applied: the child starts with -S
+    and sets it (running .pth code each call cost more than the rest of the sandbox)."""
+    out = subprocess.run([_interpreter(), "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
+                         capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"}).stdout
+    return [p for p in json.loads(out) if os.path.exists(p)]
+
+
 def _candidates() -> list[Isolation]:
     if os.geteuid() == 0:
         return [Isolation("namespaces", None, NAMESPACES, drop=True), Isolation("unprivileged", None, 0, drop=True),
@@ -291,6 +301,7 @@ def _run(code: str, tests: Tests, limits: Limits, iso: Isolation) -> Result:
             "timeout": limits.timeout, "memory_mb": limits.memory_mb, "cpu_s": int(limits.timeout) + 1,
             "file_size_mb": limits.file_size_mb, "max_processes": limits.max_processes,
             "code": code, "kind": tests.kind, "root": os.path.join(host_dir, "root"), "binds": _binds(),
+            "sys_path": _sys_path(),
             "workdir": _WORKDIR if iso.unshare else os.path.join(host_dir, "work"),
         }
         if tests.kind == "stdio":  # the expected output stays here: the sandbox gets its length only
@@ -315,8 +326,9 @@ def _supervise(host_dir: str, kind: str, expected: list[str], n_tests: int, limi
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": host_dir, "TMPDIR": host_dir,
            # one thread each: BLAS pools would otherwise hit RLIMIT_NPROC / RLIMIT_AS
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    # -I: no PYTHON* variables, no user site, no script dir on sys.path; -B: writes no .pyc
-    proc = subprocess.Popen([_interpreter(), "-I", "-B", _CHILD, host_dir], stdin=subprocess.DEVNULL,
+    # -I: no PYTHON* variables, no user site, no script dir on sys.path; -B: writes no .pyc;
+    # -S: no site (the child sets the path it would give)
+    proc = subprocess.Popen([_interpreter(), "-I", "-B", "-S", _CHILD, host_dir], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=host_dir, env=env,
                             start_new_session=True, close_fds=True)
     buf, done = bytearray(), b'{"done": true}\n'
@@ -340,6 +352,18 @@ def _supervise(host_dir: str, kind: str, expected: list[str], n_tests: int, limi
 
 
 def _exited(proc: subprocess.Popen, seconds: float) -> bool:
+    """Whether `proc` ended within `seconds` (reaped if so). A pidfd wakes at the exit itself;
+    Popen.wait(timeout) polls, which cost up to 50 ms a call."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is not None:
+        try:
+            select.select([pidfd], [], [], seconds)
+        finally:
+            os.close(pidfd)
+        return proc.poll() is not None
     try:
         proc.wait(seconds)
         return True

@@ -24,14 +24,17 @@ Standard library only: it must not import posttrain_cli (the isolated interprete
 the package's path nor its environment).
 """
 
+import builtins
 import ctypes
 import fcntl
+import importlib
 import json
 import os
 import resource
 import signal
 import sys
 import time
+import types
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -296,6 +299,13 @@ def main():
     host_dir = sys.argv[1]
     with open(os.path.join(host_dir, "spec.json"), "rb") as f:
         spec = json.loads(f.read())
+    # Started with -S (site's .pth files cost 50+ ms a call): the paths they gave, and exit() & co.
+    sys.path[:] = spec["sys_path"]
+    import site
+
+    site.setquit()
+    site.setcopyright()
+    site.sethelper()
     tests_path = os.path.join(host_dir, "tests.json")
     tests_fd = os.open(tests_path, os.O_RDONLY | os.O_CLOEXEC)
     os.unlink(tests_path)
@@ -409,7 +419,17 @@ def init(spec, tests_fd, report):
 def kill_all(spec, worker, harness):
     """Kill every process of the sandbox but this one, and reap them all."""
     if spec["unshare"]:
-        os.kill(-1, signal.SIGKILL)  # as pid 1: every other process of the pid namespace
+        # As pid 1: every other process of the pid namespace. A fork racing this is aborted by
+        # the kernel, so blocking waits end.
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # none left
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
     else:
         for pid in (-worker, harness):
             try:
@@ -426,9 +446,9 @@ def kill_all(spec, worker, harness):
                 finally:
                     os._exit(0)
             os.waitpid(helper, 0)
-    # Everything killed is reaped here (pid 1 or a subreaper gets the orphans too); in plain mode
+    # Everything killed is reaped here (as a subreaper this gets the orphans too); in plain mode
     # a fork that left the process group may survive, so that wait is short.
-    deadline = time.monotonic() + (30 if spec["unshare"] or (spec["drop"] or {}).get("worker") else 1)
+    deadline = time.monotonic() + (30 if (spec["drop"] or {}).get("worker") else 1)
     while time.monotonic() < deadline:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -488,8 +508,6 @@ def compile_solution(source):
 def exports(namespace):
     """What the tests may see of the solution: modules by name, callables as proxies, plain
     values as copies."""
-    import types
-
     out = {}
     for key, value in list(namespace.items()):
         if key.startswith("__"):
@@ -510,8 +528,6 @@ MUTABLE = (list, dict, set, bytearray)
 
 
 def serve_calls(namespace, requests, replies):
-    import builtins
-
     while True:
         try:
             request = receive(requests)
@@ -651,8 +667,6 @@ def update(arg, new):
 
 
 def remote_exception(kinds, message):
-    import builtins
-
     message = str(message)[:300]
     for kind in kinds if type(kinds) is list else []:
         cls = getattr(builtins, kind, None) if type(kind) is str else None
@@ -677,9 +691,6 @@ def proxy(worker, fn):
 def test_namespace(worker, exported):
     """The tests' globals: the solution's names as the harness's own objects. A name that
     shadows a builtin is left out, so the tests' `abs`, `all` or `len` are always the real ones."""
-    import builtins
-    import importlib
-
     namespace = {"__name__": "__tests__"}
     for key, entry in (exported.items() if type(exported) is dict else ()):
         if type(key) is not str or not key.isidentifier() or hasattr(builtins, key) or type(entry) is not list:
