@@ -69,6 +69,7 @@ def test_right_and_half_right():
     "import sys\nsys.stdout.buffer.write(str(int(sys.stdin.buffer.read()) + 1).encode())",
     "import os\nos.write(1, b'%d\\n' % (int(os.read(0, 100)) + 1))",
     "def main():\n    print(int(input()) + 1)\n\nif __name__ == '__main__':\n    main()\n    raise SystemExit(0)",
+    "print(int(input()) + 1)\nexit()",  # site's exit(): the sandbox starts without site, and sets it
 ])
 def test_stdio_programs(program):
     # Expected output matches up to trailing whitespace; the second case is wrong on purpose.
@@ -260,3 +261,29 @@ def test_probe_falls_back_with_a_note(monkeypatch):
     monkeypatch.setattr(sandbox, "_candidates", lambda: [broken])
     with pytest.raises(RuntimeError, match="no isolation mode works"):
         sandbox._probe()
+
+
+def test_site_packages_and_subprocesses_of_the_interpreter():
+    program = ("import subprocess, sys\n"
+               "def child():\n"
+               "    return subprocess.run([sys.executable, '-c', 'print(6 * 7)'],\n"
+               "                          capture_output=True, text=True).stdout\n")
+    tests = ["assert child().strip() == '42'"]
+    try:
+        import numpy  # noqa: F401
+        program += "import numpy as np\ndef total(n):\n    return int(np.arange(n).sum())\n"
+        tests.append("assert total(5) == 10")
+    except ImportError:
+        pass
+    got = sandbox.run_tests(program, Tests("asserts", tests), Limits(timeout=20))
+    assert got.score == 1.0, got
+
+
+def test_the_sandbox_ends_cleanly(monkeypatch):
+    """Its pid 1 kills and reaps the rest, then exits 0: no sign of the teardown going wrong."""
+    statuses = []
+    parse = sandbox._parse
+    monkeypatch.setattr(sandbox, "_parse", lambda *a: statuses.append(a[-1]) or parse(*a))
+    for program in (INC, INC + "import threading\nthreading.Thread(target=lambda: None).start()\n"):
+        assert sandbox.run_tests(program, Tests("asserts", ["assert inc(1) == 2"]), FAST).score == 1.0
+    assert statuses == [0, 0]

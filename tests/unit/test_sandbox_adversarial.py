@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -60,7 +59,8 @@ ATTACKS = {
     # `assert f(x) == 3` passed: the result compared equal to anything
     "always_true_eq": "class Yes:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
                       "def inc(x):\n    return Yes()\n",
-    "int_subclass_eq": "class Yes(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+    "int_subclass_eq": "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
+                       "    __hash__ = int.__hash__\n"
                        "def inc(x):\n    return Yes(0)\n",
     # the harness ran each test through exec
     "replace_exec": "import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: None\n",
@@ -95,7 +95,8 @@ ATTACKS = {
     # every fd it might have inherited, in every report format, then a clean exit
     "inherited_fds": "import os, json\n"
                      "forged = b''.join(json.dumps(m).encode() + b'\\n' for m in\n"
-                     "                  [{'ready': True}] + [{'test': i, 'ok': True} for i in range(10)] + [{'done': True}])\n"
+                     "                  [{'ready': True}] + [{'test': i, 'ok': True} for i in range(10)]\n"
+                     "                  + [{'done': True}])\n"
                      "frame = lambda m: len(m).to_bytes(8, 'big') + m\n"
                      "for fd in range(1024):\n"
                      "    for data in (forged, frame(b'{\"value\": 2}'), frame(b'{\"exports\": {}}')):\n"
@@ -314,7 +315,8 @@ def test_the_mount_view_holds_only_what_the_interpreter_needs(namespaces):
                "        return True\n"
                "    except OSError:\n"
                "        return False\n"
-               "checks = {p: writable(p) for p in ('/', '/usr', '/etc', sys.prefix, '/tmp', '/dev/shm', '/run', '.')}\n")
+               "checks = {p: writable(p)\n"
+               "          for p in ('/', '/usr', '/etc', sys.prefix, '/tmp', '/dev/shm', '/run', '.')}\n")
     allowed = {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "root", "run", "sbin", "tmp", "usr",
                "var", "opt", "home", "mnt", "srv", "work"}
     tests = Tests("asserts", [
@@ -411,6 +413,7 @@ def test_honest_solutions_pass_beside_a_fork_storm(mode):
 # -- without root: a user namespace --
 
 NOBODY_PYTHON = "/usr/bin/python3"
+NOBODY_ATTACKS = ("always_true_eq", "frame_walk", "inherited_fds", "kill_everything")
 
 
 def test_without_root_a_user_namespace_holds_too():
@@ -431,7 +434,7 @@ def _as_nobody(tmp_path: Path):
         "import sys\nsys.path.insert(0, sys.argv[1])\nimport sandbox\n"
         "from sandbox import Tests, Limits\n"
         "iso = sandbox.isolation()\n"
-        f"attacks = {[WRONG + ATTACKS[a] for a in ('always_true_eq', 'frame_walk', 'inherited_fds', 'kill_everything')]!r}\n"
+        f"attacks = {[WRONG + ATTACKS[a] for a in NOBODY_ATTACKS]!r}\n"
         f"tests = Tests('asserts', {ASSERTS.cases!r})\n"
         f"honest = sandbox.run_tests({HONEST!r}, tests, Limits(timeout=10)).score\n"
         "forged = [sandbox.run_tests(a, tests, Limits(timeout=10)).score for a in attacks]\n"
