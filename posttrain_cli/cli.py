@@ -108,9 +108,24 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
     resolved = run_dir / "resolved.yaml"
     if not resolved.is_file():
         _fail(UserError(f"{run_dir}: not a posttrain run directory (no resolved.yaml)"))
-    cfg = yaml.safe_load(resolved.read_text())
-    names = list((cfg or {}).get("stages") or {})
-    slurm = ((cfg or {}).get("cluster") or {}).get("launcher") == "slurm"
+    try:
+        cfg = yaml.safe_load(resolved.read_text())
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), dict):
+            raise ValueError("no stages in it")
+    except (yaml.YAMLError, ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0] or type(e).__name__
+        _fail(UserError(f"{resolved}: unreadable ({problem}; truncated?); run the same `posttrain run` command "
+                        f"to write it again"))
+    names = list(cfg["stages"])
+    slurm = (cfg.get("cluster") or {}).get("launcher") == "slurm"
+    if not slurm:
+        from posttrain_cli.pipeline.stagedir import reap_dead
+
+        for name in names:
+            try:
+                reap_dead(run_dir / name)  # a stage left `running` by processes that died: failed
+            except OSError:
+                pass  # a read-only run directory: shown as it is
     jobs = _jobs(run_dir, names) if slurm else None
     console.print(stage_table(run_dir, names, title=f"posttrain {cfg.get('name', '')}: {run_dir}", jobs=jobs))
     for name in names:

@@ -220,10 +220,15 @@ def _flow(value) -> str:
 
 
 def _check_yaml(path: Path) -> None:
+    """A recipe is UTF-8 YAML, a mapping, with no key given twice (YAML libraries keep one of the
+    two silently or name only the first line)."""
     import yaml
 
+    text = _utf8_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _no_duplicate_keys(path, node, "")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -231,6 +236,48 @@ def _check_yaml(path: Path) -> None:
         raise UserError(f"{path}:{where} malformed YAML: {problem}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping (name, stages, ...)")
+
+
+def _utf8_text(path: Path) -> str:
+    """The recipe's text; one saved in another encoding (Windows editors save UTF-16) is refused by name."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path}: saved as UTF-16; save the recipe as UTF-8")
+    if b"\x00" in data:
+        raise UserError(f"{path}: not UTF-8 text (it holds NUL bytes: UTF-16 without a byte order mark, or "
+                        f"not a text file); save the recipe as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the recipe "
+                        f"as UTF-8") from None
+
+
+def _no_duplicate_keys(path: Path, node, at: str, seen: set | None = None) -> None:
+    """Every mapping's keys are distinct: a second `sft:` under `stages` would replace the first."""
+    import yaml
+
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                full = f"{at}.{name}" if at else str(name)
+                if name in first:
+                    raise UserError(f"{path}: key '{full}' is given twice, on line {first[name] + 1} and line "
+                                    f"{key.start_mark.line + 1}; keep one (or rename a stage)")
+                first[name] = key.start_mark.line
+                _no_duplicate_keys(path, value, full, seen)
+            else:
+                _no_duplicate_keys(path, value, at, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _no_duplicate_keys(path, item, f"{at}[{i}]", seen)
 
 
 def _first_line(e: Exception) -> str:

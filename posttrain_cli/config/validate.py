@@ -130,6 +130,8 @@ def check_run(cfg: dict) -> dict:
     _check_seed(out["seed"])
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None
+    _check_run_dir(out["run_dir"])
+    _check_tiny_arch(out["model"])
     template = out["model"]["chat_template"]
     if template is None:
         _check_has_template(out["model"]["path"], out["stages"])
@@ -143,6 +145,7 @@ def check_run(cfg: dict) -> dict:
             # A file: the stage workers (SLURM jobs too) may start elsewhere.
             out["model"]["chat_template"] = str(Path(template).expanduser().resolve())
     return out
+
 
 # ------------------------------------------------------------------ values that cannot train
 
@@ -246,3 +249,42 @@ def _check_trainable_values(path: str, stage: dict) -> None:
     if not 0 <= stage["nonfinite_patience"] <= MAX_STEPS:
         raise bad("nonfinite_patience", "must be >= 0 (non-finite steps in a row tolerated; 0: stop at the first)")
 
+
+# ------------------------------------------------------------------ where the run writes, what it builds
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """run_dir names a directory of its own: empty (`run_dir=$UNSET`) would write into the current
+    directory, `/` into the filesystem root. Whether it can be written is the runner's check."""
+    from pathlib import Path
+
+    if not str(run_dir).strip():
+        raise UserError("run_dir is empty (an unset shell variable?); name the run's directory, e.g. "
+                        "run_dir=runs/my_run")
+    if Path(run_dir).expanduser().resolve() == Path("/"):
+        raise UserError(f"run_dir={run_dir} is the filesystem root; name the run's own directory, e.g. "
+                        f"run_dir=runs/my_run")
+
+
+def _check_tiny_arch(model: dict) -> None:
+    """model.tiny (the tiny model's architecture): known keys, positive whole numbers; a misspelt key
+    would otherwise build the default architecture without a word."""
+    from posttrain_cli.models.tiny import DEFAULT_ARCH
+
+    arch = model.get("tiny")
+    if arch is None or model["path"] != "tiny":
+        return
+    if not isinstance(arch, dict):
+        raise UserError(f"model.tiny must be a mapping of {', '.join(DEFAULT_ARCH)}, got {arch!r}")
+    for key, value in arch.items():
+        if key not in DEFAULT_ARCH:
+            close = difflib.get_close_matches(str(key), list(DEFAULT_ARCH), n=1)
+            raise UserError(f"model.tiny.{key}: unknown key" + (f"; did you mean '{close[0]}'?" if close else "") +
+                            f" (the tiny model's keys: {', '.join(DEFAULT_ARCH)})")
+        low = 0 if key == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"model.tiny.{key}={value!r} must be a whole number >= {low}")
+    full = {**DEFAULT_ARCH, **arch}
+    if full["hidden_size"] % full["num_attention_heads"]:
+        raise UserError(f"model.tiny.hidden_size={full['hidden_size']} must be a multiple of "
+                        f"num_attention_heads={full['num_attention_heads']}")

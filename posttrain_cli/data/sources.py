@@ -65,12 +65,20 @@ def decode(chunk: Chunk) -> Iterator[tuple[int, object]]:
             try:
                 yield n, json.loads(line)
             except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-                raise UserError(f"{chunk.label}: row {n}: not valid JSON ({msg})") from None
+                raise UserError(f"{chunk.label}: row {n}: {_why_not_json(line, e)}") from None
     elif chunk.table is not None:
         yield from enumerate(chunk.table.to_pylist(), chunk.first)
     else:
         yield from enumerate(chunk.rows, chunk.first)
+
+
+def _why_not_json(line: bytes, e: ValueError) -> str:
+    if b"\x00" in line:
+        return "not text (it holds NUL bytes: a binary file, or UTF-16 text; JSON lines are UTF-8)"
+    if isinstance(e, UnicodeDecodeError):
+        return (f"not UTF-8 text (byte {e.object[e.start]:#04x} at byte {e.start + 1} of the line; JSON lines are "
+                f"UTF-8: convert the file, e.g. iconv -f latin1 -t utf-8)")
+    return f"not valid JSON ({e.msg if isinstance(e, json.JSONDecodeError) else e})"
 
 
 # ------------------------------------------------------------------ local files
@@ -292,22 +300,39 @@ def load_source(src: dict, where: str, parse: Callable) -> list:
     return rows
 
 
+_ROW_CHECK: Callable | None = None  # SourceRows' `check`, set in each worker at fork (and here)
+
+
+def _set_row_check(check: Callable | None) -> None:
+    global _ROW_CHECK
+    _ROW_CHECK = check
+
+
 def _check_chunk(task: tuple[Callable, Chunk]) -> int:
     parse, chunk = task
     rows = 0
     for n, row in decode(chunk):
-        parse(row, chunk.label, n)
+        parsed = parse(row, chunk.label, n)
+        if _ROW_CHECK is not None:
+            _ROW_CHECK(parsed, chunk.label, n)
         rows += 1
     return rows
 
 
 class SourceRows:
     """A source's rows, every one checked by `parse` up front (in worker processes), then parsed again
-    on each pass over it: the runner's pre-flight of a million-row file holds one chunk at a time."""
+    on each pass over it: the runner's pre-flight of a million-row file holds one chunk at a time.
+    `check(parsed_row, file, row_number)`, when given, runs on every row in that first pass only
+    (data/render_check.py: the chat template's render); it reaches the workers by fork."""
 
-    def __init__(self, src: dict, where: str, parse: Callable, workers: int | None = None):
+    def __init__(self, src: dict, where: str, parse: Callable, workers: int | None = None,
+                 check: Callable | None = None):
         self.src, self.where, self.parse = src, where, parse
-        self.n = sum(map_chunks(((parse, c) for c in chunks(src, where)), _check_chunk, workers=workers))
+        try:
+            self.n = sum(map_chunks(((parse, c) for c in chunks(src, where)), _check_chunk, workers=workers,
+                                    initializer=_set_row_check, initargs=(check,)))
+        finally:
+            _set_row_check(None)
         if not self.n:
             raise UserError(f"{where}: {source_label(src)} has no rows")
 
@@ -357,7 +382,7 @@ def map_chunks(tasks: Iterable, work: Callable, *, workers: int | None = None,
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=initializer, initargs=initargs)
+                               initializer=_worker_init, initargs=(initializer, initargs))
     pending: deque = deque()
     try:
         for t in head:
@@ -372,6 +397,16 @@ def map_chunks(tasks: Iterable, work: Callable, *, workers: int | None = None,
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(initializer: Callable | None, initargs: tuple) -> None:
+    """A worker leaves Ctrl-C to its parent, which stops the pool (a worker's own KeyboardInterrupt
+    would print its traceback over the user's terminal)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def _can_fork() -> bool:

@@ -25,7 +25,8 @@ into memory-mapped Arrow files that every stage reading the same data with the s
 - Built in worker processes (sources.map_chunks: every core, chunks of 2000 rows handed out in
   order, at most two per worker in flight); each worker checks its rows with the row schema (errors
   name the file, row and field) and calls chat.tokenize_conversation (SFT) or tokenize_response
-  (each answer of a preference row), then apply_truncation.
+  (each answer of a preference row), then apply_truncation. A message longer than truncation can
+  reach is cut first (`_bounded`: exact, and a 50 MB row costs what a short one does).
   Written into a temporary directory and renamed into place, so a crash leaves no half cache.
 - Read back memory-mapped: no rank holds the token ids as Python objects; `Examples[i]` makes the
   two lists of one example when a micro-batch asks for it.
@@ -50,7 +51,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from posttrain_cli.data import sources
-from posttrain_cli.data.chat import apply_truncation, tokenize_conversation, tokenize_response
+from posttrain_cli.data.chat import apply_truncation, end_of_turn, render, tokenize_conversation, tokenize_response
 from posttrain_cli.data.paths import is_local, resolve_source_path
 from posttrain_cli.data.schemas import preference_row, sft_messages
 from posttrain_cli.errors import UserError
@@ -186,6 +187,41 @@ def _lists(lists: list[list], dtype):
     return pa.ListArray.from_arrays(pa.array(_offsets(list(map(len, lists)))), pa.array(_flat(lists, dtype)))
 
 
+def _max_token_chars(tokenizer) -> int:
+    """The most characters one token covers: the longest vocabulary entry, added tokens included
+    (a byte-level entry counts bytes, at least its characters)."""
+    found = getattr(tokenizer, "_posttrain_max_token_chars", None)
+    if found is None:
+        found = max(map(len, tokenizer.get_vocab()), default=1) or 1
+        tokenizer._posttrain_max_token_chars = found
+    return found
+
+
+def _bounded(spec, messages: list[dict]) -> list[dict]:
+    """The messages with every content cut to 2 x max_seq_len x (the most characters a token covers)
+    characters, so that one 50 MB message costs a tokenization of that much, not of 50 MB.
+
+    Why it is exact: truncation keeps the *first* max_seq_len tokens (truncate) or drops an example
+    longer than that (drop). Those first tokens cover at most max_seq_len x L characters of the rendered
+    text (L: _max_token_chars), so they lie within its first max_seq_len x L characters, and the text
+    past a cut 2 x max_seq_len x L characters in does not change them (the second max_seq_len x L is
+    room for a BPE merge that looks past the cut). A message this long holds more than max_seq_len
+    tokens on its own, so an example that includes it is truncated before its end (or dropped) with or
+    without the cut. That holds where the template writes a content as given; one that rewrites it
+    (drops the reasoning before </think>) may not, so the cut is used only where the rendered
+    conversation, cut and uncut, agrees on those first characters; otherwise the row is tokenized
+    whole (exact, at the old cost). Not for normalizers that delete characters or WordPiece's [UNK] of
+    a whole word, which no chat model's tokenizer has."""
+    limit = 2 * spec.max_seq_len * _max_token_chars(spec.tokenizer)
+    if all(not isinstance(m.get("content"), str) or len(m["content"]) <= limit for m in messages):
+        return messages
+    cut = [{**m, "content": m["content"][:limit]} if isinstance(m.get("content"), str) and len(m["content"]) > limit
+           else m for m in messages]
+    end_of_turn(spec.tokenizer)  # the template's way of rendering content (strings or parts) found first
+    whole, short = render(spec.tokenizer, messages), render(spec.tokenizer, cut)
+    return cut if whole[:limit] == short[:limit] else messages
+
+
 def _sft_chunk(chunk: sources.Chunk) -> dict:
     """Check and tokenize one chunk of SFT rows (in a worker) -> its record batch and index arrays."""
     import pyarrow as pa
@@ -195,7 +231,7 @@ def _sft_chunk(chunk: sources.Chunk) -> dict:
     for k, (n, row) in enumerate(sources.decode(chunk)):
         messages = sft_messages(row, chunk.label, n)
         try:
-            examples = tokenize_conversation(spec.tokenizer, messages, spec.multi_turn)
+            examples = tokenize_conversation(spec.tokenizer, _bounded(spec, messages), spec.multi_turn)
         except UserError as e:
             raise UserError(f"{chunk.label}: row {n}: {e}") from None
         lost = 0
@@ -240,7 +276,8 @@ def _preference_chunk(chunk: sources.Chunk) -> dict:
         answers, cut = [], 0
         for resp in r["responses"]:
             try:
-                tok = tokenize_response(spec.tokenizer, r["prompt"], resp)
+                *prompt, resp = _bounded(spec, r["prompt"] + [resp])
+                tok = tokenize_response(spec.tokenizer, prompt, resp)
             except UserError as e:
                 raise UserError(f"{chunk.label}: row {n}: {e}") from None
             tok = apply_truncation(tok, spec.max_seq_len, spec.truncation)

@@ -12,12 +12,15 @@ many at once (`start`: a child process each). On GPUs, a stage started in slot k
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from posttrain_cli.errors import UserError
+from posttrain_cli.errors import StageFailed, UserError
 from posttrain_cli.pipeline import stagedir
 from posttrain_cli.pipeline.stagedir import Step
 from posttrain_cli.procs import die_with_parent
@@ -43,8 +46,8 @@ def execute(run: dict, pending: list[Step], say, *, dry_run: bool = False, wait:
 
 
 def _execute_parallel(run: dict, pending: list[Step], say) -> None:
-    """Each stage as soon as its inputs are done. After a failure no new stage starts; stages
-    already running finish (a re-run skips them)."""
+    """Each stage as soon as its inputs are done. After a failure (or Ctrl-C) no new stage starts;
+    stages already running finish (a re-run skips them) or stop at their next step (Ctrl-C)."""
     cluster = run["cluster"]
     pending = list(pending)
     planned = {s.node.name for s in pending}  # inputs outside it were done before this run
@@ -53,33 +56,36 @@ def _execute_parallel(run: dict, pending: list[Step], say) -> None:
     running: dict[str, tuple] = {}  # name -> (step, process, slot)
     errors: list[Exception] = []
     try:
-        while pending or running:
-            if not errors:
-                for step in list(pending):
-                    if not free:
-                        break
-                    if all(d in done or d not in planned for d in step.node.deps):
-                        pending.remove(step)
-                        slot = free.pop(0)
-                        others = ", ".join(running)
-                        say(f"[{step.node.name}] started" + (f" (alongside {others})" if others else ""))
-                        running[step.node.name] = (step, start(stagedir.prepare(run, step, say), cluster, slot), slot)
-            if not running:
-                break
-            time.sleep(0.2)
-            for name, (step, proc, slot) in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                del running[name]
-                free.append(slot)
-                error = stagedir.outcome(step, code)
-                if error is None:
-                    done.add(name)
-                else:
-                    errors.append(error)
-                    if running:
-                        say(f"[{name}] failed; waiting for {', '.join(running)} to finish, starting nothing new")
+        with forward_sigint(lambda: [proc for _, proc, _ in running.values()]) as interrupted:
+            while pending or running:
+                if not errors and not interrupted["count"]:
+                    for step in list(pending):
+                        if not free:
+                            break
+                        if all(d in done or d not in planned for d in step.node.deps):
+                            pending.remove(step)
+                            slot = free.pop(0)
+                            others = ", ".join(running)
+                            say(f"[{step.node.name}] started" + (f" (alongside {others})" if others else ""))
+                            running[step.node.name] = (step, start(stagedir.prepare(run, step, say), cluster, slot),
+                                                       slot)
+                if not running:
+                    break
+                time.sleep(0.2)
+                for name, (step, proc, slot) in list(running.items()):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    del running[name]
+                    free.append(slot)
+                    error = stagedir.outcome(step, code)
+                    if error is None:
+                        done.add(name)
+                    else:
+                        errors.append(error)
+                        if running:
+                            what = "stopped" if interrupted["count"] else "failed"
+                            say(f"[{name}] {what}; waiting for {', '.join(running)} to finish, starting nothing new")
     finally:
         for _, proc, _ in running.values():
             proc.terminate()
@@ -91,6 +97,33 @@ def _execute_parallel(run: dict, pending: list[Step], say) -> None:
     if errors:
         # A bad input (exit 2) is the user's to fix first.
         raise next((e for e in errors if isinstance(e, UserError)), errors[0])
+    if interrupted["count"] and pending:
+        raise StageFailed(f"interrupted by SIGINT before {', '.join(s.node.name for s in pending)} started; the "
+                          f"same command runs {'it' if len(pending) == 1 else 'them'}")
+
+
+@contextmanager
+def forward_sigint(processes):
+    """Ctrl-C reaches the stage processes through this one: each runs in a session of its own (so the
+    terminal's SIGINT is not delivered twice) and gets one SIGINT per press from here, which stops a
+    stage at its next step with a checkpoint (engine/checkpoint.py StopSignals; torchrun passes it to
+    its ranks) while this process waits and reports. Yields {"count": presses so far}."""
+    state = {"count": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handle(signum, frame) -> None:  # noqa: ARG001 - the signal module's signature
+        state["count"] += 1
+        for proc in processes():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, handle)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def check(cluster: dict) -> None:
@@ -133,8 +166,10 @@ def launch(spec_path: Path, cluster: dict) -> int:
 
         return run_stage(spec_path)
     with _launcher_log(spec_path) as err:
-        return subprocess.run(command(spec_path, cluster), env=_env(spec_path, cluster, 1), stderr=err,
-                              preexec_fn=die_with_parent).returncode
+        proc = subprocess.Popen(command(spec_path, cluster), env=_env(spec_path, cluster, 1), stderr=err,
+                                preexec_fn=die_with_parent, start_new_session=True)
+        with forward_sigint(lambda: [proc]):
+            return proc.wait()
 
 
 def _launcher_log(spec_path: Path):
@@ -161,5 +196,7 @@ def start(spec_path: Path, cluster: dict, slot: int) -> subprocess.Popen:
             [str(i) for i in range(gpus)]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[slot * nproc + i] for i in range(nproc))
     with _launcher_log(spec_path) as err:
+        # A session of its own: Ctrl-C reaches it once, through forward_sigint.
         return subprocess.Popen(command(spec_path, cluster, port_offset=slot), env=env,
-                                stderr=err if nproc > 1 else None, preexec_fn=die_with_parent)
+                                stderr=err if nproc > 1 else None, preexec_fn=die_with_parent,
+                                start_new_session=True)

@@ -9,7 +9,10 @@ error.json.rank<N> when it fails; `record_failure` turns those into the manifest
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -55,6 +58,23 @@ def base_model_path(run: dict, arch: dict) -> Path:
     return out.resolve()
 
 
+# A hub id: `name` or `org/name`, of letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def local_model_path(value: str) -> bool:
+    """Whether a model path (model.path, a stage's `from`, a reference) names a local directory rather
+    than a hub id. It does when it exists, starts with / ./ ../ or ~, cannot be a hub id (more than
+    one '/', a space or another character no hub id holds), or its first part is a local directory
+    (`models/llama` where ./models exists). Otherwise `org/name` (and a bare `name`) is a hub id."""
+    path = Path(value).expanduser()
+    if path.exists() or value.startswith(("/", "./", "../", "~")) or value in (".", ".."):
+        return True
+    if not _HUB_ID.fullmatch(value):
+        return True
+    return "/" in value and Path(value.split("/", 1)[0]).is_dir()
+
+
 def _model_path(run: dict, ref: tuple) -> str:
     kind, value = ref
     if kind == "stage":
@@ -87,8 +107,21 @@ def write_spec(run: dict, step: Step, eval_only: bool) -> Path:
     }
     step.stage_dir.mkdir(parents=True, exist_ok=True)
     path = step.stage_dir / "stage.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A temporary file renamed over `path`: a reader (or a killed writer) never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def prepare(run: dict, step: Step, say, status: str = "running") -> Path:
@@ -108,8 +141,74 @@ def prepare(run: dict, step: Step, say, status: str = "running") -> Path:
             # A resumed stage keeps its rows up to the checkpoint (the loop trims the rest).
             (step.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
         manifest.write(step.stage_dir, {"status": status, "kind": step.node.kind,
-                                        "fingerprint": step.fingerprint, "started": time.time()})
+                                        "fingerprint": step.fingerprint, "started": time.time(),
+                                        "procs": [this_process("launcher")]})
     return spec
+
+
+# ------------------------------------------------------------------ a stage whose processes died
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a process (Linux /proc), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], fields[19]
+
+
+def this_process(role: str) -> dict:
+    """What a manifest records of a process working on a stage, to tell later whether it still runs."""
+    stat = _stat(os.getpid())
+    return {"role": role, "host": socket.gethostname(), "pid": os.getpid(), "start": stat[1] if stat else None}
+
+
+def _alive(proc: dict) -> bool | None:
+    """Whether a recorded process still runs; None when it ran on another machine (cannot tell)."""
+    if proc.get("host") != socket.gethostname() or not proc.get("pid"):
+        return None
+    try:
+        os.kill(int(proc["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    stat = _stat(int(proc["pid"]))
+    if stat is None:
+        return True  # no /proc (not Linux): the pid exists
+    state, start = stat
+    # A zombie has exited (its parent has not reaped it yet); another start time is another process.
+    return state != "Z" and (proc.get("start") is None or start == proc["start"])
+
+
+def running_procs(stage_dir: Path) -> list[dict]:
+    """The processes of a stage whose manifest says `running` and that still run on this machine."""
+    m = manifest.read(stage_dir) or {}
+    if m.get("status") != "running":
+        return []
+    return [p for p in m.get("procs") or [] if _alive(p)]
+
+
+def reap_dead(stage_dir: Path) -> str | None:
+    """A stage left `running` by processes that all died without a word (SIGKILL, the out-of-memory
+    killer, a lost node's local run) is marked failed; -> the message, or None when nothing changed.
+    A process on another machine counts as alive: this machine cannot tell."""
+    m = manifest.read(stage_dir) or {}
+    procs = m.get("procs") or []
+    if m.get("status") != "running" or not procs or any(_alive(p) is not False for p in procs):
+        return None
+    from posttrain_cli.engine import checkpoint
+
+    pids = ", ".join(str(p["pid"]) for p in procs)
+    ckpt = checkpoint.latest(stage_dir)
+    message = (f"its process{'es' if len(procs) > 1 else ''} ({pids} on {procs[0]['host']}) died without a "
+               f"word (killed: SIGKILL, out of memory?); " +
+               (f"the checkpoint {ckpt.name} is kept: the same command resumes it" if ckpt else
+                "the same command runs it again"))
+    manifest.update(stage_dir, status="failed", error=message, finished=time.time())
+    return message
 
 
 def write_error(stage_dir: Path, rank: int, message: str, code: int) -> None:
@@ -137,11 +236,27 @@ def record_failure(stage_dir: Path, code: int, log: Path, eval_only: bool) -> tu
     """A stage's worker exited without completing: its manifest says failed (or stopped, with a
     checkpoint to resume from), the worker's message and the log -> (message, exit code)."""
     err = worker_error(stage_dir)
-    message, exit_code = err if err else (f"worker exited with code {code}", 1)
+    message, exit_code = err if err else (_exit_reason(code), 1)
+    # One line for the user (a library's message may run over several); the log has the rest.
+    message = next((line.strip() for line in message.splitlines() if line.strip()), message)
     if not eval_only:
         status = "stopped" if exit_code == EXIT_STOPPED else "failed"
         manifest.update(stage_dir, status=status, error=message, log=str(Path(log).resolve()), finished=time.time())
     return message, exit_code
+
+
+def _exit_reason(code: int) -> str:
+    import signal
+
+    if code < 0 or code > 128:
+        sig = -code if code < 0 else code - 128
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        why = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"the worker was killed by {name}{why}"
+    return f"worker exited with code {code}"
 
 
 def outcome(step: Step, code: int) -> Exception | None:

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from posttrain_cli.pipeline.stagedir import EXIT_STOPPED, write_error
+from posttrain_cli.pipeline.stagedir import EXIT_STOPPED, this_process, write_error
 from posttrain_cli.procs import die_with_parent, quiet_libraries
 
 
@@ -74,7 +74,12 @@ def run_stage(spec_path: str | Path) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
             work_dir.mkdir(parents=True)
             if not spec.get("eval_only"):
-                manifest.update(stage_dir, status="running", started=started)
+                # The processes working on the stage: a later run or status that finds them all gone
+                # while the manifest still says running marks the stage failed (stagedir.reap_dead).
+                me = this_process("rank 0")
+                procs = [p for p in (manifest.read(stage_dir) or {}).get("procs") or []
+                         if (p.get("host"), p.get("pid")) != (me["host"], me["pid"])]
+                manifest.update(stage_dir, status="running", started=started, procs=procs + [me])
         dist.barrier()
         result = _execute(ctx, spec)
         dist.barrier()
@@ -114,6 +119,16 @@ def run_stage(spec_path: str | Path) -> int:
         log.error("input error: %s", e)
         write_error(stage_dir, rank, str(e), 2)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (loading, tokenizing, evaluating; inside it SIGINT stops at
+        # the next step with a checkpoint, engine/checkpoint.py StopSignals): nothing to save.
+        from posttrain_cli.engine import checkpoint
+
+        log.warning("interrupted (SIGINT)")
+        ckpt = checkpoint.latest(stage_dir) if not spec.get("eval_only") else None
+        write_error(stage_dir, rank, "interrupted by SIGINT (Ctrl-C); the same command " +
+                    (f"resumes it from {ckpt.name}" if ckpt else "runs it again"), EXIT_STOPPED)
+        return EXIT_STOPPED
     except BaseException as e:  # noqa: BLE001 - recorded, then the launcher reports it
         log.error("stage crashed:\n%s", traceback.format_exc())
         write_error(stage_dir, rank, f"{type(e).__name__}: {e}", 1)
