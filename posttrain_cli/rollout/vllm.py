@@ -1,0 +1,212 @@
+"""The `vllm` sampling backend (rollout/backend.py): an in-process vLLM engine, sampling with the
+semantics of rollout/hf.py and taking the policy's weights in place after each update.
+
+    sampler = VLLMSampler(model_dir, tokenizer)          # an engine over a Hugging Face directory
+    torch.manual_seed(seed)                              # seeds every request (as for the hf backend)
+    outs = sampler.generate(prompt_ids, max_new_tokens=64, temperature=1.0, top_p=1.0,
+                            batch_size=32, logprobs=True)   # -> [Completion], as hf.generate
+    sampler.load_weights(module.state_dict().items())    # after an optimizer update (or sync(module))
+
+What is the same as hf.py: the stop set (every EOS id and the template's end of turn, data/chat.py
+stop_ids; the stop token is the completion's `stop_id`, not in its text), no top-k, top_p
+nucleus, greedy at temperature 0, rows past the tokenizer never sampled, and log-probs of
+softmax(logits / temperature) of every sampled token (vLLM's logprobs_mode "processed_logprobs";
+temperature 1 when greedy). Where it departs:
+
+- With top_p < 1 vLLM's log-probs are those of the renormalised nucleus (its sampler computes them
+  after the top-p mask), hf.py's those of the whole distribution; at top_p = 1 the two are equal.
+- `batch_size` and `calls` are not used: the engine schedules its own batches, and each rank's
+  engine runs alone (no ZeRO-3 gather to keep in step), so no dummy calls are needed.
+- Seeds: each request gets its own seed, drawn from torch's global generator, so the caller's
+  torch.manual_seed fixes the samples, whatever else shares the engine's batch.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights reach it without a
+copy through a pipe, through vLLM's own in-place reload (`reload_weights` on the worker, which
+re-runs the post-load processing: on CPU the linear layers keep only a repacked copy of their
+weights, so writing into the parameters alone would change nothing). The prefix cache is dropped
+after every load, since its KV blocks were computed by the old weights.
+
+vllm is imported only when a sampler is built (no heavy import at CLI start-up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from posttrain_cli.data import chat
+from posttrain_cli.rollout.backend import Completion
+
+# KV cache when none is asked for: enough for thousands of tiny-model sequences, small next to a
+# trainer's memory (on CPU vLLM would otherwise claim most of the machine's RAM).
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+class VLLMSampler:
+    """rollout/backend.Sampler on a vLLM engine built from a Hugging Face model directory.
+
+    `dtype`: "auto" takes the checkpoint's; "float32" when log-probs must match an fp32 trainer to
+    1e-4. `kv_cache_bytes`: the engine's KV cache (on GPUs `gpu_memory_utilization` instead).
+    `enforce_eager`: skip torch.compile (a faster start, slower decoding). `engine_args`: passed to
+    vllm.LLM as they are."""
+
+    def __init__(self, model_dir: str | Path, tokenizer, *, dtype: str = "auto", seed: int = 0,
+                 max_model_len: int | None = None, kv_cache_bytes: int | None = DEFAULT_KV_CACHE_BYTES,
+                 gpu_memory_utilization: float | None = None, enforce_eager: bool = False, **engine_args):
+        # In-process engine core: load_weights hands tensors to the worker directly.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from transformers import AutoConfig, GenerationConfig
+        from vllm import LLM
+
+        model_dir = str(model_dir)
+        self.tokenizer = tokenizer
+        try:
+            generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        except OSError:  # no generation_config.json
+            generation_eos = None
+        self.stops = chat.stop_ids(tokenizer, generation_eos)
+        config = AutoConfig.from_pretrained(model_dir)
+        _check_head_size(config, model_dir)
+        # Checkpoints pad their embeddings past the tokenizer (Qwen): those rows are no token.
+        self.allowed = list(range(len(tokenizer))) if config.vocab_size > len(tokenizer) else None
+        if gpu_memory_utilization is not None:
+            engine_args["gpu_memory_utilization"] = gpu_memory_utilization
+        elif kv_cache_bytes is not None:
+            engine_args["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        # skip_tokenizer_init: prompts arrive as ids and completions are decoded here with the
+        # run's tokenizer (its chat template and special tokens), as hf.py decodes them.
+        _quiet_expected_warnings()
+        with _rng_kept():  # an in-process engine seeds the global generators; the caller's stay as they were
+            self.llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                           max_model_len=max_model_len, enforce_eager=enforce_eager,
+                           logprobs_mode="processed_logprobs", enable_prefix_caching=True, **engine_args)
+        self.syncs = 0  # weight loads so far (a metric for the trainer)
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                 batch_size: int | None = None, calls: int | None = None,
+                 logprobs: bool = False) -> list[Completion]:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        sample = temperature > 0
+        # One seed per request from torch's generator: the caller's manual_seed decides the samples.
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist() if sample else [None] * len(prompts)
+        params = [SamplingParams(n=1, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
+                                 top_k=0, max_tokens=max_new_tokens, stop_token_ids=self.stops, seed=s,
+                                 logprobs=0 if logprobs else None, detokenize=False,
+                                 allowed_token_ids=self.allowed)
+                  for s in seeds]
+        results = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [self._completion(r.outputs[0], logprobs) for r in results]
+
+    def _completion(self, out, logprobs: bool) -> Completion:
+        new = list(out.token_ids)
+        end = next((i for i, t in enumerate(new) if t in self.stops), None)
+        if end is not None:
+            reason, stop, n = "eos", new[end], end + 1
+            new = new[:end]
+        else:
+            reason, stop, n = "length", None, len(new)
+        lps = None
+        if logprobs:
+            sampled = new + ([stop] if stop is not None else [])
+            lps = [float(step[t].logprob) for step, t in zip(out.logprobs[:n], sampled)]
+        return Completion(new, self.tokenizer.decode(new, skip_special_tokens=True), reason, stop, lps)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (name, tensor) pairs in Hugging Face checkpoint names (model.layers.0.self_attn.q_proj
+        .weight, ...) into the engine in place; vLLM's loader fuses q/k/v and gate/up itself and
+        skips lm_head when the embeddings are tied.
+
+        A part of the weights may come at a time (buckets), in whole modules: vLLM keeps q, k and v
+        in one fused weight (gate and up likewise), and a load with only some of them leaves the
+        rest of that weight unset, so such a part is refused. Modules left out keep their weights
+        (vLLM warns that it "failed to load" each)."""
+        pairs = list(named_tensors)
+        _check_fused_whole([name for name, _ in pairs])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs),
+                                                          "is_checkpoint_format": True})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM kept its prefix cache after a weight load (requests still running)")
+        self.syncs += 1
+
+    def sync(self, module) -> None:
+        """rollout/backend.Sampler.sync: the weights of `module` (a Hugging Face causal LM, whole on
+        this rank; ZeRO-3's sharded parameters are not gathered here yet) into the engine."""
+        with torch.no_grad():
+            self.load_weights((name, t.detach()) for name, t in module.state_dict().items())
+
+
+# Hugging Face projections vLLM fuses into one weight: a load must bring all of a group or none.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _check_fused_whole(names: list[str]) -> None:
+    have = set(names)
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        parent, _, proj = module.rpartition(".")
+        for group in FUSED:
+            if proj in group:
+                missing = [f"{parent}.{p}.{leaf}" for p in group if f"{parent}.{p}.{leaf}" not in have]
+                if missing:
+                    raise ValueError(f"load_weights: {name} without {', '.join(missing)} (vLLM fuses them into "
+                                     f"one weight; load them together)")
+
+
+def _check_head_size(config, model_dir: str) -> None:
+    """vLLM's CPU attention runs only some head sizes (32, 64, 80, 96, 128, ...) and says so only at
+    the first forward, after the engine's start: refuse the others here, in one line."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if size not in sizes:
+        raise ValueError(f"{model_dir}: attention head size {size} (hidden_size / num_attention_heads) is not one "
+                         f"vLLM's CPU attention runs ({', '.join(map(str, sizes))}); use the hf backend for this model")
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Python's, numpy's and torch's global random states as they were before the block."""
+    import numpy as np
+
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class _Expected(logging.Filter):
+    """Warnings vLLM gives every time when run this way, about nothing wrong: the chat-template warm-up
+    fails without a tokenizer (skip_tokenizer_init; prompts come as ids), and a weight load finds no
+    checkpoint weights for the rotary embedding (its cache is computed, not loaded)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Chat template warmup failed") or msg == "RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_expected_warnings() -> None:
+    for name in ("vllm.renderers.base", "vllm.model_executor.model_loader.reload.layerwise"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Expected) for f in log.filters):
+            log.addFilter(_Expected())

