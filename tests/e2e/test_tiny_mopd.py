@@ -1,5 +1,12 @@
 """The tiny MOPD recipe as a user types it: `posttrain run recipe=tiny_mopd`.
 
+On demand (`python -m pytest -m demo`, about 7 minutes on 2 cores): the default run leaves it out
+to keep the suite under 30 minutes. Its wiring (SFT start, two SFT teachers, a distill student routed
+to them by dataset) is in the default run three times over: the mopd preset at tiny scale
+(test_presets.py), distill with routed teachers on 2 ranks whose reverse KL falls
+(test_distill_dist.py), and distill on real architectures (test_real_models.py); what only this test
+checks is the recipe's documented result (the table in recipes/tiny_mopd.yaml).
+
 Two teachers fine-tuned from one SFT start, on addition and on subtraction, are distilled on policy
 into a student from the same start; the student ends within a few points of each teacher on that
 teacher's held-out prompts, and its reverse KL to the teachers on held-out prompts falls.
@@ -14,7 +21,7 @@ import pytest
 
 from tests.conftest import posttrain
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.demo]
 
 # Points of held-out accuracy the student may trail a teacher by (recipes/tiny_mopd.yaml has the
 # measured table). Float rounding differs across CPUs and moves these runs: over four runs on two

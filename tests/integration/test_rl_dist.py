@@ -1,5 +1,6 @@
 """grpo (and its DAPO / Dr.GRPO / R1-Zero options) and ppo on the tiny model: 1 rank (ZeRO-2)
-and 2 ranks (ZeRO-3); 2 ranks under ZeRO-2 and ZeRO-3 sample and train alike.
+and 2 ranks (ZeRO-3). That 2 ranks under ZeRO-2 and ZeRO-3 sample and train alike is checked on the
+same on-policy loop by tests/integration/test_distill_dist.py.
 
 The reward must be learnable by a 32-wide model after 10 SFT steps (still close to
 uniform over its 107 tokens): half the prompts are IFEval "answer in lowercase"
@@ -117,8 +118,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rl")
     out = {}
     for name, stages, args in [("1rank", ALL, ["deepspeed=zero2"]),
-                               ("2rank_zero3", TWO_RANK, ["deepspeed=zero3", "cluster.nproc_per_node=2"]),
-                               ("2rank_zero2", ["grpo"], ["deepspeed=zero2", "cluster.nproc_per_node=2"])]:
+                               ("2rank_zero3", TWO_RANK, ["deepspeed=zero3", "cluster.nproc_per_node=2"])]:
         sub = tmp / name
         sub.mkdir()
         rec = _recipe(sub, stages)
@@ -126,7 +126,6 @@ def runs(tmp_path_factory):
         assert r.returncode == 0, f"{name}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out[name] = sub / "runs" / "rl"
     return out
-
 
 
 @pytest.mark.parametrize("setup,stage", [*(("1rank", s) for s in ALL), *(("2rank_zero3", s) for s in TWO_RANK)])
@@ -155,14 +154,6 @@ def test_grpo_reports_per_verifier_accuracy_and_kl(runs, setup):
 def test_grpo_raises_the_reward(runs, setup):
     m = stage_manifest(runs[setup], "grpo")["metrics"]
     assert m["reward_end"] > m["reward_start"] + 0.1, m
-
-
-def test_two_ranks_zero2_and_zero3_sample_and_train_alike(runs):
-    a, b = stage_rows(runs["2rank_zero2"], "grpo"), stage_rows(runs["2rank_zero3"], "grpo")
-    assert a[0]["reward"] == b[0]["reward"]
-    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-4, abs=1e-6)
-    for x, y in zip(a, b):
-        assert x["reward"] == pytest.approx(y["reward"], abs=0.05)
 
 
 def test_dynamic_sampling_keeps_groups_with_signal(runs):
