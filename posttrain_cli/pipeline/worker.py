@@ -60,7 +60,7 @@ def run_stage(spec_path: str | Path) -> int:
     rank = dist.rank()
     log = _setup_logging(stage_dir, rank)
     from posttrain_cli.engine.checkpoint import Preempted
-    from posttrain_cli.errors import UserError
+    from posttrain_cli.errors import StageFailed, UserError
     from posttrain_cli.pipeline import manifest
     from posttrain_cli.pipeline.context import StageContext
 
@@ -129,6 +129,10 @@ def run_stage(spec_path: str | Path) -> int:
         write_error(stage_dir, rank, "interrupted by SIGINT (Ctrl-C); the same command " +
                     (f"resumes it from {ckpt.name}" if ckpt else "runs it again"), EXIT_STOPPED)
         return EXIT_STOPPED
+    except StageFailed as e:  # a failure the stage explains itself (Diverged): its message alone
+        log.error("stage failed:\n%s", traceback.format_exc())
+        write_error(stage_dir, rank, str(e), 1)
+        return 1
     except BaseException as e:  # noqa: BLE001 - recorded, then the launcher reports it
         log.error("stage crashed:\n%s", traceback.format_exc())
         write_error(stage_dir, rank, f"{type(e).__name__}: {e}", 1)
