@@ -24,19 +24,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from posttrain_cli.data.chat import _PROBE, _as_parts
 from posttrain_cli.errors import UserError
 
 # The call by which a Hugging Face chat template refuses a conversation.
 REFUSAL = "raise_exception"
-# A content no template changes, to find whether a template renders string contents (data/chat.py).
-_PROBE = "q7Zk3Wv9PxJ2"
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
-
-
-def _as_parts(messages: list[dict]) -> list[dict]:
-    """As data/chat.py gives them to templates that read content as a list of parts."""
-    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
-            for m in messages]
 
 
 class RowRender:
