@@ -14,9 +14,9 @@ from posttrain_cli.errors import UserError
 from posttrain_cli.rewards import VERIFIERS, dispatch
 from posttrain_cli.rewards.dispatch import Rewards, check_config
 
-# The code sandbox runs as `nobody` under RLIMIT_NPROC, a per-user count: sandboxes of two test
-# files running at once on two xdist workers share it, and a fork in one failed with EAGAIN. The
-# files that run sandboxes share an xdist group, so they run one after another.
+# The files that run code sandboxes share an xdist group and run one after another: process limits
+# are per sandbox (a leased uid each), but tests/unit/test_sandbox_adversarial.py counts the
+# processes left under the pool's uids machine-wide, which another file's sandboxes would be.
 pytestmark = pytest.mark.xdist_group("sandbox")
 
 
