@@ -1,6 +1,6 @@
 """SFT data at scale: checking and tokenizing a million chats, on every core, with a real tokenizer.
 
-    python scripts/bench_data.py                  # 1,000,000 chats: several minutes on 2 cores
+    python scripts/bench_data.py                  # 1,000,000 chats: about 45 minutes on 2 cores
     python scripts/bench_data.py --rows 20000     # a quick run
     python scripts/bench_data.py --rows 200000 --workers 1   # one core, for the scaling
 
