@@ -23,17 +23,6 @@ FAST = Limits(timeout=3)
 INC = "def inc(x):\n    return x + 1\n"
 
 
-@pytest.fixture(scope="module")
-def mode() -> str:
-    return sandbox.isolation().mode
-
-
-@pytest.fixture
-def namespaces(mode):
-    if mode != "namespaces":
-        pytest.skip(f"needs network/pid/mount namespaces; this machine runs the sandbox in {mode} mode")
-
-
 def marked(marker: str) -> list[str]:
     """Live pids whose command line or name holds `marker`. Zombies (dead, waiting to be reaped
     by the dying pid namespace) do not count; a process still exiting gets up to 5 s (a killed

@@ -34,17 +34,6 @@ STDIO = Tests("stdio", [("41\n", "42\n"), ("1\n", "2\n")])
 WRONG_STDIO = "print(int(input()) + 2)\n"
 
 
-@pytest.fixture(scope="module")
-def mode() -> str:
-    return sandbox.isolation().mode
-
-
-@pytest.fixture
-def namespaces(mode):
-    if mode != "namespaces":
-        pytest.skip(f"needs namespaces; this machine runs the sandbox in {mode} mode")
-
-
 def score(program: str, tests: Tests = ASSERTS, limits: Limits = FAST) -> float:
     return sandbox.run_tests(program, tests, limits).score
 
