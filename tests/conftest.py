@@ -147,3 +147,31 @@ def mini_recipe(tmp: Path, *, stages: str | list[str] | None = None, name: str =
 @pytest.fixture
 def mini(tmp_path) -> Path:
     return mini_recipe(tmp_path)
+
+
+# A script run under torchrun (`python -m torch.distributed.run ... script OUT ZERO`): a tiny Llama
+# built into OUT/base by rank 0 and a DeepSpeed engine on it at ZeRO stage ZERO; the test's code
+# follows, with `dist`, `eng`, `out`, `zero`, `engine`, `build_tokenizer` in scope.
+_TINY_ENGINE = """
+import math, sys, torch
+from pathlib import Path
+from posttrain_cli.engine import dist, deepspeed_engine as eng
+from posttrain_cli.models.tiny import build_tiny, build_tokenizer
+dist.init()
+out = Path(sys.argv[1]); zero = int(sys.argv[2])
+if dist.is_main():
+    build_tiny(out / "base", {{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "max_position_embeddings": 64}})
+dist.barrier()
+ds = {{"zero_stage": zero, "offload_optimizer": False, "offload_param": False, "precision": "auto", "config": {{}}}}
+cfg = eng.ds_config(ds, micro_batch_size=2, grad_accum=1, grad_clip=1.0)
+model = eng.load_causal_lm(str(out / "base"), {{}}, cfg, train=True)
+train = {{"lr": {lr}, "weight_decay": {weight_decay}, "adam_betas": [0.9, 0.95], "adam_eps": 1e-8,
+         "warmup_ratio": 0.0, "schedule": "constant", "min_lr_ratio": 0.0}}
+engine = eng.initialize(model, cfg, train, 3)
+"""
+
+
+def tiny_engine_script(body: str, *, lr: float, weight_decay: float) -> str:
+    """_TINY_ENGINE's set-up, then `body` (dedented)."""
+    return _TINY_ENGINE.format(lr=lr, weight_decay=weight_decay) + textwrap.dedent(body)

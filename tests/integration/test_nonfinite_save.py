@@ -7,30 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
+from tests.conftest import tiny_engine_script
+
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
-SCRIPT = textwrap.dedent("""
-    import math, sys, torch
-    from pathlib import Path
-    from posttrain_cli.engine import dist, deepspeed_engine as eng
+SCRIPT = tiny_engine_script("""
     from posttrain_cli.errors import Diverged
-    from posttrain_cli.models.tiny import build_tiny, build_tokenizer
-    dist.init()
-    out = Path(sys.argv[1]); zero = int(sys.argv[2])
-    if dist.is_main():
-        build_tiny(out / "base", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                  "num_attention_heads": 2, "max_position_embeddings": 64})
-    dist.barrier()
-    ds = {"zero_stage": zero, "offload_optimizer": False, "offload_param": False, "precision": "auto", "config": {}}
-    cfg = eng.ds_config(ds, micro_batch_size=2, grad_accum=1, grad_clip=1.0)
-    model = eng.load_causal_lm(str(out / "base"), {}, cfg, train=True)
-    train = {"lr": 1e-3, "weight_decay": 0.0, "adam_betas": [0.9, 0.95], "adam_eps": 1e-8,
-             "warmup_ratio": 0.0, "schedule": "constant", "min_lr_ratio": 0.0}
-    engine = eng.initialize(model, cfg, train, 3)
     eng.save_hf(engine, build_tokenizer(), out / "finite")           # a finite model is written
     name = "model.layers.1.mlp.down_proj.weight"
     param = dict(engine.module.named_parameters())[name]
@@ -50,7 +35,7 @@ SCRIPT = textwrap.dedent("""
     else:
         print(f"RANK{dist.rank()} SAVED", flush=True)
     dist.barrier()
-""")
+""", lr=1e-3, weight_decay=0.0)
 
 
 @pytest.mark.parametrize("zero,nproc", [(2, 1), (3, 2)])

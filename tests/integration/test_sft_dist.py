@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import mini_recipe, posttrain, sft_stage
+from tests.conftest import mini_recipe, posttrain, sft_stage, tiny_engine_script
 
 pytestmark = pytest.mark.slow
 
@@ -98,23 +97,7 @@ def test_checkpoint_is_a_hugging_face_model(runs):
     assert model(**ids).logits.shape[-1] == len(tok)
 
 
-ROUNDTRIP = textwrap.dedent("""
-    import sys, torch
-    from pathlib import Path
-    from posttrain_cli.engine import dist, deepspeed_engine as eng
-    from posttrain_cli.models.tiny import build_tiny, build_tokenizer
-    dist.init()
-    out = Path(sys.argv[1]); zero = int(sys.argv[2])
-    if dist.is_main():
-        build_tiny(out / "base", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                  "num_attention_heads": 2, "max_position_embeddings": 64})
-    dist.barrier()
-    ds = {"zero_stage": zero, "offload_optimizer": False, "offload_param": False, "precision": "auto", "config": {}}
-    cfg = eng.ds_config(ds, micro_batch_size=2, grad_accum=1, grad_clip=1.0)
-    model = eng.load_causal_lm(str(out / "base"), {}, cfg, train=True)
-    train = {"lr": 1e-2, "weight_decay": 0.1, "adam_betas": [0.9, 0.95], "adam_eps": 1e-8,
-             "warmup_ratio": 0.0, "schedule": "constant", "min_lr_ratio": 0.0}
-    engine = eng.initialize(model, cfg, train, 3)
+ROUNDTRIP = tiny_engine_script("""
     torch.manual_seed(dist.rank())
     for _ in range(3):
         ids = torch.randint(7, 100, (2, 16))
@@ -132,7 +115,7 @@ ROUNDTRIP = textwrap.dedent("""
         assert not bad, bad
         assert all(reloaded[n].dtype == torch.float32 for n in reloaded)
         print("ROUNDTRIP_OK", len(live))
-""")
+""", lr=1e-2, weight_decay=0.1)
 
 
 @pytest.mark.dist
