@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain_cli.kinds import KINDS
+from posttrain_cli.kinds.base import samples
 from posttrain_cli.pipeline import manifest
 
 # Off a terminal (CI logs, pipes) rich would wrap at 80 columns; tables need more.
@@ -173,6 +174,20 @@ def _template_text(model: dict) -> str:
     return f" (chat template {'inline' if '{{' in t or '{%' in t else t})"
 
 
+def _sampler_text(run: dict, node, rl_cfg: dict | None) -> str:
+    """The stage's rollout backend as plan shows it: "vllm (auto)", "hf (auto: vllm is not installed)";
+    an RL stage sampling with vllm adds its importance-weight cap."""
+    from posttrain_cli.pipeline.graph import effective_rollout
+    from posttrain_cli.rollout.select import planned
+
+    backend, why = planned(effective_rollout(run, node))
+    text = backend + (f" ({why})" if why else "")
+    if backend == "vllm" and rl_cfg is not None:
+        cap = rl_cfg["is_cap"]
+        text += f"; importance weights p_trainer / p_sampler {f'capped at {cap:g}' if cap is not None else 'uncapped'}"
+    return text
+
+
 def print_plan(run: dict, steps) -> None:
     console.print(f"[bold]recipe[/] {run['name']}  [bold]run_dir[/] {run['run_dir']}  "
                   f"[bold]model[/] {run['model']['path']}{_template_text(run['model'])}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
@@ -217,4 +232,6 @@ def print_plan(run: dict, steps) -> None:
             console.print(f"   eval: {e['verifier']} on {srcs}, max_new_tokens {e['max_new_tokens']}"
                           f"{', before and after' if e['before'] else ''}"
                           f"{', reward model ' + e['reward_model'] if e.get('reward_model') else ''}")
+        if samples(record, cfg):
+            console.print(f"   sampler: {_sampler_text(run, node, cfg if record.rl else None)}")
         console.print(f"   out: {step.stage_dir}/{record.out}")

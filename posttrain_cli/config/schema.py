@@ -25,6 +25,7 @@ TOP = {
     "deepspeed": ("section", None),
     "cluster": ("section", None),
     "logging": ("section", None),
+    "rollout": ("section", None),
     "stages": ("stages", None),
 }
 
@@ -95,6 +96,26 @@ SECTIONS = {
     "logging": {
         "progress": (("auto", "always", "never"), "auto"),
         "log_every": ("int", 1),
+    },
+    # What samples for grpo, ppo, distill, generate, rejection_sampling and eval blocks
+    # (posttrain_cli/rollout/); a stage's own `rollout` block overrides any key for that stage.
+    # Not in the fingerprint: it decides how the samples are drawn, not what the stage is.
+    "rollout": {
+        # hf: Hugging Face generate on the trainer's own module; vllm: a vLLM engine in each rank's
+        # process (pip install 'posttrain[vllm]'), loaded with the policy's weights after every
+        # update; auto: vllm where it is installed and runs the model, else hf.
+        "backend": (("auto", "hf", "vllm"), "auto"),
+        # GPUs: the share of each GPU's memory the engine takes (weights and KV cache), next to the
+        # trainer's.
+        "gpu_memory_utilization": ("float", 0.3),
+        # GPUs: ranks that hold one engine together (tensor parallel); divides the rank count.
+        "tensor_parallel_size": ("int", 1),
+        # GPUs: the engine frees its memory while the trainer updates (vLLM sleep mode).
+        "sleep": ("bool", True),
+        # CPU: the engine's KV cache, GiB.
+        "kv_cache_gb": ("float", 1.0),
+        # No CUDA graphs or torch.compile: a start in seconds, slower decoding.
+        "enforce_eager": ("bool", False),
     },
 }
 

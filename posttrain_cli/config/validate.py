@@ -54,7 +54,21 @@ def check_stage(name: str, given: Any, path: str | None = None) -> dict:
     _check_trainable_values(path, stage)
     if stage["deepspeed"] is not None:
         stage["deepspeed"] = check_table(f"{path}.deepspeed", stage["deepspeed"], partial(schema.SECTIONS["deepspeed"]))
+    if stage["rollout"] is not None:
+        stage["rollout"] = check_table(f"{path}.rollout", stage["rollout"], partial(schema.SECTIONS["rollout"]))
     return stage
+
+
+def _check_rollout(run: dict) -> None:
+    """Each sampling stage's rollout section (the run's, with the stage's own block over it)."""
+    from posttrain_cli.kinds.base import samples
+    from posttrain_cli.rollout import select
+
+    for name, stage in run["stages"].items():
+        if samples(KINDS[stage["kind"]], stage):
+            own = {k: v for k, v in (stage.get("rollout") or {}).items() if v is not None}
+            select.check({**run["rollout"], **own},
+                         lambda key, own=own, name=name: f"stages.{name}.rollout.{key}" if key in own else f"rollout.{key}")
 
 
 def _check_verifier(path: str, name: str) -> None:
@@ -128,6 +142,7 @@ def check_run(cfg: dict) -> dict:
         key = "gpus_per_node" if c["gpus_per_node"] < 0 else "signal_seconds"
         raise UserError(f"cluster.{key}={c[key]} must be >= 0")
     _check_seed(out["seed"])
+    _check_rollout(out)
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None
     _check_run_dir(out["run_dir"])

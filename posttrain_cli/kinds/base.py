@@ -77,6 +77,9 @@ class Kind:
     # It trains a model; and samples its own data (its batch is counted in rollouts).
     trains: bool = False
     rl: bool = False
+    # It samples from a model without training it (generate, rejection_sampling, eval); with `rl`
+    # and an eval block, what decides whether the rollout section applies to a stage.
+    samples: bool = False
     # validate(path, stage): UserError for a bad value, after the table and sources are checked.
     validate: Callable[[str, dict], None] = _no_rules
     # batch(path, stage, world_size) -> the batch arithmetic plan and the workers use.
@@ -132,6 +135,8 @@ COMMON = {
     "resources": ("?resources", None),
     # Per-stage override of the deepspeed section.
     "deepspeed": ("?dict", None),
+    # Per-stage override of the rollout section (what samples: the stage's own and its eval block's).
+    "rollout": ("?dict", None),
 }
 
 TRAINING = {
@@ -205,6 +210,11 @@ RL = {
     "kl_estimator": (KL_ESTIMATORS, "k3"),
     # The reference model: a stage or a path; null is the stage's input model.
     "ref_from": ("?str", None),
+    # When another engine samples (rollout.backend vllm), its log-probs differ a little from the
+    # trainer's: the trainer recomputes its own for the ratio, and each token's loss is weighted by
+    # the truncated importance weight min(p_trainer / p_sampler, is_cap) (truncated IS, as OLMo 3
+    # and MiMo). null: no weight.
+    "is_cap": ("?float", 2.0),
 }
 
 # The verifier keys of RL (dispatch.py), for the other kinds that score with verifiers.
@@ -281,6 +291,7 @@ def check_rl(path: str, stage: dict) -> None:
         if stage[key] <= 0:
             raise UserError(f"{path}.{key}={stage[key]} must be > 0")
     check_sampling(path, stage)
+    positive(path, stage, ("is_cap",))
     if stage.get("beta", 0) < 0:
         raise UserError(f"{path}.beta={stage['beta']} must be >= 0 (0 loads no reference)")
 
@@ -327,6 +338,11 @@ def rl_reward_line(cfg: dict, verifier_scale: str = "") -> str:
     return (f"   reward: {'; '.join(rewards)}"
             + (f"; no-EOS penalty {cfg['no_eos_penalty']:g}" if cfg["no_eos_penalty"] is not None else "")
             + f"; KL: {kl}")
+
+
+def samples(kind: Kind, cfg: dict) -> bool:
+    """Whether a stage samples from a model (its own sampling or its eval block's)."""
+    return kind.rl or kind.samples or bool(cfg.get("eval"))
 
 
 def sampling_line(cfg: dict, per_prompt: int) -> str:

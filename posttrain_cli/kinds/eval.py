@@ -16,7 +16,7 @@ def tiny(stage: dict, out: dict) -> None:
 
 
 KIND = Kind(
-    name="eval", schema=SCHEMA, module="posttrain_cli.stages.eval", produces=None, rows="prompt",
+    name="eval", schema=SCHEMA, module="posttrain_cli.stages.eval", produces=None, samples=True, rows="prompt",
     model_refs={"reward_model": SCORER},
     tiny_data=(TINY_EVAL,), tiny_sizes={"max_new_tokens": 8, "batch_size": 32, "limit": 32}, tiny=tiny,
 )

@@ -23,7 +23,7 @@ def describe(cfg: dict) -> list[str]:
 
 
 KIND = Kind(
-    name="generate", schema=SCHEMA, module="posttrain_cli.stages.generate", produces="dataset",
+    name="generate", schema=SCHEMA, module="posttrain_cli.stages.generate", produces="dataset", samples=True,
     rows="open_prompt", output_rows="sft", validate=validate, describe=describe,
     tiny_data=(TINY_PROMPTS,), tiny_sizes=dict(TINY_GENERATION), tiny_caps={"num_generations": (1, 2)},
 )

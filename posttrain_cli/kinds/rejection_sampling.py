@@ -76,7 +76,7 @@ def tiny(stage: dict, out: dict) -> None:
 
 KIND = Kind(
     name="rejection_sampling", schema=SCHEMA, module="posttrain_cli.stages.rejection_sampling", produces="dataset",
-    rows="open_prompt", output_rows="sft", model_refs={"reward_model": SCORER},
+    samples=True, rows="open_prompt", output_rows="sft", model_refs={"reward_model": SCORER},
     validate=validate, uses_verifiers=uses_verifiers, check_rows=check_rows, describe=describe,
     tiny_data=(TINY_PROMPTS,), tiny_sizes=dict(TINY_GENERATION), tiny_caps={"num_samples": (2, 4)}, tiny=tiny,
 )

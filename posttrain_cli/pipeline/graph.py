@@ -230,7 +230,7 @@ def model_key(ref: tuple, run: dict, fps: dict):
 def training_part(cfg: dict) -> dict:
     """What decides a stage's output: everything but where it runs, the eval block, and the keys that
     decide only whether and where it stops (a completed stage's weights do not depend on them)."""
-    return {k: v for k, v in cfg.items() if k not in ("eval", "resources", "deepspeed", "save_every",
+    return {k: v for k, v in cfg.items() if k not in ("eval", "resources", "deepspeed", "rollout", "save_every",
                                                       "nonfinite_patience")}
 
 
@@ -274,6 +274,10 @@ def effective_deepspeed(run: dict, node: Node) -> dict:
     ds = dict(run["deepspeed"])
     ds.update({k: v for k, v in (node.cfg["deepspeed"] or {}).items() if v is not None})
     return ds
+
+
+def effective_rollout(run: dict, node: Node) -> dict:
+    return {**run["rollout"], **{k: v for k, v in (node.cfg.get("rollout") or {}).items() if v is not None}}
 
 
 def stage_dir(run: dict, name: str) -> Path:

@@ -1,16 +1,20 @@
 """The one place sequences are sampled: a Sampler, whatever engine runs it.
 
-    sampler = make_sampler(engine.module, tokenizer, synced=synced)     # backend "hf" (rollout/hf.py)
+    sampler = policy_sampler(ctx, engine.module, tokenizer)           # the policy a stage trains
+    sampler = frozen_sampler(ctx, model_path, tokenizer)              # a model it only samples from
     outs = sampler.generate(prompt_ids, max_new_tokens=64, temperature=1.0, top_p=1.0,
                             batch_size=32, calls=calls, logprobs=True)  # -> [Completion]
     ...                                                                 # an optimizer update
     sampler.sync(engine.module)                                         # the engine takes the new weights
 
-grpo, ppo, distill, generate, rejection_sampling and eval all sample through this interface.
-Another engine (vLLM) is one new module with a Sampler class, named in BACKENDS; its `sync`
-is where it loads the policy's weights after each update (the HF sampler samples the live
-module itself, so its `sync` has nothing to copy). Seeding stays with the caller (torch.manual_seed before
-generate), so a re-run on the same ranks samples the same tokens.
+grpo, ppo, distill, generate, rejection_sampling and eval all sample through this interface;
+the stage's rollout section (config/schema.py) picks the engine. `hf` (rollout/hf.py) samples
+the live module itself, so its `sync` has nothing to copy; `vllm` (rollout/vllm.py) holds its own
+copy of the weights in an engine on each rank, loaded from the model's directory when the stage
+starts and from the policy after each update (`sync`). A sampler with its own weights says so
+(`own_weights`): its log-probs come from another engine than the trainer's, and the RL stages
+correct for the difference (rollout/onpolicy.py). Seeding stays with the caller
+(torch.manual_seed before generate), so a re-run on the same ranks samples the same tokens.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from posttrain_cli.engine import dist
+from posttrain_cli.errors import UserError
 
 # name -> "module:class" of a Sampler; imported only when asked for.
-BACKENDS = {"hf": "posttrain_cli.rollout.hf:HFSampler"}
+BACKENDS = {"hf": "posttrain_cli.rollout.hf:HFSampler", "vllm": "posttrain_cli.rollout.vllm:VLLMSampler"}
 
 
 @dataclass
@@ -55,10 +60,82 @@ class Sampler(Protocol):
         ...
 
 
-def make_sampler(module, tokenizer, *, synced: bool, backend: str = "hf") -> Sampler:
-    """A Sampler over `module` (a causal LM; under ZeRO-3 its sharded module, with `synced`)."""
+def _cls(backend: str):
     path, name = BACKENDS[backend].split(":")
-    return getattr(importlib.import_module(path), name)(module, tokenizer, synced=synced)
+    return getattr(importlib.import_module(path), name)
+
+
+def make_sampler(module, tokenizer, *, synced: bool) -> Sampler:
+    """An hf Sampler over `module` (a causal LM; under ZeRO-3 its sharded module, with `synced`)."""
+    return _cls("hf")(module, tokenizer, synced=synced)
+
+
+def choose(ctx, model_path: str) -> str:
+    """The backend that samples `model_path` in this stage: rollout.backend, `auto` resolved to vllm
+    where it is installed and runs the model (else hf, saying why once)."""
+    from posttrain_cli.rollout import select
+
+    rollout = ctx.run.get("rollout") or {"backend": "hf"}  # a stage spec written before the section existed
+    backend = rollout["backend"]
+    if backend == "hf":
+        return "hf"
+    why = None if select.vllm_installed() else "vLLM is not installed"
+    if why is None:
+        try:
+            why = _cls("vllm").unsupported(model_path, ctx.run["model"])
+        except ImportError as e:  # installed but broken (a CUDA torchvision next to the CPU torch, ...)
+            why = f"import vllm failed: {e}"
+    if why is None:
+        return "vllm"
+    if backend == "vllm":
+        raise UserError(f"{ctx.where('rollout.backend')}=vllm: {why}"
+                        + ("" if "installed" not in why else f"; {select.INSTALL}"))
+    if ctx.name not in _SAID_HF:
+        ctx.info(f"rollout.backend=auto: sampling with hf ({why})")
+        _SAID_HF.add(ctx.name)
+    return "hf"
+
+
+_SAID_HF: set = set()  # stages that said why auto chose hf
+
+
+def _vllm(ctx, model_path: str, tokenizer, *, max_len: int | None) -> Sampler:
+    """A vLLM engine over model_path on this rank, set up from the rollout section and the run's
+    precision (fp32 on CPU, so its log-probs match the trainer's)."""
+    import torch
+
+    from posttrain_cli.engine.deepspeed_engine import resolve_precision
+
+    rollout, model = ctx.run["rollout"], ctx.run["model"]
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[resolve_precision(ctx.run["deepspeed"])]
+    gpu = torch.cuda.is_available()
+    return _cls("vllm")(
+        model_path, tokenizer, dtype=dtype, seed=ctx.seed, max_model_len=max_len,
+        kv_cache_bytes=None if gpu else int(rollout["kv_cache_gb"] * 2**30),
+        gpu_memory_utilization=rollout["gpu_memory_utilization"] if gpu else None,
+        tensor_parallel_size=rollout["tensor_parallel_size"], enable_sleep_mode=gpu and rollout["sleep"],
+        enforce_eager=rollout["enforce_eager"], revision=model["revision"], trust_remote_code=model["trust_remote_code"])
+
+
+def policy_sampler(ctx, module, tokenizer, *, max_len: int | None = None) -> Sampler:
+    """A Sampler for the policy a stage trains (`module`, sharded under ZeRO-3), started from the
+    stage's input model; `sync(module)` after each update."""
+    from posttrain_cli.engine.inference import synced
+
+    if choose(ctx, ctx.input_model) == "vllm":
+        return _vllm(ctx, ctx.input_model, tokenizer, max_len=max_len)
+    return make_sampler(module, tokenizer, synced=synced(ctx.run["deepspeed"]))
+
+
+def frozen_sampler(ctx, model_path: str, tokenizer, *, max_len: int | None = None) -> Sampler:
+    """A Sampler for a model the stage only samples from (generate, rejection_sampling, eval): an
+    engine over its directory, or (hf) the model loaded frozen and sharded like a policy."""
+    from posttrain_cli.engine.inference import frozen_causal_lm, synced
+
+    if choose(ctx, model_path) == "vllm":
+        return _vllm(ctx, model_path, tokenizer, max_len=max_len)
+    ds = ctx.run["deepspeed"]
+    return make_sampler(frozen_causal_lm(model_path, ctx.run["model"], ds), tokenizer, synced=synced(ds))
 
 
 def shard(items: list, batch_size: int) -> tuple[list, int]:

@@ -31,6 +31,13 @@ class Episode:
     scores: dict = field(default_factory=dict)  # verifier -> raw score
     adv: float = 0.0
     index: int = 0  # position in its rollout batch (PPO's per-token tensors)
+    # The trainer's own log-probs of `ids` when another engine sampled them (rollout/onpolicy.py).
+    trainer_logprobs: list[float] | None = None
+
+    @property
+    def old_logprobs(self) -> list[float]:
+        """The log-probs a PPO ratio divides by: the trainer's where it recomputed them."""
+        return self.trainer_logprobs if self.trainer_logprobs is not None else self.logprobs
 
     @property
     def seq(self) -> tuple[list[int], list[bool]]:

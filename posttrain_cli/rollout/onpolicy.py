@@ -14,6 +14,14 @@ loop shuffles them into mini-batches of micro-batches (seeded by step, pass and 
 one mini-batch per update; what an update computes is the stage's `loss_fn`, which reads
 `token_logps` of the packed micro-batch.
 
+When another engine samples (rollout.backend vllm: the sampler has `own_weights`), the loop
+loads the policy's weights into it before each step's rollout (`sync`), and with `recompute` (grpo,
+ppo) runs the trainer over the sampled tokens once, no grad: a PPO ratio then divides by the
+trainer's own log-probs, and `behaviour` gives each token the truncated importance weight
+min(p_trainer / p_sampler, is_cap) against what the engine really sampled from, so a numeric
+difference between the engines cannot bias the gradient unseen (the step's metrics report the
+ratio's mean and max). distill's loss weighs against the sampler itself (losses/distill.py).
+
 A checkpoint falls only between steps; the stage's part of it (`state`) holds the prompt
 stream's cursor, the rollout metrics so far, the verifiers' counters and, once refreshed, the
 reference's weights, so a resumed run draws, samples and shuffles as the uninterrupted one.
@@ -33,9 +41,9 @@ from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
 from posttrain_cli.engine import loop as training
 from posttrain_cli.engine.checkpoint import StageState
-from posttrain_cli.engine.inference import frozen_causal_lm, packed_logits, synced
+from posttrain_cli.engine.inference import frozen_causal_lm, packed_logits
 from posttrain_cli.rollout import episodes as ep
-from posttrain_cli.rollout.backend import make_sampler
+from posttrain_cli.rollout.backend import policy_sampler
 
 
 class PromptStream:
@@ -107,9 +115,24 @@ def micro_batch(episodes: list[ep.Episode], aggregation, max_len: int, *, bounda
     loss aggregation's (sequences, or tokens for token_mean), which the loop sums over the batch."""
     micro = pref.pack_answers([e.seq for e in episodes], boundaries, mask_dtype, device)
     micro["old_logps"] = torch.tensor([lp for e in episodes for lp in e.logprobs], dtype=torch.float32, device=device)
+    if episodes and episodes[0].trainer_logprobs is not None:
+        micro["trainer_logps"] = torch.tensor([lp for e in episodes for lp in e.trainer_logprobs],
+                                              dtype=torch.float32, device=device)
     micro["episodes"] = episodes
     micro["weight"] = aggregation(torch.zeros_like(micro["old_logps"]), micro["seq"], micro["n"], max_len)[1]
     return micro
+
+
+def behaviour(micro: dict, is_cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the log-probs a PPO ratio divides by, a per-token loss weight or None): the trainer's recomputed
+    log-probs and min(exp(trainer - sampler), is_cap) when another engine sampled, else the sampler's
+    log-probs and no weight."""
+    if "trainer_logps" not in micro:
+        return micro["old_logps"], None
+    old = micro["trainer_logps"]
+    if is_cap is None:
+        return old, None
+    return old, torch.exp(old - micro["old_logps"]).clamp(max=is_cap)
 
 
 def token_logps(module, micro: dict, temperature: float, entropy: bool = False):
@@ -139,17 +162,21 @@ class OnPolicy:
 
     `policy`: the module that samples (default the engine's; ppo's is the policy half of its
     policy-and-value engine). `ref`: the stage's Reference, if it has one (freed before the save).
-    `rewards`: the verifiers (None: the stage scores otherwise), whose counters are resumed."""
+    `rewards`: the verifiers (None: the stage scores otherwise), whose counters are resumed.
+    `recompute`: the trainer's log-probs of what another engine sampled (grpo, ppo; see above)."""
 
     def __init__(self, ctx, engine, tokenizer, rows: list[dict], prompts: list[list[int]], rewards, pack: dict, *,
-                 steps: int, aggregation: Callable, passes: int = 1, policy=None, ref: Reference | None = None):
+                 steps: int, aggregation: Callable, passes: int = 1, policy=None, ref: Reference | None = None,
+                 recompute: bool = False):
         self.ctx, self.cfg, self.engine, self.tokenizer = ctx, ctx.cfg, engine, tokenizer
         self.rows, self.prompts, self.rewards, self.pack = rows, prompts, rewards, pack
         self.names = rewards.names(rows) if rewards is not None else []  # the verifiers these rows use
         self.steps, self.passes, self.aggregation, self.ref = steps, passes, aggregation, ref
         self.updates_per_step = ctx.cfg["mini_batches"] * passes
         self.policy = policy if policy is not None else engine.module
-        self.sampler = make_sampler(self.policy, tokenizer, synced=synced(ctx.run["deepspeed"]))
+        self.sampler = policy_sampler(ctx, self.policy, tokenizer, max_len=ctx.cfg["max_seq_len"])
+        self.own_weights = getattr(self.sampler, "own_weights", False)
+        self.recompute = recompute and self.own_weights
         self.stream = PromptStream(len(prompts), ctx.seed)
         self.per_rank = ctx.arith["prompts_per_rank"]
         self.history: list[dict] = []  # each step's rollout metrics
@@ -161,15 +188,48 @@ class OnPolicy:
         """num_generations completions of each of this rank's next prompts (prompts_per_rank, or
         per_rank: every rank draws and samples the same number, so generate calls match)."""
         n = self.per_rank if per_rank is None else per_rank
-        return ep.sample(self.sampler, self.cfg, self.prompts, self.stream.draw(n), calls_for=n)
+        eps = ep.sample(self.sampler, self.cfg, self.prompts, self.stream.draw(n), calls_for=n)
+        if self.recompute:
+            self._trainer_logprobs(eps)
+        return eps
+
+    @torch.no_grad()
+    def _trainer_logprobs(self, episodes: list[ep.Episode]) -> None:
+        """Each episode's trainer_logprobs: the policy's log-probs of its sampled tokens, a micro-batch
+        at a time (every rank holds the same number of episodes, so ZeRO-3's gathers match)."""
+        size = self.ctx.arith["micro_batch_size"]
+        for i in range(0, len(episodes), size):
+            chunk = episodes[i:i + size]
+            micro = micro_batch(chunk, self.aggregation, self.cfg["max_new_tokens"], **self.pack)
+            lp, _ = token_logps(self.policy, micro, self.cfg["temperature"])
+            lp, seq = lp.float().cpu(), micro["seq"].cpu()
+            for j, e in enumerate(chunk):
+                e.trainer_logprobs = lp[seq == j].tolist()
+
+    def importance_metrics(self, episodes: list[ep.Episode]) -> dict:
+        """The step's importance ratio p_trainer / p_sampler over every rank's tokens: mean, max and
+        the fraction above is_cap (truncated)."""
+        ratio = torch.tensor([lp for e in episodes for lp in e.trainer_logprobs], dtype=torch.float64).sub(
+            torch.tensor([lp for e in episodes for lp in e.logprobs], dtype=torch.float64)).exp()
+        cap = self.cfg.get("is_cap")
+        n, total, over = dist.all_sum([float(ratio.numel()), float(ratio.sum()),
+                                       float((ratio > cap).sum()) if cap is not None else 0.0])
+        top = dist.all_max(float(ratio.max()) if ratio.numel() else 0.0)
+        return {"is_ratio_mean": total / max(n, 1.0), "is_ratio_max": top, "is_truncated": over / max(n, 1.0)}
 
     def micro_batches(self, update: int) -> list[dict]:
         """engine/loop.train's view: this rank's micro-batches of one optimizer update."""
         cfg, k = self.cfg, self.cfg["mini_batches"]
         s, j = divmod(update, self.updates_per_step)
         if j == 0:
-            self.sampler.sync(self.policy)  # the updates of step s - 1 (or a resumed checkpoint's weights)
+            if update > 0:  # the updates of step s - 1 (or a resumed checkpoint's weights)
+                self._sync()
             episodes, self.metrics = self._rollout(s)
+            if self.recompute:
+                self.metrics.update(self.importance_metrics(episodes))
+            if self.own_weights:
+                self.metrics["weight_syncs"] = float(self.sampler.syncs)
+                self.sampler.sleep()  # GPUs: the engine's memory is the trainer's until the next sync
             self.history.append(self.metrics)
             size = self.ctx.arith["micro_batch_size"]
             self._updates = [mini for p in range(self.passes) for mini in
@@ -186,8 +246,13 @@ class OnPolicy:
                         micro_batches=self.micro_batches, loss_fn=loss_fn,
                         step_metrics=step_metrics or (lambda _: self.metrics), unit=self.updates_per_step,
                         state=self.state(state))
-        self.sampler.sync(self.policy)  # what samples after training (distill's held-out) sees the final weights
+        self._sync()  # what samples after training (distill's held-out) sees the final weights
         return {**metrics, "rl_steps": self.steps}
+
+    def _sync(self) -> None:
+        if self.own_weights:
+            self.sampler.wake_up()
+        self.sampler.sync(self.policy)
 
     def reward_trend(self) -> dict:
         return reward_trend(self.ctx, self.history)

@@ -88,12 +88,10 @@ def mine(n_prompts: int) -> tuple[list[int], int]:
 
 
 def input_sampler(ctx, tokenizer):
-    """A Sampler (rollout/backend.py) over the stage's input model, frozen and sharded like a policy."""
-    from posttrain_cli.engine.inference import frozen_causal_lm, synced
-    from posttrain_cli.rollout.backend import make_sampler
+    """A Sampler (rollout/backend.py) over the stage's input model."""
+    from posttrain_cli.rollout.backend import frozen_sampler
 
-    ds = ctx.run["deepspeed"]
-    return make_sampler(frozen_causal_lm(ctx.input_model, ctx.run["model"], ds), tokenizer, synced=synced(ds))
+    return frozen_sampler(ctx, ctx.input_model, tokenizer, max_len=ctx.cfg["max_seq_len"])
 
 
 def sample(ctx, sampler, prompts: Prompts, n: int) -> list[Sample]:

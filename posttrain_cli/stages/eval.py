@@ -17,9 +17,9 @@ from posttrain_cli.data.chat import prompt_ids
 from posttrain_cli.data.schemas import prompt_row
 from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.engine import dist
-from posttrain_cli.engine.inference import frozen_causal_lm, load_tokenizer, synced
+from posttrain_cli.engine.inference import load_tokenizer
 from posttrain_cli.rewards import VERIFIERS
-from posttrain_cli.rollout.backend import make_sampler, shard
+from posttrain_cli.rollout.backend import frozen_sampler, shard
 
 
 def evaluate(ctx, model_path: str, ecfg: dict, where: str, reward_model: str | None = None) -> dict:
@@ -31,9 +31,10 @@ def evaluate(ctx, model_path: str, ecfg: dict, where: str, reward_model: str | N
     if ecfg["limit"]:
         rows = rows[: ecfg["limit"]]
     start = time.perf_counter()
-    sampler = make_sampler(frozen_causal_lm(model_path, model_cfg, ds), tokenizer, synced=synced(ds))
     mine, calls = shard(list(range(len(rows))), ecfg["batch_size"])
     prompts = [prompt_ids(tokenizer, rows[i]["messages"]) for i in mine]
+    longest = max((len(p) for p in prompts), default=0) + ecfg["max_new_tokens"]
+    sampler = frozen_sampler(ctx, model_path, tokenizer, max_len=longest)
     outs = sampler.generate(prompts, max_new_tokens=ecfg["max_new_tokens"], temperature=ecfg["temperature"],
                             top_p=ecfg["top_p"], batch_size=ecfg["batch_size"], calls=calls)
     correct = sum(verify(o.text, rows[i]["ground_truth"], rows[i]) for i, o in zip(mine, outs))

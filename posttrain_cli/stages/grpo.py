@@ -17,7 +17,8 @@ Each step samples `num_generations` completions for each of `prompts_per_step`
 prompts (split over ranks, a prompt's group on one rank), scores them with the
 verifiers, turns rewards into advantages within each group, and takes
 `mini_batches` optimizer updates on the batch with PPO's clipped ratio to the
-sampling log-probs (recorded while generating, so no extra forward). Options
+sampling log-probs (recorded while generating, so no extra forward; when another engine samples,
+the trainer's own, with truncated importance weights: rollout/onpolicy.py). Options
 are registered functions (losses/rl.py): `adv_norm`, `loss_agg`, `kl_estimator`.
 Dynamic sampling (DAPO) drops groups whose rewards are all equal and samples
 more prompts, up to `dynamic_sampling_rounds` rounds; a batch still short then
@@ -37,7 +38,7 @@ from posttrain_cli.engine import dist
 from posttrain_cli.engine.loop import total_steps
 from posttrain_cli.losses import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from posttrain_cli.rollout import episodes as ep
-from posttrain_cli.rollout.onpolicy import OnPolicy, Reference, token_logps
+from posttrain_cli.rollout.onpolicy import OnPolicy, Reference, behaviour, token_logps
 
 # The ratio clipped to [1 - clip_low, 1 + clip_high] (losses/rl.py).
 POLICY_LOSS = "clip_higher"
@@ -128,7 +129,7 @@ def run(ctx) -> dict:
     policy_loss = POLICY_LOSSES[POLICY_LOSS]
     # The loop keeps the reference: refreshed (below), resumed with the stage and freed before the save.
     loop = OnPolicy(ctx, engine, tokenizer, rows, prompts, rewards, pack, steps=steps, aggregation=agg,
-                    ref=Reference(ctx) if cfg["beta"] > 0 else None)
+                    ref=Reference(ctx) if cfg["beta"] > 0 else None, recompute=True)
     if loop.ref is None:
         ctx.info("beta 0: no reference model, no KL term")
 
@@ -144,7 +145,10 @@ def run(ctx) -> dict:
         lp, ent = token_logps(module, micro, cfg["temperature"], entropy=True)
         seq, n = micro["seq"], micro["n"]
         adv = torch.tensor([e.adv for e in micro["episodes"]], dtype=lp.dtype, device=lp.device)[seq]
-        pg, stats = policy_loss(lp, micro["old_logps"], adv, cfg)
+        old, is_weight = behaviour(micro, cfg["is_cap"])
+        pg, stats = policy_loss(lp, old, adv, cfg)
+        if is_weight is not None:
+            pg = pg * is_weight
         token_loss = pg
         kl = torch.zeros_like(lp)
         if loop.ref is not None:

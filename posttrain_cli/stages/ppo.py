@@ -45,7 +45,7 @@ from posttrain_cli.errors import UserError
 from posttrain_cli.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from posttrain_cli.losses.rl import clipped_value_loss, gae, whiten
 from posttrain_cli.rollout import episodes as ep
-from posttrain_cli.rollout.onpolicy import OnPolicy, Reference, micro_batch, token_logps
+from posttrain_cli.rollout.onpolicy import OnPolicy, Reference, behaviour, micro_batch, token_logps
 
 # The ratio clipped to [1 - cliprange, 1 + cliprange] (losses/rl.py).
 POLICY_LOSS = "clip"
@@ -103,7 +103,7 @@ def prepare(episodes: list[ep.Episode], engine, ref, cfg: dict, mb: dict, micro_
                     ref_lp[i] = r[seq == j]
     rewards, kls = [], []
     for i, e in enumerate(episodes):
-        old = torch.tensor(e.logprobs, dtype=torch.float32)
+        old = torch.tensor(e.old_logprobs, dtype=torch.float32)
         kl = kl_fn(old, ref_lp[i]) if ref_lp[i] is not None else torch.zeros_like(old)
         r = -cfg["beta"] * kl
         r[-1] += e.reward
@@ -168,7 +168,7 @@ def run(ctx) -> dict:
               if rm_path and cfg["rm_weight"] else None)
     agg, policy_loss = LOSS_AGGREGATIONS["token_mean"], POLICY_LOSSES[POLICY_LOSS]
     loop = OnPolicy(ctx, engine, tokenizer, rows, prompts, rewards, mb, steps=steps, aggregation=agg,
-                    passes=epochs, policy=engine.module.policy, ref=ref)
+                    passes=epochs, policy=engine.module.policy, ref=ref, recompute=True)
     prep: dict = {}  # this step's values, advantages and returns per episode (prepare)
 
     def rollout(_s: int) -> tuple[list[ep.Episode], dict]:
@@ -199,7 +199,10 @@ def run(ctx) -> dict:
         ret = torch.cat([prep["returns"][i] for i in idx]).to(engine.device)
         old_v = torch.cat([prep["values"][i] for i in idx]).to(engine.device)
         lp, ent = token_logps(_Policy(module), micro, cfg["temperature"], entropy=True)
-        pg, stats = policy_loss(lp, micro["old_logps"], adv, cfg)
+        old, is_weight = behaviour(micro, cfg["is_cap"])
+        pg, stats = policy_loss(lp, old, adv, cfg)
+        if is_weight is not None:
+            pg = pg * is_weight
         v = token_values(module, micro)
         vf, v_clipped = clipped_value_loss(v, old_v, ret, cfg["cliprange_value"])
         seq, n = micro["seq"], micro["n"]
@@ -208,7 +211,7 @@ def run(ctx) -> dict:
             extra = {name: float(agg(x.detach().to(lp.dtype), seq, n, cfg["max_new_tokens"])[0])
                      for name, x in (("policy_loss", pg), ("value_loss", vf), ("clip_fraction", stats["clip_fraction"]),
                                      ("value_clip_fraction", v_clipped), ("entropy", ent),
-                                     ("approx_kl", 0.5 * (lp - micro["old_logps"]) ** 2))}
+                                     ("approx_kl", 0.5 * (lp - old) ** 2))}
         return loss, extra
 
     ctx.info(f"{steps} steps x {cfg['prompts_per_step']} prompts x {cfg['num_generations']} completion(s), "
