@@ -1,5 +1,8 @@
 """`posttrain run recipe=tiny_llama3` as a user types it: two Llama 3 rounds of reward model ->
-rejection sampling -> SFT -> DPO, each round reading the previous round's outputs."""
+rejection sampling -> SFT -> DPO, each round reading the previous round's outputs.
+
+A demo recipe run in full (about 5 minutes of a worker), so on demand: `python -m pytest -m demo`.
+Rounds reading the previous round's outputs are tested on every run by tests/e2e/test_graph_run.py."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import pytest
 
 from tests.conftest import posttrain, stage_manifest
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.xdist_group("tiny")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.demo, pytest.mark.xdist_group("tiny")]
 
 
 def test_two_llama3_rounds_chain_their_outputs(tmp_path, tiny_run):

@@ -1,6 +1,5 @@
 """Every stage kind on tiny random models of real architectures with real vocabularies and the chat
-templates real checkpoints ship (tests/fixtures/real.py), through the CLI, on 1 rank and on 2 ranks
-under ZeRO-3:
+templates real checkpoints ship (tests/fixtures/real.py), through the CLI, on 2 ranks under ZeRO-3:
 
 - `qwen3`: a Qwen3 model (untied head) with Qwen2's 151k byte-level BPE, its embedding padded to
   151936 rows as Qwen3 checkpoints pad theirs, and trl's qwen3.jinja as the model's own template (the template rewrites history: reasoning of earlier turns is dropped, the
@@ -8,16 +7,16 @@ under ZeRO-3:
 - `llama`: a Llama model with Llama 3's 128k vocabulary, no template of its own (a base model), given
   trl's llama3_1.jinja through `model.chat_template` (a .jinja file); eos <|end_of_text|> only.
 
-One recipe per model and setup chains sft -> reward_model, dpo, grpo, ppo, generate,
-rejection_sampling, merge, distill, eval; on 1 rank also an SFT from the base model on one short
+One recipe per model chains sft -> reward_model, dpo, grpo, ppo, generate, rejection_sampling,
+merge, distill, eval on 2 ranks; another, on 1 rank, is an SFT from the base model on one short
 answer repeated (`sft_eot`) until it ends its turn, and greedy generation from it (`gen_eot`). Random
 weights rarely stop by themselves, so the stopping checks are: every published model's
 generation_config lists the template's end-of-turn token, and the model taught to answer ends its
 answer with that token and stops there. The Qwen recipe also merges two tied Qwen2 models: the
 merged head stays tied. The two models' recipes of a setup run side by side.
 
-    python -m pytest -n 0 tests/integration/test_real_models.py            # all: ~10 min on 2 busy cores
-    python -m pytest -n 0 tests/integration/test_real_models.py -m "not dist"   # 1 rank only
+    python -m pytest -n 0 tests/integration/test_real_models.py            # all: ~6 min on 2 busy cores
+    python -m pytest -n 0 tests/integration/test_real_models.py -m "not dist"   # the end-of-turn runs only
 
 Data is Tulu-shaped: SFT rows {id, messages, source} (a few with a system turn, a few two-turn),
 preference rows {id, source, chosen, rejected}, prompt rows {messages, ground_truth, dataset: gsm8k}
@@ -54,7 +53,11 @@ class Model(NamedTuple):
 
 
 MODELS = {"qwen3": Model("qwen3", "qwen2", "qwen3", True, 151936), "llama": Model("llama", "llama3", "llama3_1", False, None)}
+# The whole chain runs on 2 ranks with ZeRO-3, the path with most to get wrong (gathered saves, sharded
+# generation, ...); 1 rank runs only the end-of-turn stages (1 rank's chain is the tiny recipe's and
+# tests/integration/test_rl_dist.py's, on the tiny Llama).
 SETUPS = {"1rank": [], "2rank_zero3": ["cluster.nproc_per_node=2", "deepspeed=zero3"]}
+CHAIN = "2rank_zero3"
 KINDS = ["sft", "rm", "dpo", "grpo", "ppo", "gen", "rs", "soup", "distill", "evaluate", "tied_soup"]
 EOT = ["sft_eot", "gen_eot"]
 # Stages that publish a causal LM (rm publishes a scalar-head model).
@@ -217,13 +220,12 @@ def _data(tmp: Path) -> None:
 
 def _recipe(tmp: Path, name: str, base: Path, template_file: Path | None, tied: tuple[Path, Path] | None,
             eot: bool) -> Path:
+    """The chain (eot False) or the end-of-turn stages alone (eot True)."""
     model = f"model:\n  path: {base}\n"
     if template_file is not None:
         model += f"  chat_template: {template_file}\n"
-    stages = STAGES.format(tmp=tmp)
-    if eot:
-        stages += EOT_STAGES.format(tmp=tmp, base=base, eot_steps=EOT_STEPS)
-    if tied:
+    stages = EOT_STAGES.format(tmp=tmp, base=base, eot_steps=EOT_STEPS) if eot else STAGES.format(tmp=tmp)
+    if tied and not eot:
         stages += TIED_MERGE.format(tied_a=tied[0], tied_b=tied[1])
     body = f"defaults: [base, _self_]\nname: {name}\nrun_dir: {tmp / 'runs' / name}\n{model}stages:{stages}"
     return write_recipe(tmp, body, name)
@@ -282,8 +284,7 @@ def runs(bases, tmp_path_factory) -> Runs:
     return Runs(bases, tmp_path_factory)
 
 
-CASES = [pytest.param(name, setup, marks=[pytest.mark.dist] if setup != "1rank" else [], id=f"{name}-{setup}")
-         for setup in SETUPS for name in MODELS]
+CASES = [pytest.param(name, CHAIN, marks=[pytest.mark.dist], id=f"{name}-{CHAIN}") for name in MODELS]
 
 
 def end_of_turn_id(name: str) -> int:
@@ -312,7 +313,7 @@ def test_published_models_load_and_stop_on_the_templates_end_of_turn(runs, name,
     sample = "Hi there\n\n2023 650841823 don't"
     eot, eos = end_of_turn_id(name), real.eos_token_id
     assert GenerationConfig.from_pretrained(run.base).eos_token_id == eos
-    for stage in CAUSAL + (["sft_eot"] if setup == "1rank" else []):
+    for stage in CAUSAL:
         run.completed(stage)
         path = run.run_dir / stage / "model"
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -386,13 +387,13 @@ def test_eval_grades_the_merged_model(runs, name, setup):
     assert "accuracy" in text, text[:500]
 
 
-@pytest.mark.parametrize("setup", [pytest.param(s, marks=[pytest.mark.dist] if s != "1rank" else []) for s in SETUPS])
-def test_merge_of_tied_qwen2_models_keeps_the_head_tied(runs, bases, setup):
+@pytest.mark.dist
+def test_merge_of_tied_qwen2_models_keeps_the_head_tied(runs, bases):
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    run = runs[("qwen3", setup)]
+    run = runs[("qwen3", CHAIN)]
     run.completed("tied_soup")
     path = run.run_dir / "tied_soup" / "model"
     assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
