@@ -82,7 +82,7 @@ def choose(ctx, model_path: str) -> str:
     why = None if select.vllm_installed() else "vLLM is not installed"
     if why is None:
         try:
-            why = _cls("vllm").unsupported(model_path, ctx.run["model"])
+            why = importlib.import_module("posttrain_cli.rollout.vllm").unsupported(model_path, ctx.run["model"])
         except ImportError as e:  # installed but broken (a CUDA torchvision next to the CPU torch, ...)
             why = f"import vllm failed: {e}"
     if why is None:

@@ -229,7 +229,8 @@ class OnPolicy:
                 self.metrics.update(self.importance_metrics(episodes))
             if self.own_weights:
                 self.metrics["weight_syncs"] = float(self.sampler.syncs)
-                self.sampler.sleep()  # GPUs: the engine's memory is the trainer's until the next sync
+                if hasattr(self.sampler, "sleep"):
+                    self.sampler.sleep()  # GPUs: the engine's memory is the trainer's until the next sync
             self.history.append(self.metrics)
             size = self.ctx.arith["micro_batch_size"]
             self._updates = [mini for p in range(self.passes) for mini in
@@ -250,7 +251,7 @@ class OnPolicy:
         return {**metrics, "rl_steps": self.steps}
 
     def _sync(self) -> None:
-        if self.own_weights:
+        if hasattr(self.sampler, "wake_up"):
             self.sampler.wake_up()
         self.sampler.sync(self.policy)
 

@@ -48,6 +48,21 @@ from posttrain_cli.rollout.backend import Completion
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
+def unsupported(model_dir: str, model_cfg: dict | None = None) -> str | None:
+    """Why the installed vLLM cannot sample this model here (None: it can): for rollout.backend=auto,
+    which then samples with hf instead, and for a clear error with backend=vllm."""
+    from transformers import AutoConfig
+
+    model_cfg = model_cfg or {}
+    config = AutoConfig.from_pretrained(model_dir, revision=model_cfg.get("revision"),
+                                        trust_remote_code=model_cfg.get("trust_remote_code", False))
+    try:
+        _check_head_size(config, model_dir)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class VLLMSampler:
     """rollout/backend.Sampler on a vLLM engine built from a Hugging Face model directory.
 
@@ -88,6 +103,9 @@ class VLLMSampler:
                            max_model_len=max_model_len, enforce_eager=enforce_eager,
                            logprobs_mode="processed_logprobs", enable_prefix_caching=True, **engine_args)
         self.syncs = 0  # weight loads so far (a metric for the trainer)
+
+    # The engine holds its own copy of the weights (rollout/backend.py).
+    own_weights = True
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
                  batch_size: int | None = None, calls: int | None = None,
