@@ -161,7 +161,7 @@ def launch(spec_path: Path, cluster: dict) -> int:
     """-> the worker's exit code (0 ok, 2 bad input, 1 crashed)."""
     if cluster["nnodes"] != 1:
         raise NotImplementedError("cluster=local runs on one node; use a cluster launcher for nnodes > 1")
-    if cluster["nproc_per_node"] == 1:
+    if cluster["nproc_per_node"] == 1 and not own_process(spec_path):
         from posttrain_cli.pipeline.worker import run_stage
 
         return run_stage(spec_path)
@@ -170,6 +170,21 @@ def launch(spec_path: Path, cluster: dict) -> int:
                                 preexec_fn=die_with_parent, start_new_session=True)
         with forward_sigint(lambda: [proc]):
             return proc.wait()
+
+
+def own_process(spec_path: Path) -> bool:
+    """Whether a 1-rank stage runs in a process of its own rather than this one: one that samples
+    with vLLM does, since an engine changes process-wide state that outlives it (it binds the
+    process's threads to cores; shutting down, it tears down the process group)."""
+    import yaml
+
+    from posttrain_cli.kinds import KINDS
+    from posttrain_cli.kinds.base import samples
+    from posttrain_cli.rollout.select import planned
+
+    spec = yaml.safe_load(Path(spec_path).read_text())
+    rollout = spec["run"].get("rollout")
+    return bool(rollout) and samples(KINDS[spec["kind"]], spec["stage"]) and planned(rollout)[0] == "vllm"
 
 
 def _launcher_log(spec_path: Path):

@@ -99,41 +99,75 @@ def choose(ctx, model_path: str) -> str:
 _SAID_HF: set = set()  # stages that said why auto chose hf
 
 
-def _vllm(ctx, model_path: str, tokenizer, *, max_len: int | None) -> Sampler:
-    """A vLLM engine over model_path on this rank, set up from the rollout section and the run's
-    precision (fp32 on CPU, so its log-probs match the trainer's)."""
-    import torch
-
-    from posttrain_cli.engine.deepspeed_engine import resolve_precision
-
-    rollout, model = ctx.run["rollout"], ctx.run["model"]
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[resolve_precision(ctx.run["deepspeed"])]
-    gpu = torch.cuda.is_available()
-    return _cls("vllm")(
-        model_path, tokenizer, dtype=dtype, seed=ctx.seed, max_model_len=max_len,
-        kv_cache_bytes=None if gpu else int(rollout["kv_cache_gb"] * 2**30),
-        gpu_memory_utilization=rollout["gpu_memory_utilization"] if gpu else None,
-        tensor_parallel_size=rollout["tensor_parallel_size"], enable_sleep_mode=gpu and rollout["sleep"],
-        enforce_eager=rollout["enforce_eager"], revision=model["revision"], trust_remote_code=model["trust_remote_code"])
+# This process's vLLM engine: one per stage process, started by the stage's first sampler and kept
+# until the process ends (an in-process engine's shutdown tears down the process group, and a
+# stage's samplers all sample one architecture: its input model, the policy, its output model).
+_ENGINE = None
 
 
-def policy_sampler(ctx, module, tokenizer, *, max_len: int | None = None) -> Sampler:
+def _vllm(ctx, model_path: str, tokenizer) -> Sampler:
+    """The stage's vLLM engine holding model_path's weights (loaded from its directory when the engine
+    held others), set up from the rollout section and the run's precision (fp32 on CPU, so its
+    log-probs match the trainer's)."""
+    global _ENGINE
+    if _ENGINE is None:
+        import torch
+
+        from posttrain_cli.engine.deepspeed_engine import resolve_precision
+
+        rollout, model = ctx.run["rollout"], ctx.run["model"]
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[resolve_precision(ctx.run["deepspeed"])]
+        gpu = torch.cuda.is_available()
+        _ENGINE = _cls("vllm")(
+            model_path, tokenizer, dtype=dtype, seed=ctx.seed, max_model_len=max_model_len(ctx),
+            kv_cache_bytes=None if gpu else int(rollout["kv_cache_gb"] * 2**30),
+            gpu_memory_utilization=rollout["gpu_memory_utilization"] if gpu else None,
+            tensor_parallel_size=rollout["tensor_parallel_size"], enable_sleep_mode=gpu and rollout["sleep"],
+            enforce_eager=rollout["enforce_eager"], revision=model["revision"],
+            trust_remote_code=model["trust_remote_code"])
+        _ENGINE.holds = model_path
+    elif _ENGINE.holds != model_path:
+        _ENGINE.load_dir(model_path)
+        _ENGINE.holds = model_path
+    _ENGINE.tokenizer = tokenizer
+    return _ENGINE
+
+
+def max_model_len(ctx) -> int:
+    """The longest sequence the stage's engine takes: its max_seq_len (RL, generate,
+    rejection_sampling), and for an eval block or the eval kind EVAL_PROMPT_TOKENS of prompt
+    plus its max_new_tokens (a longer eval prompt is refused by name, stages/eval.py)."""
+    cfg = ctx.cfg
+    lengths = [cfg["max_seq_len"]] if "max_seq_len" in cfg else []
+    ev = cfg if ctx.kind == "eval" else cfg.get("eval")
+    if ev:
+        lengths.append(EVAL_PROMPT_TOKENS + ev["max_new_tokens"])
+    return max(lengths)
+
+
+# The prompt an eval may hold when its engine is vLLM's (whose KV cache is sized for a longest sequence).
+EVAL_PROMPT_TOKENS = 2048
+
+
+def policy_sampler(ctx, module, tokenizer) -> Sampler:
     """A Sampler for the policy a stage trains (`module`, sharded under ZeRO-3), started from the
     stage's input model; `sync(module)` after each update."""
     from posttrain_cli.engine.inference import synced
 
     if choose(ctx, ctx.input_model) == "vllm":
-        return _vllm(ctx, ctx.input_model, tokenizer, max_len=max_len)
+        sampler = _vllm(ctx, ctx.input_model, tokenizer)
+        sampler.holds = "the policy"  # from the first sync on (a resumed run syncs before sampling)
+        return sampler
     return make_sampler(module, tokenizer, synced=synced(ctx.run["deepspeed"]))
 
 
-def frozen_sampler(ctx, model_path: str, tokenizer, *, max_len: int | None = None) -> Sampler:
+def frozen_sampler(ctx, model_path: str, tokenizer) -> Sampler:
     """A Sampler for a model the stage only samples from (generate, rejection_sampling, eval): an
     engine over its directory, or (hf) the model loaded frozen and sharded like a policy."""
     from posttrain_cli.engine.inference import frozen_causal_lm, synced
 
     if choose(ctx, model_path) == "vllm":
-        return _vllm(ctx, model_path, tokenizer, max_len=max_len)
+        return _vllm(ctx, model_path, tokenizer)
     ds = ctx.run["deepspeed"]
     return make_sampler(frozen_causal_lm(model_path, ctx.run["model"], ds), tokenizer, synced=synced(ds))
 

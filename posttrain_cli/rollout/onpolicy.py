@@ -174,7 +174,7 @@ class OnPolicy:
         self.steps, self.passes, self.aggregation, self.ref = steps, passes, aggregation, ref
         self.updates_per_step = ctx.cfg["mini_batches"] * passes
         self.policy = policy if policy is not None else engine.module
-        self.sampler = policy_sampler(ctx, self.policy, tokenizer, max_len=ctx.cfg["max_seq_len"])
+        self.sampler = policy_sampler(ctx, self.policy, tokenizer)
         self.own_weights = getattr(self.sampler, "own_weights", False)
         self.recompute = recompute and self.own_weights
         self.stream = PromptStream(len(prompts), ctx.seed)

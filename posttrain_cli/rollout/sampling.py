@@ -91,7 +91,7 @@ def input_sampler(ctx, tokenizer):
     """A Sampler (rollout/backend.py) over the stage's input model."""
     from posttrain_cli.rollout.backend import frozen_sampler
 
-    return frozen_sampler(ctx, ctx.input_model, tokenizer, max_len=ctx.cfg["max_seq_len"])
+    return frozen_sampler(ctx, ctx.input_model, tokenizer)
 
 
 def sample(ctx, sampler, prompts: Prompts, n: int) -> list[Sample]:

@@ -103,6 +103,7 @@ class VLLMSampler:
                            max_model_len=max_model_len, enforce_eager=enforce_eager,
                            logprobs_mode="processed_logprobs", enable_prefix_caching=True, **engine_args)
         self.syncs = 0  # weight loads so far (a metric for the trainer)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # prompt + completion
 
     # The engine holds its own copy of the weights (rollout/backend.py).
     own_weights = True
@@ -155,6 +156,19 @@ class VLLMSampler:
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM kept its prefix cache after a weight load (requests still running)")
         self.syncs += 1
+
+    def load_dir(self, model_dir: str | Path) -> None:
+        """The weights of another checkpoint of the same model (its *.safetensors), a file at a time."""
+        from safetensors import safe_open
+
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to load into the vLLM engine")
+        pairs = []
+        for f in files:
+            with safe_open(str(f), "pt") as st:
+                pairs += [(k, st.get_tensor(k)) for k in st.keys()]
+        self.load_weights(pairs)
 
     def sync(self, module) -> None:
         """rollout/backend.Sampler.sync: the weights of `module` (a Hugging Face causal LM, whole on

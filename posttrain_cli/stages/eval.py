@@ -18,6 +18,7 @@ from posttrain_cli.data.schemas import prompt_row
 from posttrain_cli.data.sources import load_mixture
 from posttrain_cli.engine import dist
 from posttrain_cli.engine.inference import load_tokenizer
+from posttrain_cli.errors import UserError
 from posttrain_cli.rewards import VERIFIERS
 from posttrain_cli.rollout.backend import frozen_sampler, shard
 
@@ -33,8 +34,13 @@ def evaluate(ctx, model_path: str, ecfg: dict, where: str, reward_model: str | N
     start = time.perf_counter()
     mine, calls = shard(list(range(len(rows))), ecfg["batch_size"])
     prompts = [prompt_ids(tokenizer, rows[i]["messages"]) for i in mine]
-    longest = max((len(p) for p in prompts), default=0) + ecfg["max_new_tokens"]
-    sampler = frozen_sampler(ctx, model_path, tokenizer, max_len=longest)
+    sampler = frozen_sampler(ctx, model_path, tokenizer)
+    limit = getattr(sampler, "max_model_len", None)
+    for i, p in zip(mine, prompts):
+        if limit is not None and len(p) + ecfg["max_new_tokens"] > limit:
+            raise UserError(f"{where}.data: prompt {i} is {len(p)} tokens; with max_new_tokens "
+                            f"{ecfg['max_new_tokens']} it passes the vLLM engine's {limit} (rollout.backend=hf "
+                            f"samples it)")
     outs = sampler.generate(prompts, max_new_tokens=ecfg["max_new_tokens"], temperature=ecfg["temperature"],
                             top_p=ecfg["top_p"], batch_size=ecfg["batch_size"], calls=calls)
     correct = sum(verify(o.text, rows[i]["ground_truth"], rows[i]) for i, o in zip(mine, outs))
