@@ -5,7 +5,10 @@ semantics of rollout/hf.py and taking the policy's weights in place after each u
     torch.manual_seed(seed)                              # seeds every request (as for the hf backend)
     outs = sampler.generate(prompt_ids, max_new_tokens=64, temperature=1.0, top_p=1.0,
                             batch_size=32, logprobs=True)   # -> [Completion], as hf.generate
-    sampler.load_weights(module.state_dict().items())    # after an optimizer update (or sync(module))
+    sampler.sleep()                                      # GPU: free the engine's memory for the update
+    ...                                                  # an optimizer update
+    sampler.sync(engine.module)                          # every rank: the new weights, a layer at a time
+    sampler.wake_up()
 
 What is the same as hf.py: the stop set (every EOS id and the template's end of turn, data/chat.py
 stop_ids; the stop token is the completion's `stop_id`, not in its text), no top-k, top_p
@@ -19,6 +22,14 @@ temperature 1 when greedy). Where it departs:
   engine runs alone (no ZeRO-3 gather to keep in step), so no dummy calls are needed.
 - Seeds: each request gets its own seed, drawn from torch's global generator, so the caller's
   torch.manual_seed fixes the samples, whatever else shares the engine's batch.
+
+Under torchrun (the default process group already up, as DeepSpeed left it) every rank holds its own
+engine next to its DeepSpeed engine, with vLLM's "external_launcher" executor: vLLM takes the job's
+process group as its world instead of starting one, and splits it into groups of
+`tensor_parallel_size` ranks. Each group is one engine (one rank on CPU): the groups sample apart,
+each its own prompts (data parallel, as hf.py's ranks do); within a group the ranks pool their
+prompts, run them together and keep their own completions. The engine's start is collective (every
+rank builds its sampler at the same point), generate is collective within a group only.
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights reach it without a
 copy through a pipe, through vLLM's own in-place reload (`reload_weights` on the worker, which
@@ -35,7 +46,8 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -48,37 +60,27 @@ from posttrain_cli.rollout.backend import Completion
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
-def unsupported(model_dir: str, model_cfg: dict | None = None) -> str | None:
-    """Why the installed vLLM cannot sample this model here (None: it can): for rollout.backend=auto,
-    which then samples with hf instead, and for a clear error with backend=vllm."""
-    from transformers import AutoConfig
-
-    model_cfg = model_cfg or {}
-    config = AutoConfig.from_pretrained(model_dir, revision=model_cfg.get("revision"),
-                                        trust_remote_code=model_cfg.get("trust_remote_code", False))
-    try:
-        _check_head_size(config, model_dir)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 class VLLMSampler:
     """rollout/backend.Sampler on a vLLM engine built from a Hugging Face model directory.
 
     `dtype`: "auto" takes the checkpoint's; "float32" when log-probs must match an fp32 trainer to
     1e-4. `kv_cache_bytes`: the engine's KV cache (on GPUs `gpu_memory_utilization` instead).
-    `enforce_eager`: skip torch.compile (a faster start, slower decoding). `engine_args`: passed to
-    vllm.LLM as they are."""
+    `enforce_eager`: skip torch.compile (a faster start, slower decoding). `tensor_parallel_size`:
+    ranks of a torchrun job that share one engine (it must divide the job's world size).
+    `enable_sleep_mode`: sleep() frees the engine's GPU memory while the trainer updates (GPUs only;
+    on CPU vLLM has no sleep mode and sleep / wake_up do nothing). `engine_args`: passed to vllm.LLM
+    as they are."""
 
     def __init__(self, model_dir: str | Path, tokenizer, *, dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, kv_cache_bytes: int | None = DEFAULT_KV_CACHE_BYTES,
-                 gpu_memory_utilization: float | None = None, enforce_eager: bool = False, **engine_args):
+                 gpu_memory_utilization: float | None = None, enforce_eager: bool = False,
+                 tensor_parallel_size: int = 1, enable_sleep_mode: bool = False, **engine_args):
         # In-process engine core: load_weights hands tensors to the worker directly.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from transformers import AutoConfig, GenerationConfig
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         model_dir = str(model_dir)
         self.tokenizer = tokenizer
@@ -95,36 +97,56 @@ class VLLMSampler:
             engine_args["gpu_memory_utilization"] = gpu_memory_utilization
         elif kv_cache_bytes is not None:
             engine_args["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        if _joins_process_group(tensor_parallel_size):
+            engine_args["distributed_executor_backend"] = "external_launcher"
+        self.sleep_mode = enable_sleep_mode and current_platform.is_sleep_mode_available()
+        if self.sleep_mode:
+            engine_args["enable_sleep_mode"] = True
         # skip_tokenizer_init: prompts arrive as ids and completions are decoded here with the
         # run's tokenizer (its chat template and special tokens), as hf.py decodes them.
         _quiet_expected_warnings()
         with _rng_kept():  # an in-process engine seeds the global generators; the caller's stay as they were
             self.llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed,
                            max_model_len=max_model_len, enforce_eager=enforce_eager,
-                           logprobs_mode="processed_logprobs", enable_prefix_caching=True, **engine_args)
-        self.syncs = 0  # weight loads so far (a metric for the trainer)
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # prompt + completion
+                           tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
+                           enable_prefix_caching=True, **engine_args)
+        self.group = None  # the ranks sharing this engine, when more than one
+        if tensor_parallel_size > 1:
+            from vllm.distributed.parallel_state import get_tp_group
 
-    # The engine holds its own copy of the weights (rollout/backend.py).
-    own_weights = True
+            self.group = get_tp_group().cpu_group
+        self.syncs = 0  # weight loads so far (a metric for the trainer)
+        self.largest_bucket_bytes = 0  # the most parameter bytes a sync has held gathered at once
+        self.asleep: set[str] = set()  # what sleep() freed that no wake_up has brought back
+        self.weights_lost = False  # sleep() discarded the weights and no sync has loaded them since
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
                  batch_size: int | None = None, calls: int | None = None,
                  logprobs: bool = False) -> list[Completion]:
+        """backend.Sampler.generate. With tensor_parallel_size > 1 every rank of the group calls it
+        together (the group runs every member's prompts as one batch)."""
         from vllm import SamplingParams
 
-        if not prompts:
-            return []
+        if self.weights_lost:
+            raise RuntimeError("VLLMSampler.generate after sleep() without a sync: sleep discards the engine's "
+                               "weights; call sync(module) before sampling again")
+        self.wake_up()
         sample = temperature > 0
         # One seed per request from torch's generator: the caller's manual_seed decides the samples.
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist() if sample else [None] * len(prompts)
+        seeds = (torch.randint(0, 2**31 - 1, (len(prompts),)).tolist() if sample and prompts
+                 else [None] * len(prompts))
+        requests, mine = list(zip(prompts, seeds)), slice(0, len(prompts))
+        if self.group is not None:
+            requests, mine = _pool(requests, self.group)
+        if not requests:
+            return []
         params = [SamplingParams(n=1, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
                                  top_k=0, max_tokens=max_new_tokens, stop_token_ids=self.stops, seed=s,
                                  logprobs=0 if logprobs else None, detokenize=False,
                                  allowed_token_ids=self.allowed)
-                  for s in seeds]
-        results = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        return [self._completion(r.outputs[0], logprobs) for r in results]
+                  for _, s in requests]
+        results = self.llm.generate([{"prompt_token_ids": list(p)} for p, _ in requests], params, use_tqdm=False)
+        return [self._completion(r.outputs[0], logprobs) for r in results[mine]]
 
     def _completion(self, out, logprobs: bool) -> Completion:
         new = list(out.token_ids)
@@ -145,36 +167,69 @@ class VLLMSampler:
         .weight, ...) into the engine in place; vLLM's loader fuses q/k/v and gate/up itself and
         skips lm_head when the embeddings are tied.
 
-        A part of the weights may come at a time (buckets), in whole modules: vLLM keeps q, k and v
-        in one fused weight (gate and up likewise), and a load with only some of them leaves the
-        rest of that weight unset, so such a part is refused. Modules left out keep their weights
-        (vLLM warns that it "failed to load" each)."""
+        A part of the weights may come at a time, in whole modules: vLLM keeps q, k and v in one
+        fused weight (gate and up likewise), and a load with only some of them leaves the rest of
+        that weight unset, so such a part is refused. Modules left out keep their weights (vLLM
+        warns that it "failed to load" each)."""
         pairs = list(named_tensors)
         _check_fused_whole([name for name, _ in pairs])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs),
+        self._reload(iter(pairs))
+
+    def sync(self, module) -> None:
+        """backend.Sampler.sync: the weights of `module` (a Hugging Face causal LM as the trainer holds
+        it: whole on this rank, or ZeRO-3 partitioned) into the engine. Every rank calls it.
+
+        The parameters go in buckets, one decoder layer (or one other parameter: the embeddings, the
+        final norm, an untied lm_head) at a time, so at most one bucket is whole in memory: under
+        ZeRO-3 each is gathered (every rank takes part, in the same order), handed to vLLM and
+        released before the next. Buffers (the rotary inv_freq) are computed, not loaded."""
+        buckets: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+        for name, param in module.named_parameters():
+            buckets.setdefault(_bucket(name), []).append((name, param))
+        for bucket in buckets.values():
+            _check_fused_whole([name for name, _ in bucket])
+        with torch.no_grad():
+            self._reload(self._gathered(list(buckets.values())))
+        self.weights_lost = False
+
+    def _gathered(self, buckets: list[list[tuple[str, torch.nn.Parameter]]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every bucket's (name, whole tensor), the next gathered only when vLLM asks for it (its
+        loader reads the weights one at a time and finishes a layer as soon as it has all of it)."""
+        sharded = any(hasattr(param, "ds_id") for bucket in buckets for _, param in bucket)
+        for bucket in buckets:
+            params = [param for _, param in bucket]
+            with _zero3_gathered(params) if sharded else contextlib.nullcontext():
+                self.largest_bucket_bytes = max(self.largest_bucket_bytes,
+                                                sum(p.numel() * p.element_size() for p in params))
+                for name, param in bucket:
+                    yield name, param.detach()
+
+    def _reload(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        if "weights" in self.asleep:  # the weights' memory must be mapped again before it is written
+            self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
                                                           "is_checkpoint_format": True})
+        self.llm.collective_rpc(_repack_tied)
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM kept its prefix cache after a weight load (requests still running)")
         self.syncs += 1
 
-    def load_dir(self, model_dir: str | Path) -> None:
-        """The weights of another checkpoint of the same model (its *.safetensors), a file at a time."""
-        from safetensors import safe_open
+    def sleep(self) -> None:
+        """Free the engine's GPU memory, weights and KV cache (vLLM's sleep level 2), while the
+        trainer updates; the sync after the update loads the weights back. A no-op without
+        enable_sleep_mode, and on CPU."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = {"weights", "kv_cache"}
+            self.weights_lost = True
 
-        files = sorted(Path(model_dir).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to load into the vLLM engine")
-        pairs = []
-        for f in files:
-            with safe_open(str(f), "pt") as st:
-                pairs += [(k, st.get_tensor(k)) for k in st.keys()]
-        self.load_weights(pairs)
-
-    def sync(self, module) -> None:
-        """rollout/backend.Sampler.sync: the weights of `module` (a Hugging Face causal LM, whole on
-        this rank; ZeRO-3's sharded parameters are not gathered here yet) into the engine."""
-        with torch.no_grad():
-            self.load_weights((name, t.detach()) for name, t in module.state_dict().items())
+    def wake_up(self) -> None:
+        """Take back what sleep() freed (generate does it too). The weights are those of the last sync
+        only if one came after the sleep."""
+        if self.asleep:
+            self.llm.wake_up(tags=sorted(self.asleep))
+            self.asleep = set()
 
 
 # Hugging Face projections vLLM fuses into one weight: a load must bring all of a group or none.
@@ -192,6 +247,68 @@ def _check_fused_whole(names: list[str]) -> None:
                 if missing:
                     raise ValueError(f"load_weights: {name} without {', '.join(missing)} (vLLM fuses them into "
                                      f"one weight; load them together)")
+
+
+def _repack_tied(worker) -> None:
+    """Tied embeddings: vLLM's lm_head shares the embedding's weight but, on CPU, multiplies with its
+    own packed copy of it, made when the engine loaded. A reload brings no lm_head weight (the
+    checkpoint has none), so that copy stays the old one; pack it again from the new weight."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    holders: dict[int, list] = {}
+    for module in worker.get_model().modules():
+        weight = module._parameters.get("weight")
+        if weight is not None and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+            holders.setdefault(id(weight), []).append(module)
+    for modules in holders.values():
+        if len(modules) > 1:
+            for module in modules:
+                module.quant_method.process_weights_after_loading(module)
+
+
+def _bucket(name: str) -> str:
+    """A parameter's sync bucket: its decoder layer (the name up to the first index, model.layers.3),
+    or itself outside the layers."""
+    layer = re.match(r"(.*?\.\d+)\.", name)
+    return layer.group(1) if layer else name
+
+
+@contextlib.contextmanager
+def _zero3_gathered(params: list):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _joins_process_group(tensor_parallel_size: int) -> bool:
+    """Whether the engine runs as a rank of the job's process group ("external_launcher"); checks
+    tensor_parallel_size against the world and gives vLLM the variables it reads."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size {tensor_parallel_size}: an engine over several ranks runs only "
+                             f"in a torchrun job (its ranks share the engine); use 1 in one process")
+        return False
+    world = dist.get_world_size()
+    if world % tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} does not divide the job's {world} ranks")
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device() if torch.cuda.is_available() else 0))
+    return True
+
+
+def _pool(requests: list, group) -> tuple[list, slice]:
+    """Every rank's requests of a tensor-parallel group, in rank order (the same list on each, as its
+    engines must run the same batch), and where this rank's lie in it."""
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, requests, group=group)
+    start = sum(len(part) for part in parts[:dist.get_rank(group)])
+    return [r for part in parts for r in part], slice(start, start + len(requests))
 
 
 def _check_head_size(config, model_dir: str) -> None:
@@ -230,11 +347,13 @@ def _rng_kept():
 class _Expected(logging.Filter):
     """Warnings vLLM gives every time when run this way, about nothing wrong: the chat-template warm-up
     fails without a tokenizer (skip_tokenizer_init; prompts come as ids), and a weight load finds no
-    checkpoint weights for the rotary embedding (its cache is computed, not loaded)."""
+    checkpoint weights for the rotary embedding (its cache is computed, not loaded) nor for a tied
+    lm_head (it is the embedding; _repack_tied)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not (msg.startswith("Chat template warmup failed") or msg == "RotaryEmbedding: Failed to load weights")
+        return not (msg.startswith("Chat template warmup failed")
+                    or msg in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights"))
 
 
 def _quiet_expected_warnings() -> None:
