@@ -58,6 +58,27 @@ def world(tmp_path_factory):
     return model, tok, prompts, sampler, drawn
 
 
+@pytest.fixture(scope="module")
+def tied(world, tmp_path_factory):
+    """A Qwen2 with tied embeddings (no lm_head.weight among its parameters), q/k/v biases and one KV
+    head for two query heads, random (fp32), with its own engine beside the world's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = world[1]
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         max_position_embeddings=ARCH["max_position_embeddings"], pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).float().eval()
+    d = tmp_path_factory.mktemp("vllm") / "qwen2-tied"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    sampler = VLLMSampler(d, tok, dtype="float32", kv_cache_bytes=64 << 20,
+                          max_model_len=ARCH["max_position_embeddings"], enforce_eager=True)
+    return model, sampler
+
+
 def _trainer_logps(model, prompts, outs, temperature: float) -> list[torch.Tensor]:
     """Each completion's log-probs as the trainer recomputes them: one packed row of every sequence
     (data/preference.pack_answers) through rollout/onpolicy.token_logps."""
@@ -187,3 +208,39 @@ def test_a_part_of_the_weights_loads_in_whole_modules(world):
     finally:
         sampler.load_weights(model.state_dict().items())
     assert _same(_greedy(sampler, prompts), want_old)
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_sync_loads_tied_and_untied_models(world, tied, which):
+    """sync hands over named_parameters, a decoder layer at a time: with tied embeddings there is no
+    lm_head.weight and the engine's lm_head must still follow the new embeddings (on CPU it keeps a
+    packed copy of its own, rollout/vllm._repack_tied). Log-probs after the sync are the moved
+    model's, not the old one's, and a sync of the old model brings it back."""
+    _, _, prompts, _, _ = world
+    model, sampler = (world[0], world[3]) if which == "untied" else tied
+    assert ("lm_head.weight" in dict(model.named_parameters())) == (which == "untied")
+    moved = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    syncs = sampler.syncs
+    try:
+        sampler.sync(moved)
+        assert sampler.syncs == syncs + 1  # one per sync, however many buckets
+        torch.manual_seed(3)
+        outs = sampler.generate(prompts[:16], max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, logprobs=True)
+        got = torch.cat([torch.tensor(o.logprobs) for o in outs])
+        assert torch.allclose(got, torch.cat(_trainer_logps(moved, prompts[:16], outs, 1.0)), atol=1e-4, rtol=0)
+        assert (got - torch.cat(_trainer_logps(model, prompts[:16], outs, 1.0))).abs().max() > 1e-2
+        # The largest bucket is one decoder layer, not the model.
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        layer_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                          if n.startswith("model.layers.0."))
+        assert sampler.largest_bucket_bytes == layer_bytes < model_bytes / 2
+    finally:
+        sampler.sync(model)
+    torch.manual_seed(3)
+    outs = sampler.generate(prompts[:16], max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, logprobs=True)
+    assert torch.allclose(torch.cat([torch.tensor(o.logprobs) for o in outs]),
+                          torch.cat(_trainer_logps(model, prompts[:16], outs, 1.0)), atol=1e-4, rtol=0)
