@@ -111,6 +111,8 @@ def _vllm(ctx, model_path: str, tokenizer) -> Sampler:
     log-probs match the trainer's)."""
     global _ENGINE
     if _ENGINE is None:
+        import time
+
         import torch
 
         from posttrain_cli.engine.deepspeed_engine import resolve_precision
@@ -118,6 +120,7 @@ def _vllm(ctx, model_path: str, tokenizer) -> Sampler:
         rollout, model = ctx.run["rollout"], ctx.run["model"]
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[resolve_precision(ctx.run["deepspeed"])]
         gpu = torch.cuda.is_available()
+        t0 = time.perf_counter()
         _ENGINE = _cls("vllm")(
             model_path, tokenizer, dtype=dtype, seed=ctx.seed, max_model_len=max_model_len(ctx),
             kv_cache_bytes=None if gpu else int(rollout["kv_cache_gb"] * 2**30),
@@ -126,6 +129,8 @@ def _vllm(ctx, model_path: str, tokenizer) -> Sampler:
             enforce_eager=rollout["enforce_eager"], revision=model["revision"],
             trust_remote_code=model["trust_remote_code"])
         _ENGINE.holds = model_path
+        ctx.info(f"sampling with vllm: an engine on each rank, started in {time.perf_counter() - t0:.0f} s "
+                 f"(max_model_len {_ENGINE.max_model_len}, {dtype})")
     elif _ENGINE.holds != model_path:
         _ENGINE.load_dir(model_path)
         _ENGINE.holds = model_path
