@@ -180,9 +180,11 @@ class VLLMSampler:
         it: whole on this rank, or ZeRO-3 partitioned) into the engine. Every rank calls it.
 
         The parameters go in buckets, one decoder layer (or one other parameter: the embeddings, the
-        final norm, an untied lm_head) at a time, so at most one bucket is whole in memory: under
-        ZeRO-3 each is gathered (every rank takes part, in the same order), handed to vLLM and
-        released before the next. Buffers (the rotary inv_freq) are computed, not loaded."""
+        final norm, an untied lm_head) at a time: under ZeRO-3 each is gathered (every rank takes
+        part, in the same order), handed to vLLM and released before the next is gathered. vLLM
+        keeps a tensor only until its own layer is whole, except an embedding padded past the
+        vocabulary (to a multiple of 64: tiny models, not Llama's or Qwen's), which it keeps to the end
+        of the load. Buffers (the rotary inv_freq) are computed, not loaded."""
         buckets: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
         for name, param in module.named_parameters():
             buckets.setdefault(_bucket(name), []).append((name, param))

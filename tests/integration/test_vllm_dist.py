@@ -26,7 +26,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (pip install 'pos
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 # Head size 32 (vLLM's CPU attention runs none below); max_position_embeddings is the engine's
-# max_model_len. argv: OUT ZERO_STAGE.
+# max_model_len. argv: OUT ZERO_STAGE TENSOR_PARALLEL_SIZE.
 SCRIPT = """
 import json, sys, torch
 from pathlib import Path
@@ -40,7 +40,7 @@ from posttrain_cli.rollout.vllm import VLLMSampler
 ARCH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
         "max_position_embeddings": 128}
 dist.init()
-out, zero = Path(sys.argv[1]), int(sys.argv[2])
+out, zero, tp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 if dist.is_main():
     build_tiny(out / "base", ARCH)
 dist.barrier()
@@ -51,7 +51,7 @@ train = {"lr": 1e-2, "weight_decay": 0.0, "adam_betas": [0.9, 0.95], "adam_eps":
 engine = eng.initialize(eng.load_causal_lm(str(out / "base"), {}, cfg, train=True), cfg, train, 1)
 tok = build_tokenizer(ARCH["max_position_embeddings"])
 sampler = VLLMSampler(out / "base", tok, dtype="float32", kv_cache_bytes=64 << 20,
-                      max_model_len=ARCH["max_position_embeddings"], enforce_eager=True)
+                      max_model_len=ARCH["max_position_embeddings"], enforce_eager=True, tensor_parallel_size=tp)
 boundaries = eng.packed_boundaries(eng.attn_implementation({}))
 rank = dist.rank()
 
@@ -95,9 +95,10 @@ report["stale"] = gap(sample(2))  # the update is done, the engine still has the
 sampler.sync(engine.module)
 report["synced"] = gap(sample(2))
 report["syncs"] = sampler.syncs
+report["engine_ranks"] = torch.distributed.get_world_size(sampler.group) if sampler.group is not None else 1
 report["largest_bucket_bytes"] = sampler.largest_bucket_bytes
 report["model_bytes"] = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
-print("REPORT " + json.dumps(report), flush=True)
+(out / f"report{rank}.json").write_text(json.dumps(report))
 """
 
 
@@ -110,21 +111,21 @@ def _env() -> dict:
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ext))}
 
 
-@pytest.mark.parametrize("zero", [3, 2])
-def test_each_rank_samples_its_own_prompts_and_syncs_the_update(tmp_path, zero):
+@pytest.mark.parametrize("zero,tp", [(3, 1), (2, 1), (3, 2)])
+def test_each_rank_samples_its_own_prompts_and_syncs_the_update(tmp_path, zero, tp):
+    """tp 1: an engine a rank; tp 2: one engine over both ranks (vLLM shards each weight in two),
+    which pool their prompts for it and each keep their own completions."""
     from posttrain_cli.engine.dist import free_port
 
     script = tmp_path / "vllm_dist.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(script), str(tmp_path), str(zero)]
+           str(script), str(tmp_path), str(zero), str(tp)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    reports = sorted((json.loads(line.split(" ", 1)[1]) for line in r.stdout.splitlines()
-                      if line.startswith("REPORT ")), key=lambda rep: rep["rank"])
-    assert [rep["rank"] for rep in reports] == [0, 1], r.stdout[-3000:]
+    reports = [json.loads((tmp_path / f"report{rank}.json").read_text()) for rank in range(2)]
     for rep in reports:
-        print(f"zero {zero} rank {rep['rank']}: start {rep['start']:.2e}, stale {rep['stale']:.2e}, synced "
+        print(f"zero {zero} tp {tp} rank {rep['rank']}: start {rep['start']:.2e}, stale {rep['stale']:.2e}, synced "
               f"{rep['synced']:.2e}, other rank's prompts {rep['foreign']:.2e}, largest bucket {rep['largest_bucket_bytes']} of {rep['model_bytes']} bytes")
         # Each engine sampled its own prompts: as many completions as the rank has prompts (3 and 5),
         # with the log-probs the trainer gives them after this rank's prompts, not the other's.
@@ -133,4 +134,5 @@ def test_each_rank_samples_its_own_prompts_and_syncs_the_update(tmp_path, zero):
         assert rep["stale"] > 1e-3
         assert rep["synced"] < 1e-4
         assert rep["syncs"] == 1
+        assert rep["engine_ranks"] == tp
         assert 0 < rep["largest_bucket_bytes"] < rep["model_bytes"] / 2

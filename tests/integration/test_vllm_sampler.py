@@ -61,7 +61,8 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tied(world, tmp_path_factory):
     """A Qwen2 with tied embeddings (no lm_head.weight among its parameters), q/k/v biases and one KV
-    head for two query heads, random (fp32), with its own engine beside the world's."""
+    head for two query heads, random (fp32), with its own engine beside the world's (asked for sleep
+    mode, which on CPU it does not get)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = world[1]
@@ -75,7 +76,7 @@ def tied(world, tmp_path_factory):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     sampler = VLLMSampler(d, tok, dtype="float32", kv_cache_bytes=64 << 20,
-                          max_model_len=ARCH["max_position_embeddings"], enforce_eager=True)
+                          max_model_len=ARCH["max_position_embeddings"], enforce_eager=True, enable_sleep_mode=True)
     return model, sampler
 
 
@@ -244,3 +245,20 @@ def test_sync_loads_tied_and_untied_models(world, tied, which):
     outs = sampler.generate(prompts[:16], max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, logprobs=True)
     assert torch.allclose(torch.cat([torch.tensor(o.logprobs) for o in outs]),
                           torch.cat(_trainer_logps(model, prompts[:16], outs, 1.0)), atol=1e-4, rtol=0)
+
+
+def test_sleep_and_wake_up_do_nothing_on_cpu(world, tied):
+    """vLLM has no sleep mode on CPU: enable_sleep_mode is not passed on (vLLM would refuse to start),
+    and sleep / wake_up around an update leave the engine as it was."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("on GPUs sleep frees the engine's memory")
+    _, _, prompts, _, _ = world
+    _, sampler = tied
+    assert not sampler.sleep_mode
+    before = _greedy(sampler, prompts[:8])
+    sampler.sleep()
+    assert _same(_greedy(sampler, prompts[:8]), before)
+    sampler.wake_up()
+    assert _same(_greedy(sampler, prompts[:8]), before)
