@@ -60,6 +60,21 @@ from posttrain_cli.rollout.backend import Completion
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
+def unsupported(model_dir: str, model_cfg: dict | None = None) -> str | None:
+    """Why the installed vLLM cannot sample this model here (None: it can): for rollout.backend=auto,
+    which then samples with hf instead, and for a clear error with backend=vllm."""
+    from transformers import AutoConfig
+
+    model_cfg = model_cfg or {}
+    config = AutoConfig.from_pretrained(model_dir, revision=model_cfg.get("revision"),
+                                        trust_remote_code=model_cfg.get("trust_remote_code", False))
+    try:
+        _check_head_size(config, model_dir)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class VLLMSampler:
     """rollout/backend.Sampler on a vLLM engine built from a Hugging Face model directory.
 
@@ -116,9 +131,13 @@ class VLLMSampler:
 
             self.group = get_tp_group().cpu_group
         self.syncs = 0  # weight loads so far (a metric for the trainer)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len  # prompt + completion
         self.largest_bucket_bytes = 0  # the most parameter bytes a sync has held gathered at once
         self.asleep: set[str] = set()  # what sleep() freed that no wake_up has brought back
         self.weights_lost = False  # sleep() discarded the weights and no sync has loaded them since
+
+    # The engine holds its own copy of the weights (rollout/backend.py).
+    own_weights = True
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
                  batch_size: int | None = None, calls: int | None = None,
@@ -174,6 +193,19 @@ class VLLMSampler:
         pairs = list(named_tensors)
         _check_fused_whole([name for name, _ in pairs])
         self._reload(iter(pairs))
+
+    def load_dir(self, model_dir: str | Path) -> None:
+        """The weights of another checkpoint of the same model (its *.safetensors), a file at a time."""
+        from safetensors import safe_open
+
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to load into the vLLM engine")
+        pairs = []
+        for f in files:
+            with safe_open(str(f), "pt") as st:
+                pairs += [(k, st.get_tensor(k)) for k in st.keys()]
+        self.load_weights(pairs)
 
     def sync(self, module) -> None:
         """backend.Sampler.sync: the weights of `module` (a Hugging Face causal LM as the trainer holds
