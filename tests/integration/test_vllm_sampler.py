@@ -25,7 +25,7 @@ from posttrain_cli.rollout import hf, onpolicy  # noqa: E402
 from posttrain_cli.rollout.vllm import VLLMSampler  # noqa: E402
 from tests.conftest import TINY_DATA  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 # Head size 32: vLLM's CPU attention runs none below (rollout/vllm.py refuses them).
 ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
