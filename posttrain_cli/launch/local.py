@@ -147,8 +147,13 @@ def command(spec_path: Path, cluster: dict, port_offset: int = 0) -> list[str]:
             str(spec_path)]
 
 
+# Set in this process by a stage that ran in it (engine/dist.py: a world of one, its store still
+# listening on MASTER_PORT): a child finds its own.
+_RANK_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
 def _env(spec_path: Path, cluster: dict, parallel: int) -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
     # One thread per rank unless the user says otherwise: ranks (and parallel stages) share the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (cluster["nproc_per_node"] * parallel))))
     env.setdefault("PYTHONUNBUFFERED", "1")

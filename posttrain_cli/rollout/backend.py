@@ -122,7 +122,7 @@ def _vllm(ctx, model_path: str, tokenizer) -> Sampler:
         gpu = torch.cuda.is_available()
         t0 = time.perf_counter()
         _ENGINE = _cls("vllm")(
-            model_path, tokenizer, dtype=dtype, seed=ctx.seed, max_model_len=max_model_len(ctx),
+            model_path, tokenizer, dtype=dtype, seed=ctx.seed, max_model_len=max_model_len(ctx, model_path),
             kv_cache_bytes=None if gpu else int(rollout["kv_cache_gb"] * 2**30),
             gpu_memory_utilization=rollout["gpu_memory_utilization"] if gpu else None,
             tensor_parallel_size=rollout["tensor_parallel_size"], enable_sleep_mode=gpu and rollout["sleep"],
@@ -138,16 +138,23 @@ def _vllm(ctx, model_path: str, tokenizer) -> Sampler:
     return _ENGINE
 
 
-def max_model_len(ctx) -> int:
+def max_model_len(ctx, model_path: str) -> int:
     """The longest sequence the stage's engine takes: its max_seq_len (RL, generate,
     rejection_sampling), and for an eval block or the eval kind EVAL_PROMPT_TOKENS of prompt
-    plus its max_new_tokens (a longer eval prompt is refused by name, stages/eval.py)."""
+    plus its max_new_tokens (a longer eval prompt is refused by name, stages/eval.py); at most
+    the model's max_position_embeddings."""
+    from transformers import AutoConfig
+
     cfg = ctx.cfg
     lengths = [cfg["max_seq_len"]] if "max_seq_len" in cfg else []
     ev = cfg if ctx.kind == "eval" else cfg.get("eval")
     if ev:
         lengths.append(EVAL_PROMPT_TOKENS + ev["max_new_tokens"])
-    return max(lengths)
+    model = ctx.run["model"]
+    config = AutoConfig.from_pretrained(model_path, revision=model["revision"],
+                                        trust_remote_code=model["trust_remote_code"])
+    most = getattr(config, "max_position_embeddings", None)
+    return min(max(lengths), most) if most else max(lengths)
 
 
 # The prompt an eval may hold when its engine is vLLM's (whose KV cache is sized for a longest sequence).
