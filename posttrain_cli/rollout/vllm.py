@@ -114,6 +114,13 @@ class VLLMSampler:
             engine_args["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         if _joins_process_group(tensor_parallel_size):
             engine_args["distributed_executor_backend"] = "external_launcher"
+        if current_platform.is_cpu():
+            # A prompt prefilled in chunks rewinds its seeded generator between chunks, which a CPU
+            # generator cannot do ("CPU Generator does not use offset"): whole prompts only, and
+            # room in a step for the longest one.
+            longest = max_model_len or getattr(config, "max_position_embeddings", None) or 0
+            engine_args.setdefault("enable_chunked_prefill", False)
+            engine_args.setdefault("max_num_batched_tokens", max(longest, 8192))
         self.sleep_mode = enable_sleep_mode and current_platform.is_sleep_mode_available()
         if self.sleep_mode:
             engine_args["enable_sleep_mode"] = True

@@ -140,6 +140,24 @@ def test_sampled_logprobs_equal_the_trainers(world, temperature):
     assert [o.sampled for o in again] == [o.sampled for o in outs]
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_a_step_holds(world):
+    """96 prompts of 200 tokens (19,200, over the 8,192 of one engine step): on CPU a prompt split
+    across steps would rewind its seeded generator, which a CPU generator cannot do; whole prompts
+    are scheduled instead, and the seed still fixes the samples."""
+    model, tok, _, sampler, _ = world
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, len(tok), (200,), generator=g).tolist() for _ in range(96)]
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(2)
+        draws.append(sampler.generate(prompts, max_new_tokens=4, temperature=1.0, top_p=1.0, logprobs=True))
+    assert [o.sampled for o in draws[0]] == [o.sampled for o in draws[1]]
+    assert len({tuple(o.sampled) for o in draws[0]}) > 48  # sampled, not all alike
+    want = _trainer_logps(model, prompts[:8], draws[0][:8], 1.0)
+    for o, w in zip(draws[0][:8], want):
+        assert torch.allclose(torch.tensor(o.logprobs), w, atol=1e-4, rtol=0)
+
+
 def test_greedy_logprobs_are_at_temperature_one(world):
     model, _, prompts, sampler, _ = world
     outs = sampler.generate(prompts[:8], max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0, logprobs=True)
