@@ -65,7 +65,7 @@ ppo:
   from: sft
   value_from: sft
   prompts_per_step: 16
-  num_generations: 1
+  num_generations: 2
   max_steps: 3
   lr: 1.0e-3
   ppo_epochs: 2
