@@ -2,6 +2,7 @@
 
     python scripts/bench_grpo.py                 # 3 interleaved rounds (estimated 10-14 min on 2 quiet cores)
     python scripts/bench_grpo.py --quick         # smoke run: small model, 4 steps of 4 x 4 x 32 tokens, 1 round
+    scripts/vllm_env.sh python scripts/bench_grpo.py --vllm   # both sides sampling with vLLM (its CPU build)
 
 Run it on a quiet machine (the script waits, like every benchmark here, until at
 most --max-load/2 cores are busy before each contestant). With --threads 2 and one
@@ -61,6 +62,19 @@ Contestants (each a fresh subprocess):
    packing option for GRPO, ``pad_to_multiple_of`` is already off on CPU,
    dropout is already 0, and vLLM / continuous batching are not HF generate).
 
+With --vllm (in an environment with vLLM: on CPU scripts/vllm_env.sh) the contestants are
+instead both sides sampling with vLLM, everything else as above:
+
+4. ``posttrain_vllm``: the same ``grpo`` stage with ``rollout.backend: vllm`` (an in-process
+   engine next to the DeepSpeed one, the policy's weights loaded into it after every update,
+   1 GiB of KV cache, torch.compile on), so it also recomputes the trainer's log-probs of each
+   rollout for its truncated importance weight (``is_cap``).
+5. ``trl_vllm``: ``trl.GRPOTrainer`` with ``use_vllm=True, vllm_mode="colocate"``, gradient
+   checkpointing off (as trl_tuned), the same 1 GiB of KV cache (VLLM_CPU_KVCACHE_SPACE); TRL's
+   importance-sampling correction (``vllm_importance_sampling_correction``) stays at its default, on,
+   so it recomputes log-probs too. TRL 1.16 supports vLLM up to 0.31; for 0.32 its weight sync
+   goes through vLLM's reload_weights (``_trl_sync_for_vllm_032``), the same tensors.
+
 Time = training from its start (posttrain: its loop; TRL: ``on_train_begin``) to
 the end of each optimizer step (posttrain: per-step times from the stage's
 metrics.jsonl, TRL: an ``on_step_end`` callback); a step includes its rollout
@@ -77,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -116,7 +131,7 @@ def posttrain_prompt_ids(model_dir: str, rows: list[dict]) -> list[list[int]]:
 
 # --------------------------------------------------------------------------- TRL worker
 
-def worker_trl(spec: dict, tuned: bool) -> dict:
+def worker_trl(spec: dict, tuned: bool, vllm: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -137,6 +152,8 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
                         sum(bool(c) and c[-1] == tok.eos_token_id for c in completion_ids), len(completion_ids)))
         return [verify(c[0]["content"], gt, {"ground_truth": gt}) for c, gt in zip(completions, ground_truth)]
 
+    if vllm:
+        _trl_sync_for_vllm_032()
     out_dir = tempfile.mkdtemp(prefix="bench-trl-", dir=spec["tmp"])
     args = GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=spec["micro_batch"],
@@ -144,7 +161,9 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
         num_generations=spec["generations"], max_completion_length=spec["max_new_tokens"],
         temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type=TRL_LOSS, scale_rewards="group",
         epsilon=CLIP, learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0,
-        use_vllm=False, **TRL_CPU, seed=spec["seed"], gradient_checkpointing=not tuned,
+        **TRL_CPU, seed=spec["seed"], gradient_checkpointing=not tuned,
+        **(dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False,
+                vllm_max_model_length=spec["max_seq_len"]) if vllm else dict(use_vllm=False)),
     )
     # One optimizer step = one generation batch of prompts x generations completions, used once.
     assert args.generation_batch_size == seqs_per_step and args.steps_per_generation == args.gradient_accumulation_steps
@@ -152,7 +171,8 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
                           processing_class=tok)
     assert next(trainer.model.parameters()).dtype == torch.float32
     assert trainer.eos_token_ids == [tok.eos_token_id], trainer.eos_token_ids
-    assert trainer.generation_config.top_k in (0, None) and trainer.generation_config.top_p == 1.0
+    if not vllm:
+        assert trainer.generation_config.top_k in (0, None) and trainer.generation_config.top_p == 1.0
     # Same prompt tokens as posttrain, prompt for prompt.
     got = trainer._tokenize_prompts([r["messages"] for r in rows])[0]
     want = posttrain_prompt_ids(spec["model"], rows)
@@ -183,9 +203,29 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
             "loss_last": logs[-1]["loss"] if logs else None}
 
 
+def _trl_sync_for_vllm_032() -> None:
+    """TRL 1.16 supports vLLM 0.22-0.31; on 0.32 (the CPU build here) its colocate weight sync,
+    model.load_weights one parameter at a time, fails after the engine has processed its weights
+    ("'Parameter' object has no attribute 'weight_loader'"). 0.32 reloads weights into a running
+    engine through the worker's reload_weights: the same tensors, from TRL's own iterator, go that
+    way (one call per sync instead of one per parameter); the rest of TRL's sync is unchanged."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    shipped = VLLMGeneration.sync_weights
+
+    def sync_weights(self):
+        if self.mode != "colocate" or self.enable_sleep_mode:
+            return shipped(self)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_named_params(),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    VLLMGeneration.sync_weights = sync_weights
+
+
 # --------------------------------------------------------------------------- posttrain
 
-def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
+def run_posttrain(spec: dict, tmp: Path, rnd: int, vllm: bool = False) -> dict:
     run_dir = tmp / f"pt-run-{rnd}"
     seqs_per_step = spec["prompts"] * spec["generations"]
     recipe = write_recipe(tmp, spec["model"], "grpo", f"""
@@ -212,7 +252,7 @@ def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
         max_steps: {spec['steps']}
         micro_batch_size: {spec['micro_batch']}
         max_seq_len: {spec['max_seq_len']}
-        """, top="logging: {progress: never}\n")
+        """, top="logging: {progress: never}\n" + ("rollout: {backend: vllm, kv_cache_gb: 1.0}\n" if vllm else ""))
     posttrain_run(recipe, run_dir, spec["threads"], tmp)
     m, rows = stage_results(run_dir, "grpo")
     # Per-step durations (rollout included) from the loop's own clock; the loop's total
@@ -240,9 +280,11 @@ def main() -> None:
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--wait-quiet", type=float, default=300)
     ap.add_argument("--quick", action="store_true", help="smoke run: small model, 4 x 4 x 4 completions, 1 round")
+    ap.add_argument("--vllm", action="store_true",
+                    help="contestants sampling with vLLM: posttrain rollout.backend=vllm vs TRL vllm_mode=colocate")
     add_worker_args(ap)
     a = ap.parse_args()
-    if serve_worker(a, lambda kind, spec: worker_trl(spec, tuned=kind == "trl_tuned")):
+    if serve_worker(a, lambda kind, spec: worker_trl(spec, tuned=kind != "trl_default", vllm=kind == "trl_vllm")):
         return
     if a.quick:
         a.steps, a.repeats, a.skip, a.wait_quiet = 4, 1, 1, 0
@@ -267,12 +309,18 @@ def main() -> None:
         print(f"step: {a.prompts} prompts x {a.generations} completions = {seqs} sequences, one generate call, "
               f"<= {a.max_new_tokens} new tokens; {a.micro_batch} per micro-batch x {seqs // a.micro_batch} "
               f"accumulation, 1 update; {a.steps} steps ({a.skip} warm-up); threads {a.threads}")
-        contestants = ["posttrain", "trl_default", "trl_tuned"]
+        if a.vllm:
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                ap.error("--vllm: vLLM is not installed here (on CPU: scripts/vllm_env.sh python scripts/bench_grpo.py --vllm)")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # trl_vllm's KV cache, GiB (posttrain: kv_cache_gb)
+        contestants = ["posttrain_vllm", "trl_vllm"] if a.vllm else ["posttrain", "trl_default", "trl_tuned"]
         results: dict[str, list] = {c: [] for c in contestants}
         for rnd in range(a.repeats):
             for c in rotated(contestants, rnd):
                 busy = busy_before(a.max_load, a.wait_quiet)
-                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else \
+                res = run_posttrain(spec, tmp, rnd, vllm=c.endswith("vllm")) if c.startswith("posttrain") else \
                     run_in_subprocess(c, spec, tmp, rnd, script=__file__)
                 assert len(res["ends"]) == a.steps, (c, len(res["ends"]))
                 res["steady"], res["all"] = steps_per_s(res["ends"], res["t_start"], a.skip)
@@ -293,9 +341,13 @@ def main() -> None:
             v = med[c]
             print(f"  {c:12s} {v['steady']:8.3f} {v['all']:10.3f} {1 / v['steady']:7.2f} {v['rollout']:10.2f} "
                   f"{v['length']:9.1f} {v['eos']:5.0%}")
-        r = med["posttrain"]["steady"] / med["trl_default"]["steady"]
-        print(f"\nposttrain / trl_default = {r:.2f}x   ({target_met(r, 1.3)})")
-        print(f"posttrain / trl_tuned   = {med['posttrain']['steady'] / med['trl_tuned']['steady']:.2f}x")
+        if a.vllm:
+            r = med["posttrain_vllm"]["steady"] / med["trl_vllm"]["steady"]
+            print(f"\nposttrain_vllm / trl_vllm = {r:.2f}x   ({target_met(r, 1.3)})")
+        else:
+            r = med["posttrain"]["steady"] / med["trl_default"]["steady"]
+            print(f"\nposttrain / trl_default = {r:.2f}x   ({target_met(r, 1.3)})")
+            print(f"posttrain / trl_tuned   = {med['posttrain']['steady'] / med['trl_tuned']['steady']:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

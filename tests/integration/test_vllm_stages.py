@@ -177,11 +177,19 @@ def test_sampled_datasets_are_sft_rows(runs, setup):
 
 
 def test_resumed_grpo_on_vllm_ends_with_the_uninterrupted_weights(tmp_path):
+    """One update a step (mini_batches 1): the trainer's log-probs come from the update's own forward
+    (rollout/onpolicy.py, fused), and the ratio is still reported, at 1."""
     rec = _recipe(tmp_path, others=False, name="res")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    args = ["deepspeed=zero2", "stages.grpo.max_steps=6", "stages.grpo.save_every=2", "stages.grpo.eval=null"]
+    args = ["deepspeed=zero2", "stages.grpo.max_steps=6", "stages.grpo.save_every=2", "stages.grpo.eval=null",
+            "stages.grpo.mini_batches=1"]
     r = posttrain("run", f"recipe={rec}", f"run_dir={straight}", *args, cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no separate pass" in (straight / "grpo" / "logs" / "rank0.log").read_text()
+    rows = stage_rows(straight, "grpo")
+    assert [r["weight_syncs"] for r in rows] == [float(i) for i in range(6)]
+    for row in rows:
+        assert abs(row["is_ratio_mean"] - 1) < 1e-3 and row["is_ratio_max"] < 1.05 and row["clip_fraction"] == 0, row
     _run_until(["run", f"recipe={rec}", f"run_dir={stopped}", *args], tmp_path, stopped, "grpo", after=6,
                sig=signal.SIGTERM)
     assert stage_manifest(stopped, "grpo")["status"] != "completed"

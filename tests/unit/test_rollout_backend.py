@@ -109,3 +109,37 @@ def test_importance_metrics_are_the_ratios_mean_max_and_truncated_share(monkeypa
     assert m["is_ratio_mean"] == pytest.approx((1 + math.e + 0.5) / 3)
     assert m["is_ratio_max"] == pytest.approx(math.e)
     assert m["is_truncated"] == pytest.approx(1 / 3)
+
+
+def test_behaviour_fused_into_the_update_takes_its_own_forward_detached():
+    # No recomputed log-probs in the micro-batch: this update's forward (lp) is the trainer's.
+    micro = _micro([-1.1, -3.0], None)
+    lp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    old, w = onpolicy.behaviour(micro, 2.0, lp)
+    assert old.tolist() == [-1.0, -2.0] and not old.requires_grad
+    assert w.tolist() == pytest.approx([math.exp(0.1), 2.0], rel=1e-6)
+    # The ratio p_new / p_old is then exactly 1 and its gradient that of lp.
+    ratio = torch.exp(lp - old)
+    ratio.sum().backward()
+    assert ratio.tolist() == [1.0, 1.0] and lp.grad.tolist() == [1.0, 1.0]
+
+
+def test_fused_ratio_sums_equal_the_recomputed_metrics():
+    loop = onpolicy.OnPolicy.__new__(onpolicy.OnPolicy)
+    loop.cfg, loop._ratio = {"is_cap": 2.0}, onpolicy._RatioSums()
+    loop.record_ratio(torch.tensor([-1.0, 0.0]), {"old_logps": torch.tensor([-1.0, -1.0])})
+    loop.record_ratio(torch.tensor([-2.0 + math.log(0.5)]), {"old_logps": torch.tensor([-2.0])})
+    m = loop._ratio.metrics()
+    assert m["is_ratio_mean"] == pytest.approx((1 + math.e + 0.5) / 3)
+    assert m["is_ratio_max"] == pytest.approx(math.e) and m["is_truncated"] == pytest.approx(1 / 3)
+
+
+def test_a_config_with_dropout_keeps_the_separate_pass():
+    from transformers import LlamaConfig
+
+    class M:
+        def __init__(self, **kw):
+            self.config = LlamaConfig(**kw)
+
+    assert not onpolicy._dropout(M())  # Llama: attention_dropout 0.0
+    assert onpolicy._dropout(M(attention_dropout=0.1))
