@@ -36,6 +36,7 @@ from __future__ import annotations
 import gc
 import random
 import shutil
+import time
 from typing import Callable
 
 import torch
@@ -270,14 +271,17 @@ class OnPolicy:
         cfg, k = self.cfg, self.cfg["mini_batches"]
         s, j = divmod(update, self.updates_per_step)
         if j == 0:
+            t0 = time.perf_counter()
             if update > 0:  # the updates of step s - 1 (or a resumed checkpoint's weights)
                 self._sync()
+            synced = time.perf_counter() - t0
             episodes, self.metrics = self._rollout(s)
             self._ratio = _RatioSums()
             if self.recompute:
                 self.metrics.update(self.importance_metrics(episodes))
             if self.own_weights:
                 self.metrics["weight_syncs"] = float(self.sampler.syncs)
+                self.metrics["sync_seconds"] = synced
                 if hasattr(self.sampler, "sleep"):
                     self.sampler.sleep()  # GPUs: the engine's memory is the trainer's until the next sync
             self.history.append(self.metrics)
