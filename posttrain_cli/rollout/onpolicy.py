@@ -128,12 +128,12 @@ class _RatioSums:
 
 
 def _dropout(module) -> bool:
-    """Whether the model's config turns on any dropout (its training forward is then random, and
-    its log-probs are not those of a separate pass)."""
-    config = getattr(module, "config", None)
-    values = vars(config).items() if config is not None else ()
-    return any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-               for k, v in values)
+    """Whether any dropout is still on in the model (engine/deepspeed_engine.disable_dropout turns
+    it off for RL): its training forward would then be random, and its log-probs not those of a
+    separate pass."""
+    return any((isinstance(m, torch.nn.Dropout) and m.p > 0)
+               or (isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0)
+               for m in module.modules())
 
 
 def split_updates(episodes: list[ep.Episode], k: int, micro_size: int, seed: int) -> list[list[list[ep.Episode]]]:

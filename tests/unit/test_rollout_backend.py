@@ -134,12 +134,14 @@ def test_fused_ratio_sums_equal_the_recomputed_metrics():
     assert m["is_ratio_max"] == pytest.approx(math.e) and m["is_truncated"] == pytest.approx(1 / 3)
 
 
-def test_a_config_with_dropout_keeps_the_separate_pass():
-    from transformers import LlamaConfig
+def test_dropout_left_on_keeps_the_separate_pass():
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    class M:
-        def __init__(self, **kw):
-            self.config = LlamaConfig(**kw)
+    from posttrain_cli.engine.deepspeed_engine import disable_dropout
 
-    assert not onpolicy._dropout(M())  # Llama: attention_dropout 0.0
-    assert onpolicy._dropout(M(attention_dropout=0.1))
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    assert not onpolicy._dropout(LlamaForCausalLM(LlamaConfig(**small)))  # Llama: attention_dropout 0.0
+    model = LlamaForCausalLM(LlamaConfig(attention_dropout=0.1, **small))
+    assert onpolicy._dropout(model)
+    disable_dropout(model)  # what train_policy does
+    assert not onpolicy._dropout(model)
