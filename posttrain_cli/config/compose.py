@@ -90,7 +90,7 @@ def _spec_for(cfg, parts: list[str]):
             return EVAL
         if parts[2] == "resources" and len(parts) == 4:
             return schema.RESOURCES
-        if parts[2] in ("deepspeed", "rollout") and len(parts) == 4:
+        if parts[2] in ("deepspeed", "rollout", "lora") and len(parts) == 4:
             return schema.SECTIONS[parts[2]]
     return None
 

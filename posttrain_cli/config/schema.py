@@ -26,6 +26,7 @@ TOP = {
     "cluster": ("section", None),
     "logging": ("section", None),
     "rollout": ("section", None),
+    "lora": ("section", None),
     "stages": ("stages", None),
 }
 
@@ -117,6 +118,26 @@ SECTIONS = {
         # No CUDA graphs or torch.compile: a start in seconds, slower decoding.
         "enforce_eager": ("bool", False),
     },
+    # LoRA adapters (peft) on the training stages: the run's default, a stage's own `lora` block over
+    # it (stages.sft.lora={r: 8}). Off while r is null. A LoRA stage publishes its adapter merged into
+    # the input model (a plain Hugging Face model) and the adapter itself beside it (engine/lora.py).
+    "lora": {
+        # The adapter's rank; null: no adapter, the whole model trains.
+        "r": ("?int", None),
+        # The update is scaled by alpha / r (alpha / sqrt(r) with use_rslora); null: 2 x r.
+        "alpha": ("?float", None),
+        "dropout": ("float", 0.0),
+        # all-linear: every linear layer of the decoder (not the output head); or a list of module
+        # names (q_proj, v_proj, ...).
+        "target_modules": ("any", "all-linear"),
+        # Modules trained in full next to the adapter (a reward model's score head always is).
+        "modules_to_save": ("?list", None),
+        "use_rslora": ("bool", False),
+        # The adapter's start: default (B = 0, the input model exactly), gaussian, pissa, olora.
+        "init": (("default", "gaussian", "pissa", "olora"), "default"),
+        # 4bit: QLoRA, the frozen base in 4-bit NF4 (bitsandbytes, CUDA GPUs only).
+        "quantize": ("?str", None),
+    },
 }
 
 SCALES = ("full", "tiny")
@@ -146,3 +167,12 @@ ROUNDS = {
     # (a `from` falls back to its default, a data source is left out).
     "initial": ("dict", {}),
 }
+
+
+def stage_lora(run: dict, stage_cfg: dict) -> dict | None:
+    """A training stage's LoRA settings (the run's lora section, the stage's block over it), or None
+    when it trains the whole model (r null)."""
+    if "lora" not in stage_cfg:
+        return None
+    lora = {**run["lora"], **{k: v for k, v in (stage_cfg.get("lora") or {}).items() if v is not None}}
+    return lora if lora["r"] is not None else None

@@ -56,6 +56,8 @@ def check_stage(name: str, given: Any, path: str | None = None) -> dict:
         stage["deepspeed"] = check_table(f"{path}.deepspeed", stage["deepspeed"], partial(schema.SECTIONS["deepspeed"]))
     if stage["rollout"] is not None:
         stage["rollout"] = check_table(f"{path}.rollout", stage["rollout"], partial(schema.SECTIONS["rollout"]))
+    if stage.get("lora") is not None:
+        stage["lora"] = check_table(f"{path}.lora", stage["lora"], partial(schema.SECTIONS["lora"]))
     return stage
 
 
@@ -69,6 +71,50 @@ def _check_rollout(run: dict) -> None:
             own = {k: v for k, v in (stage.get("rollout") or {}).items() if v is not None}
             select.check({**run["rollout"], **own},
                          lambda key, own=own, name=name: f"stages.{name}.rollout.{key}" if key in own else f"rollout.{key}")
+
+
+def _check_lora(run: dict) -> None:
+    """Each training stage's lora section (the run's, with the stage's own block over it)."""
+    for name, stage in run["stages"].items():
+        if KINDS[stage["kind"]].trains:
+            own = {k: v for k, v in (stage.get("lora") or {}).items() if v is not None}
+            lora = schema.stage_lora(run, stage)
+            if lora is not None:
+                _check_lora_values(lora, run["cluster"]["launcher"],
+                                   lambda key, own=own, name=name: f"stages.{name}.lora.{key}" if key in own else f"lora.{key}")
+
+
+def _check_lora_values(lora: dict, launcher: str, where) -> None:
+    if lora["r"] < 1:
+        raise UserError(f"{where('r')}={lora['r']} must be >= 1 (null: no adapter)")
+    if lora["alpha"] is not None and lora["alpha"] <= 0:
+        raise UserError(f"{where('alpha')}={lora['alpha']} must be > 0")
+    if not 0 <= lora["dropout"] < 1:
+        raise UserError(f"{where('dropout')}={lora['dropout']} must be in [0, 1)")
+    targets = lora["target_modules"]
+    if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise UserError(f"{where('target_modules')}={targets!r} must be all-linear or a list of module names "
+                        f"(q_proj, v_proj, ...)")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise UserError(f"{where('target_modules')}={targets!r}: all-linear, or a list of module names "
+                        f"([{targets}])")
+    if lora["modules_to_save"] is not None and not all(isinstance(m, str) and m for m in lora["modules_to_save"]):
+        raise UserError(f"{where('modules_to_save')}={lora['modules_to_save']!r} must be a list of module names")
+    if lora["quantize"] is not None:
+        if lora["quantize"] != "4bit":
+            raise UserError(f"{where('quantize')}={lora['quantize']!r}: 4bit or null")
+        # SLURM: the plan runs on a login node; the job's node has the GPU (the worker checks there).
+        if launcher == "local" and not _has_cuda():
+            raise UserError(f"{where('quantize')}=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has "
+                            f"no CUDA GPU: set {where('quantize')}=null")
+
+
+def _has_cuda() -> bool:
+    """Whether this machine has an NVIDIA driver (asked without importing torch)."""
+    from pathlib import Path
+
+    return Path("/proc/driver/nvidia/version").exists()
 
 
 def _check_verifier(path: str, name: str) -> None:
@@ -143,6 +189,7 @@ def check_run(cfg: dict) -> dict:
         raise UserError(f"cluster.{key}={c[key]} must be >= 0")
     _check_seed(out["seed"])
     _check_rollout(out)
+    _check_lora(out)
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None
     _check_run_dir(out["run_dir"])

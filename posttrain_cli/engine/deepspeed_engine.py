@@ -204,12 +204,37 @@ def pack_options(run: dict, device) -> dict:
                 mask_dtype=mask_dtype(run["deepspeed"]), device=device)
 
 
+def adapt(ctx, model, *, score_head: bool = False, what: str = ""):
+    """`model` with the stage's LoRA adapter (engine/lora.py) when its lora settings are on, else
+    `model`; one line says what trains. score_head: a scalar head (`score`) trains in full."""
+    from posttrain_cli.engine import lora
+    from posttrain_cli.errors import UserError
+
+    settings = ctx.run.get("lora")
+    if settings is None:
+        return model
+    if settings["init"] in ("pissa", "olora") and ctx.run["deepspeed"]["zero_stage"] == 3:
+        raise UserError(f"{ctx.where('lora.init')}={settings['init']} starts the adapter from the whole weights' "
+                        f"decomposition, which ZeRO-3 holds in shards: use deepspeed=zero2 for this stage, or "
+                        f"init=default")
+    if settings["quantize"] is not None:
+        raise UserError(f"{ctx.where('lora.quantize')}={settings['quantize']}: QLoRA is not built yet in this "
+                        f"version; set {ctx.where('lora.quantize')}=null")
+    model = lora.wrap(model, settings, where=ctx.where("lora"), score_head=score_head)
+    trainable, total = lora.counts(model)
+    ctx.info(f"LoRA{what}: r {settings['r']}, alpha {lora.alpha(settings):g}, {settings['target_modules']}"
+             + (", rsLoRA" if settings["use_rslora"] else "") + f": {trainable:,} of {total:,} parameters train "
+             f"({trainable / total:.2%})")
+    return model
+
+
 def train_policy(ctx, total_steps: int):
     """The stage's input model as a causal LM under DeepSpeed, dropout off, AdamW + the stage's
     schedule over total_steps optimizer steps -> (engine, pack_options)."""
     ds_cfg = train_ds_config(ctx)
     model = load_causal_lm(ctx.input_model, ctx.run["model"], ds_cfg, train=True)
     disable_dropout(model)
+    model = adapt(ctx, model)
     engine = initialize(model, ds_cfg, ctx.cfg, total_steps)
     return engine, pack_options(ctx.run, engine.device)
 
@@ -228,7 +253,9 @@ def nonfinite_tensor(state: dict) -> tuple[str, int, int] | None:
 def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: str = "the stage") -> None:
     """Write a Hugging Face directory; ZeRO-3 shards are gathered first (all ranks call).
     `part` saves one submodule of a wrapper (PPO's `policy`). A model with a non-finite tensor is
-    never written: every rank raises Diverged naming `where` (the stage key) and the tensor."""
+    never written: every rank raises Diverged naming `where` (the stage key) and the tensor.
+    A LoRA model (engine/lora.py) is written merged, its adapter beside out_dir in ../adapter."""
+    from posttrain_cli.engine import lora
     from posttrain_cli.errors import Diverged
 
     if engine.zero_optimization_stage() == 3:
@@ -236,11 +263,14 @@ def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: st
     else:
         state = engine.module.state_dict() if dist.is_main() else None
     module = engine.module if part is None else getattr(engine.module, part)
+    peft = lora.is_peft(module)
     bad = None
     if dist.is_main():
         if part is not None:
             state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        if peft:
+            adapter, state = state, lora.merged_state(state, module.peft_config[lora.ADAPTER])
         bad = nonfinite_tensor(state)
     # Rank 0 holds the whole model; the flag reaches every rank, so none waits at the barrier below.
     if dist.all_sum([float(bad is not None)])[0] > 0:
@@ -261,6 +291,9 @@ def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: st
             gen.eos_token_id = ids[0] if len(ids) == 1 else ids
             if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
                 gen.pad_token_id = tokenizer.pad_token_id
+        if peft:
+            lora.save_adapter(module, adapter, out_dir.parent / "adapter")
+            module = module.base_model.model
         module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     dist.barrier()

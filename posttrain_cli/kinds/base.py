@@ -162,6 +162,8 @@ TRAINING = {
     # stage stops, keeping its last good checkpoint and publishing nothing (engine/loop.py). 0: stop
     # at the first. Not in the fingerprint: a completed stage's weights do not depend on it.
     "nonfinite_patience": ("int", 0),
+    # Per-stage override of the lora section (LoRA adapters; off unless r is set).
+    "lora": ("?dict", None),
 }
 # The RL kinds count their batch in rollouts (RL: prompts_per_step) and their length in passes
 # over the prompts (their own `epochs`).

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from posttrain_cli.config.schema import stage_lora
 from posttrain_cli.data.chat import template_text
 from posttrain_cli.data.paths import is_local, resolve_source_path
 from posttrain_cli.errors import UserError
@@ -229,9 +230,10 @@ def model_key(ref: tuple, run: dict, fps: dict):
 
 def training_part(cfg: dict) -> dict:
     """What decides a stage's output: everything but where it runs, the eval block, and the keys that
-    decide only whether and where it stops (a completed stage's weights do not depend on them)."""
+    decide only whether and where it stops (a completed stage's weights do not depend on them). The
+    lora block is there as the stage's effective LoRA settings (fingerprints, below)."""
     return {k: v for k, v in cfg.items() if k not in ("eval", "resources", "deepspeed", "rollout", "save_every",
-                                                      "nonfinite_patience")}
+                                                      "nonfinite_patience", "lora")}
 
 
 def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
@@ -252,13 +254,17 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
             "precision": ds["precision"],
             "attn": run["model"]["attn_implementation"],
         }
+        lora = stage_lora(run, node.cfg)
+        if lora is not None:  # only when on: a stage without an adapter keeps its fingerprint
+            payload["lora"] = lora
         if run["model"]["chat_template"] is not None:
             # The template's text, not its name or path: editing the .jinja re-runs what used it.
             payload["chat_template"] = _hash(template_text(run["model"]["chat_template"]))
         fps[node.name] = _hash(payload)
         # What a mid-stage checkpoint must agree on to be resumed (engine/checkpoint.py).
         resume = {"data": _hash({"data": train_cfg["data"]}), "inputs": _hash([payload["model"], payload["refs"]]),
-                  "config": {k: v for k, v in training_part(node.cfg).items() if k != "data"}}
+                  "config": {**{k: v for k, v in training_part(node.cfg).items() if k != "data"},
+                             **({"lora": lora} if lora is not None else {})}}
         ev = node.cfg.get("eval")
         eval_fp = None
         if ev:

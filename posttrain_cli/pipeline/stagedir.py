@@ -99,6 +99,7 @@ def write_spec(run: dict, step: Step, eval_only: bool) -> Path:
         "run": {"seed": run["seed"], "run_dir": str(Path(run["run_dir"]).resolve()), "model": run["model"],
                 "deepspeed": graph.effective_deepspeed(run, node), "logging": run["logging"],
                 "rollout": graph.effective_rollout(run, node),
+                "lora": graph.stage_lora(run, node.cfg),
                 "cluster": run["cluster"]},
         "inputs": {"model": _model_path(run, node.model_input) if node.model_input else None,
                    "models": {key: _model_path(run, ref) for key, ref in node.refs.items()},

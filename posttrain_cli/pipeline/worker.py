@@ -165,6 +165,8 @@ def _execute(ctx, spec: dict) -> dict:
         evals["before"] = evaluate(ctx, ctx.input_model, ecfg, ctx.where("eval"), rm)
         ctx.info(f"eval before: accuracy {evals['before']['accuracy']:.1%}")
     result = module.run(ctx)
+    if "model" in result["outputs"] and (ctx.work_dir / "adapter").is_dir():
+        result["outputs"]["adapter"] = "adapter"  # a LoRA stage's adapter, beside its merged model (engine/lora.py)
     if ecfg and "model" in result["outputs"]:
         from posttrain_cli.stages.eval import evaluate
 

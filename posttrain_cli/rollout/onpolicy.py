@@ -43,7 +43,7 @@ import torch
 
 from posttrain_cli.data import preference as pref
 from posttrain_cli.engine import deepspeed_engine as eng
-from posttrain_cli.engine import dist
+from posttrain_cli.engine import dist, lora
 from posttrain_cli.engine import loop as training
 from posttrain_cli.engine.checkpoint import StageState
 from posttrain_cli.engine.inference import frozen_causal_lm, packed_logits
@@ -75,13 +75,22 @@ class PromptStream:
 
 
 class Reference:
-    """The frozen reference for the KL term, refreshed to the policy every N steps (R1-Zero)."""
+    """The frozen reference for the KL term, refreshed to the policy every N steps (R1-Zero). A LoRA
+    policy's reference, while it is the input model, is the policy with its adapter off (`engine`):
+    no second model in memory."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, policy=None):
         self.ctx = ctx
         self.refreshed = False  # True once the policy replaced the input model (ref_refresh_every)
         self.module = None
-        self.load(ctx.models.get("ref_from") or ctx.input_model)
+        path = ctx.models.get("ref_from") or ctx.input_model
+        own = lora.AdapterOff(policy) if policy is not None and lora.is_peft(policy) and path == ctx.input_model \
+            else None
+        if own is not None:
+            ctx.info("reference: the policy with its LoRA adapter off (no second model)")
+            self.module = own
+        else:
+            self.load(path)
 
     def load(self, path: str) -> None:
         if self.module is not None:

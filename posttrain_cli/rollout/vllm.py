@@ -223,27 +223,39 @@ class VLLMSampler:
         part, in the same order), handed to vLLM and released before the next is gathered. vLLM
         keeps a tensor only until its own layer is whole, except an embedding padded past the
         vocabulary (to a multiple of 64: tiny models, not Llama's or Qwen's), which it keeps to the end
-        of the load. Buffers (the rotary inv_freq) are computed, not loaded."""
+        of the load. Buffers (the rotary inv_freq) are computed, not loaded.
+
+        A LoRA model (peft, engine/lora.py) goes merged, a layer at a time: the engine always holds
+        base + adapter, never the base alone."""
+        from posttrain_cli.engine import lora
+
+        merge = module.peft_config[lora.ADAPTER] if lora.is_peft(module) else None
         buckets: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
         for name, param in module.named_parameters():
             buckets.setdefault(_bucket(name), []).append((name, param))
         for bucket in buckets.values():
             _check_fused_whole([name for name, _ in bucket])
         with torch.no_grad():
-            self._reload(self._gathered(list(buckets.values())))
+            self._reload(self._gathered(list(buckets.values()), merge))
         self.weights_lost = False
 
-    def _gathered(self, buckets: list[list[tuple[str, torch.nn.Parameter]]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _gathered(self, buckets: list[list[tuple[str, torch.nn.Parameter]]],
+                  merge=None) -> Iterator[tuple[str, torch.Tensor]]:
         """Every bucket's (name, whole tensor), the next gathered only when vLLM asks for it (its
-        loader reads the weights one at a time and finishes a layer as soon as it has all of it)."""
+        loader reads the weights one at a time and finishes a layer as soon as it has all of it).
+        merge: a LoRA adapter's config: each bucket goes merged, in the plain model's names."""
+        from posttrain_cli.engine import lora
+
         sharded = any(hasattr(param, "ds_id") for bucket in buckets for _, param in bucket)
         for bucket in buckets:
             params = [param for _, param in bucket]
             with _zero3_gathered(params) if sharded else contextlib.nullcontext():
                 self.largest_bucket_bytes = max(self.largest_bucket_bytes,
                                                 sum(p.numel() * p.element_size() for p in params))
-                for name, param in bucket:
-                    yield name, param.detach()
+                pairs = [(name, param.detach()) for name, param in bucket]
+                if merge is not None:
+                    pairs = list(lora.merged_state(dict(pairs), merge).items())
+                yield from pairs
 
     def _reload(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
         if "weights" in self.asleep:  # the weights' memory must be mapped again before it is written

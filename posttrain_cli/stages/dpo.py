@@ -37,7 +37,7 @@ import torch
 
 from posttrain_cli.data import preference as pref
 from posttrain_cli.engine import deepspeed_engine as eng
-from posttrain_cli.engine import dist
+from posttrain_cli.engine import dist, lora
 from posttrain_cli.engine.inference import eval_mode, frozen_causal_lm, load_tokenizer, packed_logits
 from posttrain_cli.engine.loop import StepPlan, forward_chunks, total_steps, train
 from posttrain_cli.losses.preference import (PairLogps, PrefOptions, length_normalized, preference_loss,
@@ -165,8 +165,12 @@ def run(ctx) -> dict:
             ref_logps = _reference_logps(ctx, engine, model_cfg, pairs, held, mb, micro_size, visited)
         else:
             ref_path = ctx.models.get("ref_from") or ctx.input_model
-            ctx.info(f"reference: a live copy of {ref_path} next to the policy (precompute_ref: false)")
-            live_ref = frozen_causal_lm(ref_path, model_cfg, ctx.run["deepspeed"])
+            live_ref = lora.input_network(engine) if ref_path == ctx.input_model else None
+            if live_ref is not None:
+                ctx.info("reference: the policy with its LoRA adapter off (precompute_ref: false; no second model)")
+            else:
+                ctx.info(f"reference: a live copy of {ref_path} next to the policy (precompute_ref: false)")
+                live_ref = frozen_causal_lm(ref_path, model_cfg, ctx.run["deepspeed"])
     else:
         ctx.info(f"loss {cfg['loss']} is reference-free: no reference model")
     ref_seconds = time.perf_counter() - t_ref

@@ -129,7 +129,7 @@ def run(ctx) -> dict:
     policy_loss = POLICY_LOSSES[POLICY_LOSS]
     # The loop keeps the reference: refreshed (below), resumed with the stage and freed before the save.
     loop = OnPolicy(ctx, engine, tokenizer, rows, prompts, rewards, pack, steps=steps, aggregation=agg,
-                    ref=Reference(ctx) if cfg["beta"] > 0 else None, recompute=True, fuse=True)
+                    ref=Reference(ctx, engine.module) if cfg["beta"] > 0 else None, recompute=True, fuse=True)
     if loop.ref is None:
         ctx.info("beta 0: no reference model, no KL term")
 

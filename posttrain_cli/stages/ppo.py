@@ -142,6 +142,8 @@ def policy_and_value(ctx, tokenizer, total_updates: int):
     value = eng.load_scorer(value_path, model_cfg, ds_cfg, train=True, pad_token_id=pad_id(tokenizer))
     for m in (policy, value):
         eng.disable_dropout(m)
+    policy = eng.adapt(ctx, policy, what=" (policy)")
+    value = eng.adapt(ctx, value, score_head=True, what=" (value model)")
     value_lr = cfg["value_lr"] if cfg["value_lr"] is not None else cfg["lr"]
     engine = eng.initialize(PolicyAndValue(policy, value), ds_cfg, cfg, total_updates,
                             lr_for=lambda name: value_lr if name.startswith("value.") else cfg["lr"])
@@ -163,7 +165,7 @@ def run(ctx) -> dict:
     k, epochs = cfg["mini_batches"], cfg["ppo_epochs"]
     engine, mb = policy_and_value(ctx, tokenizer, steps * k * epochs)
     rm_path = ctx.models.get("reward_model")
-    ref = Reference(ctx) if cfg["beta"] > 0 else None
+    ref = Reference(ctx, engine.module.policy) if cfg["beta"] > 0 else None
     scorer = (RewardScorer(rm_path, model_cfg, ctx.run["deepspeed"], batch_size=cfg["rollout_batch_size"])
               if rm_path and cfg["rm_weight"] else None)
     agg, policy_loss = LOSS_AGGREGATIONS["token_mean"], POLICY_LOSSES[POLICY_LOSS]

@@ -1,0 +1,141 @@
+"""LoRA adapters on a training stage (peft), and what a LoRA stage publishes.
+
+    model = lora.wrap(model, ctx.run["lora"], where=ctx.where("lora"))   # None: returned as it is
+    ...
+    eng.save_hf(engine, tokenizer, out_dir)   # merged model in out_dir, the adapter in out_dir/../adapter
+
+- Only the adapter's parameters (and `modules_to_save`, a reward model's score head) train: the
+  optimizer never sees the base, under ZeRO-2 or ZeRO-3 alike.
+- Hand-off: the stage publishes a plain Hugging Face model, the adapter merged into its input model
+  (W + B A alpha / r, alpha / sqrt(r) with use_rslora), so the next stage, merge, vLLM and
+  AutoModelForCausalLM need nothing special; and the adapter itself in RUN_DIR/<stage>/adapter/,
+  loadable with PeftModel.from_pretrained on the input model. A following LoRA stage starts a fresh
+  adapter on that merged model. The merge is done here, tensor by tensor, from the (under ZeRO-3
+  gathered) state dict: it needs no second copy of the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from posttrain_cli.errors import UserError
+
+INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# Where peft keeps the wrapped model and each adapted layer's parts, in state-dict names.
+PREFIX = "base_model.model."
+ADAPTER = "default"
+
+
+def wrap(model, lora: dict | None, *, where: str, score_head: bool = False):
+    """`model` with a fresh LoRA adapter (peft), or `model` itself when `lora` is None. score_head: a
+    reward model's (or value model's) `score` layer trains in full too."""
+    if lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    _check_targets(model, lora["target_modules"], f"{where}.target_modules")
+    save = list(lora["modules_to_save"] or [])
+    if score_head and "score" not in save:
+        save.append("score")
+    config = LoraConfig(r=lora["r"], lora_alpha=alpha(lora), lora_dropout=lora["dropout"],
+                        target_modules=lora["target_modules"], modules_to_save=save or None,
+                        use_rslora=lora["use_rslora"], init_lora_weights=INITS[lora["init"]], bias="none")
+    return get_peft_model(model, config)
+
+
+def alpha(lora: dict) -> float:
+    return float(lora["alpha"]) if lora["alpha"] is not None else 2.0 * lora["r"]
+
+
+def scale(config) -> float:
+    """What B A is multiplied by in the merged weight (config: the adapter's peft LoraConfig)."""
+    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+
+def _check_targets(model, targets, where: str) -> None:
+    """Every named target is a linear layer of the model (peft itself takes a name it does not find
+    in some layers silently, and one it finds nowhere with a long message)."""
+    if targets == "all-linear":
+        return
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    other = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} - linear
+    for t in targets:
+        if t not in linear:
+            what = "is not a linear layer" if t in other else "names no module"
+            raise UserError(f"{where}: '{t}' {what} of this model (its linear layers: {', '.join(sorted(linear))})")
+
+
+def is_peft(module) -> bool:
+    return hasattr(module, "peft_config") and hasattr(module, "base_model")
+
+
+def merged_state(state: dict, config) -> dict:
+    """A peft model's full state dict (names base_model.model.…) -> the plain model's, every adapted
+    weight W + scale · B A, modules_to_save's trained copies in place of the originals."""
+    s = scale(config)
+    out = {}
+    for name, t in state.items():
+        if not name.startswith(PREFIX):
+            raise ValueError(f"not a peft state dict: {name}")
+        name = name[len(PREFIX):]
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+            continue
+        if ".base_layer." in name:
+            layer, param = name.split(".base_layer.")
+            if param == "weight":
+                a = state[f"{PREFIX}{layer}.lora_A.{ADAPTER}.weight"]
+                b = state[f"{PREFIX}{layer}.lora_B.{ADAPTER}.weight"]
+                t = (t.float() + s * (b.float() @ a.float())).to(t.dtype)
+            name = f"{layer}.{param}"
+        elif f".modules_to_save.{ADAPTER}." in name:
+            name = name.replace(f".modules_to_save.{ADAPTER}.", ".")
+        out[name] = t
+    return out
+
+
+def save_adapter(module, state: dict, out_dir) -> None:
+    """RUN_DIR/<stage>/adapter/: adapter_config.json and adapter_model.safetensors (rank 0)."""
+    from pathlib import Path
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module.peft_config[ADAPTER].save_pretrained(str(out_dir))
+    tensors = get_peft_model_state_dict(module, state_dict=state, adapter_name=ADAPTER)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+class AdapterOff:
+    """A LoRA model's input network for free: the same module (its weights, under ZeRO-3 its shards
+    and gather hooks) called with the adapter disabled, so a reference needs no second model in
+    memory. Anything else is the module's."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        with self.module.disable_adapter():
+            return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def input_network(engine):
+    """The trainer's network without its adapter, when it has one (else None)."""
+    return AdapterOff(engine.module) if is_peft(engine.module) else None
+
+
+def counts(module) -> tuple[int, int]:
+    """(trainable, all) parameters, ZeRO-3 partitioned ones by their full size."""
+    trainable = total = 0
+    for p in module.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

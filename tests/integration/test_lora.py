@@ -1,0 +1,205 @@
+"""LoRA stages chained through the CLI: sft -> rm -> dpo -> grpo, each with its own adapter, on 1 rank
+(ZeRO-2) and 2 ranks (ZeRO-3).
+
+- each stage publishes a plain Hugging Face model equal, tensor by tensor, to its input model with
+  its adapter (RUN_DIR/<stage>/adapter/, loaded by peft's PeftModel.from_pretrained) merged in;
+  what the adapter does not touch (embeddings, norms, the output head) is the input's exactly;
+- only the adapter trains (the log says how many parameters), and the next stage starts a fresh
+  adapter on the merged model;
+- DPO's first step sits at log 2 (the adapter starts at zero: policy = reference) and its held-out
+  preference accuracy rises; the reward model's score head trains in full next to its adapter;
+- the reference of a LoRA stage is the policy with its adapter off (no second model): a live one
+  (dpo precompute_ref: false, grpo's KL) gives the run the cached reference log-probs give.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import mini_recipe, posttrain, sft_stage, stage_manifest, stage_rows, tiny_rows, write_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
+
+SETUPS = {"1rank": ["deepspeed=zero2"], "2rank_zero3": ["deepspeed=zero3", "cluster.nproc_per_node=2"]}
+LORA = "lora: {r: 8, alpha: 16}"
+
+
+def _recipe(tmp: Path, name: str) -> Path:
+    easy = lambda f, n: [{**r, "rejected": r["rejected"][:-1] + [{"role": "assistant", "content": "no"}]}  # noqa: E731
+                         for r in tiny_rows(f, n)]
+    pref = write_jsonl(tmp / "pref.jsonl", easy("pref_train.jsonl", 256))
+    held = write_jsonl(tmp / "held.jsonl", easy("pref_eval.jsonl", 48))
+    rl_rows = tiny_rows("rl_train.jsonl", 64)
+    for r in rl_rows[::2]:  # half lowercase constraints: a reward a barely trained model finds (a signal)
+        r.update(dataset="ifeval", ground_truth=json.dumps({"func_name": "validate_lowercase"}))
+    rl = write_jsonl(tmp / "rl.jsonl", rl_rows)
+    stages = sft_stage("sft", data=tmp / "train.jsonl", lr=2.0e-2, max_steps=10, global_batch_size=32,
+                       micro_batch_size=16, lora="{r: 8, alpha: 16}")
+    stages += textwrap.dedent(f"""
+      rm:
+        kind: reward_model
+        from: sft
+        data: [{{path: {pref}}}]
+        heldout: [{{path: {held}}}]
+        lr: 1.0e-2
+        max_steps: 10
+        global_batch_size: 16
+        micro_batch_size: 4
+        max_seq_len: 64
+        warmup_ratio: 0.0
+        {LORA}
+      dpo:
+        kind: dpo
+        from: sft
+        data: [{{path: {pref}}}]
+        heldout: [{{path: {held}}}]
+        beta: 0.5
+        lr: 1.0e-2
+        max_steps: 8
+        global_batch_size: 16
+        micro_batch_size: 4
+        max_seq_len: 64
+        warmup_ratio: 0.0
+        {LORA}
+      dpo_live:
+        kind: dpo
+        from: sft
+        data: [{{path: {pref}}}]
+        heldout: [{{path: {held}}}]
+        beta: 0.5
+        lr: 1.0e-2
+        max_steps: 8
+        global_batch_size: 16
+        micro_batch_size: 4
+        max_seq_len: 64
+        warmup_ratio: 0.0
+        precompute_ref: false
+        {LORA}
+      grpo:
+        kind: grpo
+        from: dpo
+        data: [{{path: {rl}}}]
+        verifier: number
+        prompts_per_step: 8
+        num_generations: 4
+        rollout_batch_size: 32
+        micro_batch_size: 8
+        max_new_tokens: 6
+        max_seq_len: 64
+        max_steps: 3
+        lr: 1.0e-2
+        beta: 0.05
+        {LORA}
+    """)
+    return mini_recipe(tmp, stages=stages, name=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = {}
+    for setup, args in SETUPS.items():
+        tmp = tmp_path_factory.mktemp(setup)
+        rec = _recipe(tmp, "lora")
+        r = posttrain("run", f"recipe={rec}", *args, cwd=tmp, timeout=1200)
+        assert r.returncode == 0, f"{setup}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        out[setup] = tmp / "runs" / "lora"
+    return out
+
+
+INPUTS = {"sft": None, "rm": "sft", "dpo": "sft", "grpo": "dpo"}
+
+
+def _input_dir(run_dir: Path, stage: str) -> Path:
+    src = INPUTS[stage]
+    return Path(stage_manifest(run_dir, stage)["inputs"]["model"]) if src is None else run_dir / src / "model"
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("stage", list(INPUTS))
+def test_the_published_model_is_the_input_plus_its_adapter(runs, setup, stage):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    run_dir = runs[setup]
+    auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+    kw = {"num_labels": 1} if stage == "rm" else {}
+    published = auto.from_pretrained(run_dir / stage / "model", **kw).state_dict()
+    base = auto.from_pretrained(_input_dir(run_dir, stage), **kw)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    want = PeftModel.from_pretrained(base, run_dir / stage / "adapter").merge_and_unload().state_dict()
+    assert published.keys() == want.keys()
+    changed = set()
+    for k in published:
+        assert torch.allclose(published[k], want[k], atol=1e-5), k
+        if k in before and not torch.equal(published[k], before[k]):
+            changed.add(k)
+    # What the adapter touches moved; what it does not is the input's exactly (rm: its score head trains).
+    assert changed and all(re.search(r"_proj\.weight$", k) or k == "score.weight" for k in changed), changed
+    assert (stage == "rm") == ("score.weight" in changed)
+    assert stage_manifest(run_dir, stage)["outputs"] == {"model": "model", "adapter": "adapter"}
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_only_the_adapter_trains(runs, setup):
+    log = (runs[setup] / "sft" / "logs" / "rank0.log").read_text()
+    m = re.search(r"LoRA: r 8, alpha 16, all-linear: ([\d,]+) of ([\d,]+) parameters train", log)
+    assert m, log[-2000:]
+    trainable, total = (int(x.replace(",", "")) for x in m.groups())
+    # r (in + out) over the 7 projections of 2 layers (hidden 32, 2 heads of 16, MLP 64).
+    assert trainable == 2 * 8 * ((32 + 32) * 4 + (32 + 64) * 3)
+    assert total == 36192  # the whole model (the adapter included): the tiny one is small next to r 8
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_dpo_starts_at_log_2_and_learns(runs, setup):
+    rows = stage_rows(runs[setup], "dpo")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    held = stage_manifest(runs[setup], "dpo")["metrics"]["heldout"]
+    assert held["before"]["accuracy"] == 0.5 and held["after"]["accuracy"] > 0.6, held
+
+
+def test_zero3_follows_one_rank(runs):
+    one, two = (stage_rows(runs[s], "sft") for s in SETUPS)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=2e-3)
+    a, b = (load_file(runs[s] / "dpo" / "model" / "model.safetensors") for s in SETUPS)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_the_adapter_off_reference_live_gives_the_cached_run(runs, setup):
+    cached, live = (stage_rows(runs[setup], s) for s in ("dpo", "dpo_live"))
+    assert [r["loss"] for r in live] == pytest.approx([r["loss"] for r in cached], abs=1e-5)
+    for stage in ("dpo_live", "grpo"):
+        log = (runs[setup] / stage / "logs" / "rank0.log").read_text()
+        assert "the policy with its LoRA adapter off" in log, stage
+
+
+def test_a_lora_stage_stopped_mid_stage_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGTERM after step 4 of 8 (a checkpoint every 2): the resumed dpo stage (adapter, its
+    optimizer state, the schedule) ends with the weights and the adapter of a run never stopped."""
+    import signal
+
+    from tests.integration.test_resume import _max_diff, _run_until, _weights
+
+    rec = _recipe(tmp_path, "res")
+    args = ["deepspeed=zero2", "~stages.rm", "~stages.dpo_live", "~stages.grpo", "stages.dpo.save_every=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    r = posttrain("run", f"recipe={rec}", f"run_dir={straight}", *args, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _run_until(["run", f"recipe={rec}", f"run_dir={stopped}", *args], tmp_path, stopped, "dpo", after=4,
+               sig=signal.SIGTERM)
+    assert stage_manifest(stopped, "dpo")["status"] != "completed"
+    r = posttrain("run", f"recipe={rec}", f"run_dir={stopped}", *args, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[dpo] resumed from step-" in r.stdout
+    assert _max_diff(_weights(straight, "dpo"), _weights(stopped, "dpo")) < 1e-6
+    a, b = (load_file(d / "dpo" / "adapter" / "adapter_model.safetensors") for d in (straight, stopped))
+    assert _max_diff(a, b) < 1e-6

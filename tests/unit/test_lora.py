@@ -1,0 +1,176 @@
+"""LoRA (engine/lora.py): the merge arithmetic by hand, the merged model equal to peft's own merge,
+the adapter a peft user loads, and the lora settings checked before anything runs."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from posttrain_cli.config.compose import compose
+from posttrain_cli.config.schema import stage_lora
+from posttrain_cli.engine import lora
+from posttrain_cli.errors import UserError
+from posttrain_cli.pipeline import runner
+
+CONFIG = types.SimpleNamespace(r=1, lora_alpha=2.0, use_rslora=False)  # scale alpha / r = 2
+
+
+def test_merge_of_a_4x4_layer_by_hand():
+    # W = I; A = [1 2 0 0] (r 1, 4 in); B = [0 0 1 0]^T (4 out): B A is [1 2 0 0] in row 2, 0 elsewhere.
+    state = {
+        "base_model.model.proj.base_layer.weight": torch.eye(4),
+        "base_model.model.proj.base_layer.bias": torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        "base_model.model.proj.lora_A.default.weight": torch.tensor([[1.0, 2.0, 0.0, 0.0]]),
+        "base_model.model.proj.lora_B.default.weight": torch.tensor([[0.0], [0.0], [1.0], [0.0]]),
+        "base_model.model.norm.weight": torch.ones(4),
+        "base_model.model.score.original_module.weight": torch.zeros(1, 4),
+        "base_model.model.score.modules_to_save.default.weight": torch.full((1, 4), 5.0),
+    }
+    out = lora.merged_state(state, CONFIG)
+    assert sorted(out) == ["norm.weight", "proj.bias", "proj.weight", "score.weight"]
+    assert out["proj.weight"].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [2, 4, 1, 0], [0, 0, 0, 1]]
+    assert out["proj.bias"].tolist() == [1, 2, 3, 4]  # bias "none": the base's, untouched
+    assert out["score.weight"].tolist() == [[5, 5, 5, 5]]  # the trained copy, not the original
+    # rsLoRA: alpha / sqrt(r); r 4, alpha 4 -> 2 (plain LoRA would give 1).
+    assert lora.scale(types.SimpleNamespace(r=4, lora_alpha=4.0, use_rslora=True)) == 2.0
+    assert lora.scale(types.SimpleNamespace(r=4, lora_alpha=4.0, use_rslora=False)) == 1.0
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                        tie_word_embeddings=False))
+
+
+SETTINGS = {"r": 4, "alpha": None, "dropout": 0.0, "target_modules": "all-linear", "modules_to_save": None,
+            "use_rslora": False, "init": "default", "quantize": None}
+
+
+def test_the_merged_state_is_peft_merge_and_unload_and_the_adapter_loads_in_peft(tmp_path):
+    from peft import PeftModel
+
+    model = lora.wrap(_tiny_llama(), SETTINGS, where="stages.sft.lora")
+    trainable, total = lora.counts(model)
+    # r (in + out) for every linear layer of the decoder, not lm_head nor the embeddings: q and o
+    # 32 -> 32, k and v 32 -> 16 (2 KV heads of 8), gate and up 32 -> 64, down 64 -> 32; 2 layers.
+    per_layer = 4 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 3)
+    assert trainable == 2 * per_layer == 4096
+    assert 0 < trainable < total / 5
+    with torch.no_grad():  # a trained adapter: B away from its zero start
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        want_logits = model(input_ids=ids).logits
+    lora.save_adapter(model, state, tmp_path / "adapter")
+    merged = lora.merged_state(state, model.peft_config["default"])
+    reference = model.merge_and_unload().state_dict()
+    assert sorted(merged) == sorted(reference)
+    for k in merged:
+        assert torch.allclose(merged[k], reference[k], atol=1e-6), k
+    # alpha null: 2 x r; the merged weight moved by 2 x B A.
+    assert model.peft_config["default"].lora_alpha == 8.0
+    # A peft user's way back: the input model + the adapter directory.
+    base = _tiny_llama()
+    again = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, want_logits, atol=1e-5)
+    plain = _tiny_llama()
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, want_logits, atol=1e-5)
+
+
+def test_only_the_adapter_and_the_score_head_train():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    rm = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=4, vocab_size=50, num_labels=1))
+    model = lora.wrap(rm, SETTINGS, where="stages.rm.lora", score_head=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "modules_to_save" in n for n in names)
+    assert any("score.modules_to_save" in n for n in names)
+
+
+@pytest.mark.parametrize("targets, msg", [
+    (["q_proj", "qq_proj"], "stages.sft.lora.target_modules: 'qq_proj' names no module of this model"),
+    (["embed_tokens"], "stages.sft.lora.target_modules: 'embed_tokens' is not a linear layer of this model"),
+])
+def test_a_target_the_model_lacks_is_named(targets, msg):
+    with pytest.raises(UserError) as e:
+        lora.wrap(_tiny_llama(), {**SETTINGS, "target_modules": targets}, where="stages.sft.lora")
+    assert str(e.value).startswith(msg) and "q_proj" in str(e.value)
+
+
+def _error(args: list[str]) -> str:
+    with pytest.raises(UserError) as e:
+        compose(args)
+    return str(e.value)
+
+
+def test_a_stage_block_turns_lora_on_over_the_runs_default():
+    cfg, _ = compose(["recipe=tiny", "stages.sft.lora={r: 8}", "lora.dropout=0.1"])
+    assert stage_lora(cfg, cfg["stages"]["sft"]) == {**SETTINGS, "r": 8, "dropout": 0.1}
+    assert stage_lora(cfg, cfg["stages"]["dpo"]) is None  # r null: the whole model trains
+    assert stage_lora(cfg, cfg["stages"]["soup"]) is None  # merge trains nothing
+    cfg, _ = compose(["recipe=tiny", "lora.r=16", "stages.dpo.lora.r=null"])
+    assert stage_lora(cfg, cfg["stages"]["sft"])["r"] == 16 and stage_lora(cfg, cfg["stages"]["grpo"])["r"] == 16
+
+
+def test_lora_is_in_the_fingerprint_of_the_stages_it_changes_only():
+    base = {s.node.name: s.fingerprint for s in runner.plan(compose(["recipe=tiny"])[0])}
+    on = {s.node.name: s.fingerprint for s in runner.plan(compose(["recipe=tiny", "stages.dpo.lora={r: 8}"])[0])}
+    assert base["sft"] == on["sft"] and base["rm"] == on["rm"]
+    assert base["dpo"] != on["dpo"] and base["grpo"] != on["grpo"]  # grpo starts from dpo's model
+    r16 = {s.node.name: s.fingerprint for s in runner.plan(compose(["recipe=tiny", "stages.dpo.lora={r: 16}"])[0])}
+    assert r16["dpo"] != on["dpo"]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["stages.sft.lora={r: 0}"], "stages.sft.lora.r=0 must be >= 1"),
+    (["lora.r=8", "lora.alpha=0"], "lora.alpha=0.0 must be > 0"),
+    (["stages.sft.lora={r: 8, dropout: 1}"], "stages.sft.lora.dropout=1 must be in [0, 1)"),
+    (["stages.sft.lora={r: 8, target_modules: q_proj}"], "stages.sft.lora.target_modules='q_proj': all-linear"),
+    (["stages.sft.lora={r: 8, init: svd}"], "stages.sft.lora.init"),
+    (["stages.sft.lora={r: 8, quantize: 8bit}"], "stages.sft.lora.quantize='8bit': 4bit or null"),
+])
+def test_bad_lora_values_name_their_key(args, msg):
+    assert msg in _error(["recipe=tiny", *args])
+
+
+def test_an_unknown_lora_key_is_suggested():
+    assert "did you mean 'alpha'" in _error(["recipe=tiny", "stages.sft.lora={r: 8, alhpa: 4}"])
+
+
+@pytest.mark.skipif(lora_cuda := __import__("pathlib").Path("/proc/driver/nvidia/version").exists(),
+                    reason="this machine has a CUDA GPU")
+def test_qlora_without_a_gpu_is_refused_at_plan_time():
+    msg = _error(["recipe=tiny", "stages.sft.lora={r: 8, quantize: 4bit}"])
+    assert msg.startswith("stages.sft.lora.quantize=4bit (QLoRA) needs a CUDA GPU")
+    # SLURM: the plan is made on a login node; the job's node is checked when it starts.
+    compose(["recipe=tiny", "stages.sft.lora={r: 8, quantize: 4bit}", "cluster=slurm"])
+
+
+def test_the_adapter_off_network_is_the_input_model_exactly():
+    model = _tiny_llama()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        want = torch.log_softmax(model(input_ids=ids).logits, -1)
+    peft_model = lora.wrap(model, SETTINGS, where="stages.dpo.lora")
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a trained adapter
+        ref = lora.input_network(types.SimpleNamespace(module=peft_model))
+        got = torch.log_softmax(ref(input_ids=ids).logits, -1)
+        on = torch.log_softmax(peft_model(input_ids=ids).logits, -1)
+    assert torch.equal(got, want)
+    assert not torch.allclose(on, want, atol=1e-3)  # the adapter is back on after the call
+    assert ref.config is peft_model.config
