@@ -114,6 +114,7 @@ def _recipe(tmp: Path, *, hf_twin: bool = False, others: bool = True, name: str 
     stages += GRPO.format(name="grpo", rl=rl, evald=evald, extra="")
     if hf_twin:
         stages += GRPO.format(name="grpo_hf", rl=rl, evald=evald, extra="rollout: {backend: hf}")
+        stages += GRPO.format(name="grpo_lora", rl=rl, evald=evald, extra="lora: {r: 8}")
     if others:
         stages += OTHERS.format(rl=rl, evald=evald)
     body = (f"defaults: [base, _self_]\nname: {name}\nrun_dir: {tmp / 'runs' / name}\n" + textwrap.dedent(MODEL)
@@ -196,3 +197,16 @@ def test_resumed_grpo_on_vllm_ends_with_the_uninterrupted_weights(tmp_path):
     r = posttrain("run", f"recipe={rec}", f"run_dir={stopped}", *args, cwd=tmp_path, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert _max_diff(_weights(straight, "grpo"), _weights(stopped, "grpo")) < 1e-6
+
+
+def test_a_lora_policy_syncs_merged_weights(runs):
+    """The engine gets base + adapter after every update (never the base alone): the trainer's
+    log-probs, with the adapter on, stay those the engine sampled with."""
+    rows = stage_rows(runs["1rank"], "grpo_lora")
+    assert sorted({r["weight_syncs"] for r in rows}) == [float(i) for i in range(16)]
+    for r in rows:
+        assert abs(r["is_ratio_mean"] - 1) < 1e-3 and r["is_ratio_max"] < 1.05, r
+    log = (runs["1rank"] / "grpo_lora" / "logs" / "rank0.log").read_text()
+    assert "sampling with vllm" in log and "LoRA: r 8" in log
+    # The adapter moved the policy away from its input (else the ratio would say nothing).
+    assert stage_rows(runs["1rank"], "grpo_lora")[-1]["kl"] > 0
