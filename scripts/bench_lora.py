@@ -247,7 +247,7 @@ def main() -> None:
                 results[c].append(res)
                 trainable = f", {res['trainable']:,} trainable" if res.get("trainable") else ""
                 print(f"round {rnd + 1} {c:15s} {res['steady']:8.0f} tok/s steady; peak {res['peak_kb'] / 1024:6.0f} MB"
-                      f"{trainable}; last loss {res['loss_last']:.4g}; process {time.perf_counter() - t0:.0f}s; "
+                      f"{trainable}; last loss {'n/a' if res['loss_last'] is None else format(res['loss_last'], '.4g')}; process {time.perf_counter() - t0:.0f}s; "
                       f"{busy:.2f} cores busy before", flush=True)
         med = {c: {k: statistics.median(r[k] for r in results[c]) for k in ("steady", "peak_kb")} for c in contestants}
         print(f"\nmedian over {a.repeats} round(s):")
