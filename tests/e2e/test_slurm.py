@@ -95,9 +95,10 @@ def _sft(name: str, train: Path, steps: int, **more) -> str:
 
 def test_two_task_job_trains_like_one_rank_and_branches_run_at_once(slurm_cluster, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", tiny_rows("sft_train.jsonl", 256, parse=False))
-    # `one` and `three` are independent 1-CPU jobs on a 2-CPU node: they run at the same time.
-    body = (_sft("one", train, 6) + _sft("three", train, 6, from_="${model.path}") +
-            _sft("two", train, 6, from_="${model.path}", resources="{nproc_per_node: 2}"))
+    # `one` and `three` are independent 1-CPU jobs on a 2-CPU node: they run at the same time. 20
+    # steps (~10 s, longer on a busy machine): SLURM may start the second some seconds after the first.
+    body = (_sft("one", train, 20) + _sft("three", train, 20, from_="${model.path}") +
+            _sft("two", train, 20, from_="${model.path}", resources="{nproc_per_node: 2}"))
     rec = mini_recipe(tmp_path, stages=body, name="tasks")
     run_dir = tmp_path / "runs" / "tasks"
     r = posttrain("run", f"recipe={rec}", *CPU, "--wait", cwd=tmp_path, env=_env(slurm_cluster))
@@ -109,7 +110,7 @@ def test_two_task_job_trains_like_one_rank_and_branches_run_at_once(slurm_cluste
     assert "#SBATCH --ntasks-per-node=2" in (run_dir / "two" / "job.sbatch").read_text()
     one = [json.loads(l)["loss"] for l in (run_dir / "one" / "metrics.jsonl").read_text().splitlines()]
     two_l = [json.loads(l)["loss"] for l in (run_dir / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert len(one) == len(two_l) == 6
+    assert len(one) == len(two_l) == 20
     assert max(abs(a - b) for a, b in zip(one, two_l)) < 1e-4, (one, two_l)
     t1, t3 = (stage_manifest(run_dir, s)["timings"] for s in ("one", "three"))
     assert t1["started"] < t3["finished"] and t3["started"] < t1["finished"], (t1, t3)

@@ -365,17 +365,24 @@ def pool_processes() -> list[str]:
     return found
 
 
+def _parent(pid: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return None  # gone meanwhile
+
+
 def _mine_or_orphaned(pid: str) -> bool:
+    parent = _parent(pid)
+    if parent in ("0", "1"):
+        return True  # left to init
     me = str(os.getpid())
-    while pid not in ("0", "1"):
-        if pid == me:
+    while parent not in (None, "0", "1"):
+        if parent == me:
             return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = f.read().rsplit(")", 1)[1].split()[1]
-        except OSError:
-            return False  # gone meanwhile
-    return True
+        parent = _parent(parent)
+    return False
 
 
 def test_back_to_back_runs_leave_nothing(mode):
