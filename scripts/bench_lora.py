@@ -43,9 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_sft import TRL_TEMPLATE, make_rows, throughput, tokenize_all
-from benchlib import (REPO, TRL_CPU, add_worker_args, busy_before, child_env, rotated, run_in_subprocess,
-                      serve_worker, stage_results, step_ends, step_order, target_met, trl_clock, write_recipe,
+from bench_sft import TRL_TEMPLATE, checked_token_clock, make_rows, throughput, tokenize_all
+from benchlib import (TRL_CPU, add_worker_args, busy_before, child_env, rotated, run_in_subprocess,
+                      serve_worker, stage_results, step_ends, step_order, target_met, write_recipe,
                       write_rows)
 
 ARCH = dict(hidden_size=640, intermediate_size=1792, num_hidden_layers=12, num_attention_heads=10,
@@ -100,26 +100,7 @@ def worker_trl(spec: dict, tuned: bool) -> dict:
     model = trainer.model
     assert next(model.parameters()).dtype == torch.float32
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tds = trainer.train_dataset
-    for k, i in enumerate(order):
-        ids, mask = examples[i]
-        assert list(tds[k]["input_ids"]) == ids, f"row {i}: TRL input_ids differ from posttrain's"
-        assert [x != -100 for x in tds[k]["labels"]] == mask, f"row {i}: TRL loss positions differ"
-    counted = {"tokens": 0}
-
-    def count(_module, args_, kwargs):
-        am, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
-        counted["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    tokens = []
-
-    def step_tokens():
-        tokens.append(counted["tokens"])
-        counted["tokens"] = 0
-
-    clock = trl_clock(step_tokens)
-    trainer.add_callback(clock)
+    clock, tokens = checked_token_clock(trainer, model, examples, order)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(out_dir, ignore_errors=True)

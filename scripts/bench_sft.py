@@ -184,6 +184,36 @@ def worker_bare(spec: dict) -> dict:
     return {"t_start": t_start, "ends": ends, "tokens": toks, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+def checked_token_clock(trainer, model, examples: list, order: list[int]):
+    """For a TRL SFTTrainer: check its tokens and loss positions equal posttrain's, row for row
+    (examples: tokenize_all's; order: the rows in training order), count the non-padding tokens each
+    step feeds `model`, and add a clock -> (the clock, the per-step token counts it fills)."""
+    tds = trainer.train_dataset
+    for k, i in enumerate(order):
+        ids, mask = examples[i]
+        got = tds[k]
+        assert list(got["input_ids"]) == ids, f"row {i}: TRL input_ids differ from posttrain's"
+        assert [x != -100 for x in got["labels"]] == mask, f"row {i}: TRL loss positions differ"
+
+    counted = {"tokens": 0}
+
+    def count(_module, args_, kwargs):
+        am = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids")
+        counted["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    tokens = []
+
+    def step_tokens():
+        tokens.append(counted["tokens"])
+        counted["tokens"] = 0
+
+    clock = trl_clock(step_tokens)
+    trainer.add_callback(clock)
+    return clock, tokens
+
+
 def worker_trl(spec: dict, padding_free: bool, gradient_checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
@@ -218,31 +248,7 @@ def worker_trl(spec: dict, padding_free: bool, gradient_checkpointing: bool) -> 
     assert next(model.parameters()).dtype == torch.float32
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
 
-    # Same tokens, same loss positions as posttrain, row for row.
-    tds = trainer.train_dataset
-    for k, i in enumerate(order):
-        ids, mask = examples[i]
-        got = tds[k]
-        assert list(got["input_ids"]) == ids, f"row {i}: TRL input_ids differ from posttrain's"
-        assert [x != -100 for x in got["labels"]] == mask, f"row {i}: TRL loss positions differ"
-
-    counted = {"tokens": 0}
-
-    def count(_module, args_, kwargs):
-        am = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids")
-        counted["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
-
-    tokens = []
-
-    def step_tokens():
-        tokens.append(counted["tokens"])
-        counted["tokens"] = 0
-
-    clock = trl_clock(step_tokens)
-    trainer.add_callback(clock)
+    clock, tokens = checked_token_clock(trainer, model, examples, order)
     result = trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(out_dir, ignore_errors=True)

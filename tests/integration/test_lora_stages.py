@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.integration.test_preference_dist import _easy
 from tests.conftest import mini_recipe, posttrain, sft_stage, stage_manifest, stage_rows, tiny_rows, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
@@ -32,9 +33,26 @@ SETUPS = {"1rank": ["deepspeed=zero2"], "2rank_zero3": ["deepspeed=zero3", "clus
 LORA = "lora: {r: 8, alpha: 16}"
 
 
+# dpo with the cached reference, dpo_live with the live one (the adapter-off policy either way).
+DPO = """{stage}:
+  kind: dpo
+  from: sft
+  data: [{{path: {pref}}}]
+  heldout: [{{path: {held}}}]
+  beta: 0.5
+  lr: 1.0e-2
+  max_steps: 8
+  global_batch_size: 16
+  micro_batch_size: 4
+  max_seq_len: 64
+  warmup_ratio: 0.0
+  {lora}
+  {extra}
+"""
+
+
 def _recipe(tmp: Path, name: str) -> Path:
-    easy = lambda f, n: [{**r, "rejected": r["rejected"][:-1] + [{"role": "assistant", "content": "no"}]}  # noqa: E731
-                         for r in tiny_rows(f, n)]
+    easy = lambda f, n: [_easy(r) for r in tiny_rows(f, n)]  # noqa: E731
     pref = write_jsonl(tmp / "pref.jsonl", easy("pref_train.jsonl", 256))
     held = write_jsonl(tmp / "held.jsonl", easy("pref_eval.jsonl", 48))
     rl_rows = tiny_rows("rl_train.jsonl", 64)
@@ -56,33 +74,10 @@ def _recipe(tmp: Path, name: str) -> Path:
         max_seq_len: 64
         warmup_ratio: 0.0
         {LORA}
-      dpo:
-        kind: dpo
-        from: sft
-        data: [{{path: {pref}}}]
-        heldout: [{{path: {held}}}]
-        beta: 0.5
-        lr: 1.0e-2
-        max_steps: 8
-        global_batch_size: 16
-        micro_batch_size: 4
-        max_seq_len: 64
-        warmup_ratio: 0.0
-        {LORA}
-      dpo_live:
-        kind: dpo
-        from: sft
-        data: [{{path: {pref}}}]
-        heldout: [{{path: {held}}}]
-        beta: 0.5
-        lr: 1.0e-2
-        max_steps: 8
-        global_batch_size: 16
-        micro_batch_size: 4
-        max_seq_len: 64
-        warmup_ratio: 0.0
-        precompute_ref: false
-        {LORA}
+    """)
+    for stage, extra in (("dpo", ""), ("dpo_live", "precompute_ref: false")):
+        stages += DPO.format(stage=stage, pref=pref, held=held, lora=LORA, extra=extra)
+    stages += textwrap.dedent(f"""
       grpo:
         kind: grpo
         from: dpo
