@@ -33,16 +33,45 @@ model:
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+# How the two xdist workers share the suite: one test file at a time on one worker, so a file's module
+# fixtures (the 2-rank runs of tests/integration) train once. Some files go together (the tiny recipe's
+# run is shared by two e2e files; the sandbox's files keep their process checks apart from each other),
+# and some tests are independent runs spread one by one (each preset's whole graph).
+# Done by a scheduler of our own (below): xdist's `xdist_group` marks work by renaming node ids, which
+# pytest 9.2 no longer allows; there every test became its own unit and each worker trained every
+# module fixture again (measured 2026-12-04: ~10 minutes of the suite).
+TOGETHER = {
+    "tests/e2e/test_tiny_recipe.py": "tiny", "tests/e2e/test_tiny_llama3.py": "tiny",
+    **{f"tests/unit/{name}.py": "sandbox"
+       for name in ("test_sandbox", "test_sandbox_adversarial", "test_reward_dispatch", "test_verifiers")},
+}
+APART = {"tests/e2e/test_presets.py::test_every_preset_runs_at_tiny_scale"}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work (run on one worker, in order) a test belongs to."""
+    nodeid = nodeid.split("@")[0]
+    if nodeid.split("[")[0] in APART:
+        return nodeid
+    path = nodeid.split("::")[0]
+    return TOGETHER.get(path, path)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return Units(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`, pyproject.toml), a test file runs on one worker: its
-    module fixtures (the 2-rank runs of tests/integration) train once. A file may name a wider group
-    (tests/e2e: the tiny recipe's run is shared by two files). Heavy files (runs of several minutes)
-    go first, then the other slow ones, so the fast ones fill the gaps at the end instead of one
-    worker finishing a long run alone."""
-    for item in items:
-        if not any(True for _ in item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    """Heavy files (runs of several minutes) go first, then the other slow ones, so the fast ones
+    fill the gaps at the end instead of one worker finishing a long run alone (the scheduler
+    above keeps this order: --no-loadscope-reorder)."""
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (item.get_closest_marker("heavy") is None, item.get_closest_marker("slow") is None,
                                  order[id(item)]))

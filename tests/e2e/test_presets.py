@@ -174,7 +174,7 @@ def test_a_preset_takes_another_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xdist_group(f"preset-{p}")) for p in PRESETS])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_at_tiny_scale(tmp_path, preset):
     """`posttrain run recipe=<preset> scale=tiny` as a user types it: the preset's whole stage graph
     (the same stage names as at full scale) trains, samples and merges on the tiny world."""

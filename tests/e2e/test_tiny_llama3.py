@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import posttrain, stage_manifest
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.demo, pytest.mark.xdist_group("tiny")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.demo]
 
 
 def test_two_llama3_rounds_chain_their_outputs(tmp_path, tiny_run):

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import posttrain
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.xdist_group("tiny")]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def _metrics(run_dir, stage) -> dict:

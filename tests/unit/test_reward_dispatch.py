@@ -17,7 +17,6 @@ from posttrain_cli.rewards.dispatch import Rewards, check_config
 # The files that run code sandboxes share an xdist group and run one after another: process limits
 # are per sandbox (a leased uid each), but tests/unit/test_sandbox_adversarial.py counts the
 # processes left under the pool's uids machine-wide, which another file's sandboxes would be.
-pytestmark = pytest.mark.xdist_group("sandbox")
 
 
 def row(dataset, truth="42", src="p.jsonl: row 1", **extra) -> dict:

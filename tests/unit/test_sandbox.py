@@ -17,7 +17,6 @@ from posttrain_cli.rewards.sandbox import Limits, Tests
 
 # The files that run sandboxes share an xdist group, so they run one after another (the process
 # limit is per sandbox now, but timings are tight on a 2-core machine).
-pytestmark = pytest.mark.xdist_group("sandbox")
 
 FAST = Limits(timeout=3)
 INC = "def inc(x):\n    return x + 1\n"

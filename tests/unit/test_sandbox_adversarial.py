@@ -22,7 +22,6 @@ import pytest
 from posttrain_cli.rewards import sandbox
 from posttrain_cli.rewards.sandbox import Limits, Tests
 
-pytestmark = pytest.mark.xdist_group("sandbox")
 
 FAST = Limits(timeout=5)
 HONEST = "def inc(x):\n    return x + 1\n"
