@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from posttrain_cli.config import model_size
 from posttrain_cli.config.schema import stage_lora
 from posttrain_cli.kinds import KINDS
 from posttrain_cli.kinds.base import samples
@@ -189,12 +190,48 @@ def _sampler_text(run: dict, node, rl_cfg: dict | None) -> str:
     return text
 
 
+def _input_config(run: dict, nodes: dict, node) -> dict:
+    """config.json of the model a stage starts from: a stage's output has its input's architecture,
+    so a chain of stages leads back to a path, a hub id or the tiny model."""
+    what, value = node.model_input or next(iter(node.refs.values()))
+    while what == "stage":
+        what, value = nodes[value].model_input or next(iter(nodes[value].refs.values()))
+    if what == "tiny":
+        return model_size.tiny_config(value)
+    return model_size.find_config(value, run["model"]["revision"])
+
+
+def _count(n: int) -> str:
+    return next((f"{n / 10 ** e:.2f}{u}" for e, u in ((9, "B"), (6, "M"), (3, "K")) if n >= 10 ** e), str(n))
+
+
+def _bytes(n: int) -> str:
+    return next((f"{n / 10 ** e:.1f} {u}" for e, u in ((12, "TB"), (9, "GB"), (6, "MB"), (3, "kB")) if n >= 10 ** e),
+                f"{n} B")
+
+
+def _lora_size_text(run: dict, nodes: dict, node, lora: dict) -> str:
+    """How many parameters a LoRA stage trains and the model states (weights, gradients, AdamW
+    moments; config/model_size.py) of a full fine-tune and of the adapter; or why plan cannot count."""
+    stage_precision = (node.cfg.get("deepspeed") or {}).get("precision")
+    precision, why = model_size.plan_precision(stage_precision or run["deepspeed"]["precision"])
+    try:
+        size = model_size.lora_size(_input_config(run, nodes, node), lora, precision,
+                                    scorer=KINDS[node.kind].produces == "scorer")
+    except model_size.NoCount as e:
+        return f"; parameter count: {e}"
+    return (f": {_count(size.trainable)} of {_count(size.total)} parameters train ({size.trainable / size.total:.2%}); "
+            f"model states {_bytes(size.full_bytes)} full -> {_bytes(size.lora_bytes)} (weights, gradients, AdamW "
+            f"moments in {precision}{', ' + why if why else ''}; activations not counted)")
+
+
 def print_plan(run: dict, steps) -> None:
     console.print(f"[bold]recipe[/] {run['name']}  [bold]run_dir[/] {run['run_dir']}  "
                   f"[bold]model[/] {run['model']['path']}{_template_text(run['model'])}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
                   f"{' +offload' if run['deepspeed']['offload_optimizer'] or run['deepspeed']['offload_param'] else ''}"
                   + _ranks_text(run["cluster"]))
     print_graph(steps)
+    nodes = {step.node.name: step.node for step in steps}
     for i, step in enumerate(steps, 1):
         node, cfg = step.node, step.node.cfg
         record = KINDS[node.kind]
@@ -241,5 +278,6 @@ def print_plan(run: dict, steps) -> None:
             targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else ", ".join(lora["target_modules"])
             console.print(f"   lora: r {lora['r']}, alpha {alpha:g}, {targets}"
                           + (", rsLoRA" if lora["use_rslora"] else "") + (f", init {lora['init']}" if lora["init"] != "default" else "")
-                          + "; publishes the merged model and adapter/")
+                          + (", 4-bit NF4 base (QLoRA)" if lora["quantize"] else "")
+                          + _lora_size_text(run, nodes, node, lora) + "; publishes the merged model and adapter/")
         console.print(f"   out: {step.stage_dir}/{record.out}")
