@@ -8,6 +8,7 @@ record's (posttrain_cli/kinds/), and what is checked here holds for every kind a
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 from typing import Any
 
@@ -80,11 +81,12 @@ def _check_lora(run: dict) -> None:
             own = {k: v for k, v in (stage.get("lora") or {}).items() if v is not None}
             lora = schema.stage_lora(run, stage)
             if lora is not None:
-                _check_lora_values(lora, run["cluster"]["launcher"],
+                zero = {**run["deepspeed"], **(stage.get("deepspeed") or {})}["zero_stage"]
+                _check_lora_values(lora, run["cluster"]["launcher"], zero,
                                    lambda key, own=own, name=name: f"stages.{name}.lora.{key}" if key in own else f"lora.{key}")
 
 
-def _check_lora_values(lora: dict, launcher: str, where) -> None:
+def _check_lora_values(lora: dict, launcher: str, zero_stage: int, where) -> None:
     if lora["r"] < 1:
         raise UserError(f"{where('r')}={lora['r']} must be >= 1 (null: no adapter)")
     if lora["alpha"] is not None and lora["alpha"] <= 0:
@@ -108,6 +110,12 @@ def _check_lora_values(lora: dict, launcher: str, where) -> None:
         if launcher == "local" and not _has_cuda():
             raise UserError(f"{where('quantize')}=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has "
                             f"no CUDA GPU: set {where('quantize')}=null")
+        if zero_stage == 3:
+            raise UserError(f"{where('quantize')}=4bit keeps the whole 4-bit base on every GPU and shards only the "
+                            f"adapter's training state; ZeRO-3 is not supported with it: use deepspeed=zero2, or "
+                            f"{where('quantize')}=null")
+        if launcher == "local" and importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"{where('quantize')}=4bit (QLoRA) needs bitsandbytes: pip install 'posttrain[qlora]'")
 
 
 def _has_cuda() -> bool:

@@ -96,23 +96,38 @@ def mask_dtype(ds: dict):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(ds), torch.float32)
 
 
-def load_causal_lm(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool):
-    """Load a causal LM; under ZeRO-3 it is partitioned while it loads."""
+def load_causal_lm(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, quantize: str | None = None):
+    """Load a causal LM; under ZeRO-3 it is partitioned while it loads. quantize="4bit": its linear
+    layers in 4-bit NF4 (QLoRA's frozen base, bitsandbytes), on this rank's device."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, path, model_cfg, ds_cfg, train=train)
+    return _load(AutoModelForCausalLM, path, model_cfg, ds_cfg, train=train, quantize=quantize)
 
 
-def load_scorer(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, pad_token_id: int):
+def load_scorer(path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, pad_token_id: int,
+                quantize: str | None = None):
     """A scalar-head model (AutoModelForSequenceClassification, one label) on a causal LM or reward
     model checkpoint; a new head starts from the model's own initializer."""
     from transformers import AutoModelForSequenceClassification
 
-    return _load(AutoModelForSequenceClassification, path, model_cfg, ds_cfg, train=train,
+    return _load(AutoModelForSequenceClassification, path, model_cfg, ds_cfg, train=train, quantize=quantize,
                  num_labels=1, pad_token_id=pad_token_id)
 
 
-def _load(auto_cls, path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, **extra):
+def compute_dtype(ds_cfg: dict):
+    return torch.bfloat16 if ds_cfg["bf16"]["enabled"] else torch.float16 if ds_cfg["fp16"]["enabled"] else torch.float32
+
+
+def quantization(ds_cfg: dict):
+    """QLoRA's 4-bit base (the QLoRA paper's settings): NF4 with double quantization, the matmuls in
+    the run's precision."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype(ds_cfg))
+
+
+def _load(auto_cls, path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, quantize: str | None = None, **extra):
     global _hf_ds_config
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
@@ -120,10 +135,11 @@ def _load(auto_cls, path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, **
     if train or not torch.cuda.is_available():
         dtype = torch.float32  # DeepSpeed keeps fp32 masters and casts for bf16
     else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            "bf16" if ds_cfg["bf16"]["enabled"] else "fp16" if ds_cfg["fp16"]["enabled"] else "", torch.float32)
+        dtype = compute_dtype(ds_cfg)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation(model_cfg),
                   trust_remote_code=model_cfg.get("trust_remote_code", False), **extra)
+    if quantize == "4bit":
+        kwargs.update(quantization_config=quantization(ds_cfg), device_map={"": dist.device()})
     if model_cfg.get("revision") and not Path(path).exists():
         kwargs["revision"] = model_cfg["revision"]
     return auto_cls.from_pretrained(path, **kwargs)
@@ -217,22 +233,24 @@ def adapt(ctx, model, *, score_head: bool = False, what: str = ""):
         raise UserError(f"{ctx.where('lora.init')}={settings['init']} starts the adapter from the whole weights' "
                         f"decomposition, which ZeRO-3 holds in shards: use deepspeed=zero2 for this stage, or "
                         f"init=default")
-    if settings["quantize"] is not None:
-        raise UserError(f"{ctx.where('lora.quantize')}={settings['quantize']}: QLoRA is not built yet in this "
-                        f"version; set {ctx.where('lora.quantize')}=null")
     model = lora.wrap(model, settings, where=ctx.where("lora"), score_head=score_head)
     trainable, total = lora.counts(model)
     ctx.info(f"LoRA{what}: r {settings['r']}, alpha {lora.alpha(settings):g}, {settings['target_modules']}"
-             + (", rsLoRA" if settings["use_rslora"] else "") + f": {trainable:,} of {total:,} parameters train "
-             f"({trainable / total:.2%})")
+             + (", rsLoRA" if settings["use_rslora"] else "") + (", 4-bit NF4 base (QLoRA)" if settings["quantize"] else "")
+             + f": {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
     return model
+
+
+def quantize_of(ctx) -> str | None:
+    """The stage's lora.quantize (QLoRA's 4-bit base), None without it."""
+    return (ctx.run.get("lora") or {}).get("quantize")
 
 
 def train_policy(ctx, total_steps: int):
     """The stage's input model as a causal LM under DeepSpeed, dropout off, AdamW + the stage's
     schedule over total_steps optimizer steps -> (engine, pack_options)."""
     ds_cfg = train_ds_config(ctx)
-    model = load_causal_lm(ctx.input_model, ctx.run["model"], ds_cfg, train=True)
+    model = load_causal_lm(ctx.input_model, ctx.run["model"], ds_cfg, train=True, quantize=quantize_of(ctx))
     disable_dropout(model)
     model = adapt(ctx, model)
     engine = initialize(model, ds_cfg, ctx.cfg, total_steps)
@@ -270,7 +288,7 @@ def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: st
             state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         if peft:
-            adapter, state = state, lora.merged_state(state, module.peft_config[lora.ADAPTER])
+            adapter, state = state, _merged(module, state)
         bad = nonfinite_tensor(state)
     # Rank 0 holds the whole model; the flag reaches every rank, so none waits at the barrier below.
     if dist.all_sum([float(bad is not None)])[0] > 0:
@@ -294,9 +312,47 @@ def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: st
         if peft:
             lora.save_adapter(module, adapter, out_dir.parent / "adapter")
             module = module.base_model.model
+            if lora.is_quantized(module):
+                module = _plain_twin(module, state)
         module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     dist.barrier()
+
+
+def _merged(module, state: dict) -> dict:
+    """A LoRA model's state dict, merged into the plain model's (engine/lora.py): a 4-bit base's
+    adapter onto the input model's own weights, read from its checkpoint a tensor at a time."""
+    from posttrain_cli.engine import lora
+
+    config = module.peft_config[lora.ADAPTER]
+    packed = lora.packed_weights(module)
+    if not packed:
+        return lora.merged_state(state, config)
+    from posttrain_cli.merge.shards import Checkpoint, fetch
+
+    base = module.base_model.model
+    ckpt = Checkpoint(fetch(base.name_or_path, "the stage's input model"), "the stage's input model")
+    try:
+        names = ckpt.names()
+        return lora.merged_onto_input(state, config, packed, lambda name: ckpt.read(name) if name in names else None)
+    finally:
+        ckpt.close()
+
+
+def _plain_twin(module, state: dict):
+    """An unquantized model of a 4-bit one's class and config, its parameters on the meta device (no
+    memory): it writes `state` as a plain Hugging Face model (no quantization_config)."""
+    import copy
+
+    config = copy.deepcopy(module.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    with torch.device("meta"):
+        twin = type(module)._from_config(config, dtype=dtype)
+    if getattr(module, "generation_config", None) is not None:  # a causal LM's (a scorer has none)
+        twin.generation_config = module.generation_config
+    return twin
 
 
 def gathered_params(engine):

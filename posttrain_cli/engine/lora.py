@@ -95,6 +95,65 @@ def merged_state(state: dict, config) -> dict:
     return out
 
 
+def packed_weights(module) -> set[str]:
+    """State-dict names of a module's 4-bit quantized weights (QLoRA's base, bitsandbytes Params4bit:
+    packed bytes, their scales in further entries named after them)."""
+    return {name for name, p in module.named_parameters() if hasattr(p, "quant_state")}
+
+
+def is_quantized(module) -> bool:
+    return any(hasattr(p, "quant_state") for p in module.parameters())
+
+
+def plain_weight(param) -> torch.Tensor:
+    """A parameter's values: a 4-bit one dequantized (in its compute dtype), any other as it is."""
+    if not hasattr(param, "quant_state"):
+        return param.detach()
+    import bitsandbytes.functional as bnbf
+
+    data, state = param.data, param.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks a 4-bit weight for its CPU kernel at the first no-grad forward; its own
+        # state_dict undoes that the same way before it reads the weight.
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+    return bnbf.dequantize_4bit(data, state)
+
+
+def merged_onto_input(state: dict, config, packed: set[str], original) -> dict:
+    """A QLoRA model's state dict -> the plain model's, the adapter merged onto the input model's own
+    weights rather than onto their 4-bit copies: W + scale · B A in W's dtype, so a chain of QLoRA
+    stages does not pile up quantization error. original(name) -> the input checkpoint's tensor (None:
+    not there, e.g. a reward model's new head, which then comes from `state`); `packed`: the names of
+    the 4-bit weights (packed_weights), which must come from the checkpoint."""
+    s = scale(config)
+    out = {}
+    for name, t in state.items():
+        if not name.startswith(PREFIX):
+            raise ValueError(f"not a peft state dict: {name}")
+        if any(name.startswith(q + ".") for q in packed):
+            continue  # a 4-bit weight's scales
+        plain = name[len(PREFIX):]
+        if ".lora_A." in plain or ".lora_B." in plain or ".original_module." in plain:
+            continue
+        if f".modules_to_save.{ADAPTER}." in plain:
+            out[plain.replace(f".modules_to_save.{ADAPTER}.", ".")] = t
+            continue
+        layer, _, param = plain.rpartition(".base_layer.") if ".base_layer." in plain else ("", "", "")
+        if layer:
+            plain = f"{layer}.{param}"
+        w = original(plain)
+        if w is None:
+            if name in packed:
+                raise ValueError(f"{plain}: the input checkpoint has no such tensor to merge the adapter onto")
+            w = t
+        if layer and param == "weight":
+            a = state[f"{PREFIX}{layer}.lora_A.{ADAPTER}.weight"]
+            b = state[f"{PREFIX}{layer}.lora_B.{ADAPTER}.weight"]
+            w = (w.float() + s * (b.float() @ a.float())).to(w.dtype)
+        out[plain] = w
+    return out
+
+
 def save_adapter(module, state: dict, out_dir) -> None:
     """RUN_DIR/<stage>/adapter/: adapter_config.json and adapter_model.safetensors (rank 0)."""
     from pathlib import Path

@@ -252,7 +252,8 @@ class VLLMSampler:
             with _zero3_gathered(params) if sharded else contextlib.nullcontext():
                 self.largest_bucket_bytes = max(self.largest_bucket_bytes,
                                                 sum(p.numel() * p.element_size() for p in params))
-                pairs = [(name, param.detach()) for name, param in bucket]
+                # A QLoRA base goes dequantized: vLLM loads base + adapter in the plain model's dtype.
+                pairs = [(name, lora.plain_weight(param)) for name, param in bucket]
                 if merge is not None:
                     pairs = list(lora.merged_state(dict(pairs), merge).items())
                 yield from pairs

@@ -138,8 +138,9 @@ def policy_and_value(ctx, tokenizer, total_updates: int):
         raise UserError(f"{ctx.where('value_from')}: the value model {value_path} has a different tokenizer from "
                         f"the policy {ctx.input_model}; PPO reads values at the policy's tokens")
     ctx.info(f"value model from {value_path}" + (" (a new scalar head)" if value_path == ctx.input_model else ""))
-    policy = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True)
-    value = eng.load_scorer(value_path, model_cfg, ds_cfg, train=True, pad_token_id=pad_id(tokenizer))
+    policy = eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True, quantize=eng.quantize_of(ctx))
+    value = eng.load_scorer(value_path, model_cfg, ds_cfg, train=True, pad_token_id=pad_id(tokenizer),
+                            quantize=eng.quantize_of(ctx))
     for m in (policy, value):
         eng.disable_dropout(m)
     policy = eng.adapt(ctx, policy, what=" (policy)")

@@ -98,7 +98,8 @@ def run(ctx) -> dict:
     steps = total_steps(cfg, len(examples), ctx.where(), "preference rows")
     batch = ctx.arith
     ds_cfg = eng.train_ds_config(ctx)
-    model = eng.load_scorer(ctx.input_model, model_cfg, ds_cfg, train=True, pad_token_id=tokenizer.pad_token_id)
+    model = eng.load_scorer(ctx.input_model, model_cfg, ds_cfg, train=True, pad_token_id=tokenizer.pad_token_id,
+                            quantize=eng.quantize_of(ctx))
     eng.disable_dropout(model)
     model = eng.adapt(ctx, model, score_head=True)
     engine = eng.initialize(model, ds_cfg, cfg, steps)
