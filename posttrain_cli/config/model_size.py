@@ -183,12 +183,17 @@ def nf4_bytes(n: int) -> int:
     return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + NF4_TABLES
 
 
+def has_cuda() -> bool:
+    """Whether this machine has an NVIDIA driver (asked without importing torch)."""
+    return Path("/proc/driver/nvidia/version").exists()
+
+
 def plan_precision(precision: str) -> tuple[str, str]:
     """(precision, why) as plan can tell without torch: auto is bf16 where an NVIDIA driver is (the
     engine also wants bf16 support: engine/deepspeed_engine.py resolve_precision), else fp32."""
     if precision != "auto":
         return precision, ""
-    if Path("/proc/driver/nvidia/version").exists():
+    if has_cuda():
         return "bf16", "precision auto: CUDA driver here"
     return "fp32", "precision auto: no CUDA driver here"
 

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from posttrain_cli.config import schema
+from posttrain_cli.config.model_size import has_cuda
 from posttrain_cli.config.tables import _coerce, _suggest, check_sources, check_table, partial
 from posttrain_cli.errors import UserError
 from posttrain_cli.kinds import KINDS
@@ -81,7 +82,8 @@ def _check_lora(run: dict) -> None:
             own = {k: v for k, v in (stage.get("lora") or {}).items() if v is not None}
             lora = schema.stage_lora(run, stage)
             if lora is not None:
-                zero = {**run["deepspeed"], **(stage.get("deepspeed") or {})}["zero_stage"]
+                own_ds = {k: v for k, v in (stage.get("deepspeed") or {}).items() if v is not None}
+                zero = {**run["deepspeed"], **own_ds}["zero_stage"]
                 _check_lora_values(lora, run["cluster"]["launcher"], zero,
                                    lambda key, own=own, name=name: f"stages.{name}.lora.{key}" if key in own else f"lora.{key}")
 
@@ -107,7 +109,7 @@ def _check_lora_values(lora: dict, launcher: str, zero_stage: int, where) -> Non
         if lora["quantize"] != "4bit":
             raise UserError(f"{where('quantize')}={lora['quantize']!r}: 4bit or null")
         # SLURM: the plan runs on a login node; the job's node has the GPU (the worker checks there).
-        if launcher == "local" and not _has_cuda():
+        if launcher == "local" and not has_cuda():
             raise UserError(f"{where('quantize')}=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has "
                             f"no CUDA GPU: set {where('quantize')}=null")
         if zero_stage == 3:
@@ -116,13 +118,6 @@ def _check_lora_values(lora: dict, launcher: str, zero_stage: int, where) -> Non
                             f"{where('quantize')}=null")
         if launcher == "local" and importlib.util.find_spec("bitsandbytes") is None:
             raise UserError(f"{where('quantize')}=4bit (QLoRA) needs bitsandbytes: pip install 'posttrain[qlora]'")
-
-
-def _has_cuda() -> bool:
-    """Whether this machine has an NVIDIA driver (asked without importing torch)."""
-    from pathlib import Path
-
-    return Path("/proc/driver/nvidia/version").exists()
 
 
 def _check_verifier(path: str, name: str) -> None:

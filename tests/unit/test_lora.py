@@ -158,6 +158,15 @@ def test_qlora_without_a_gpu_is_refused_at_plan_time():
     compose(["recipe=tiny", "stages.sft.lora={r: 8, quantize: 4bit}", "cluster=slurm"])
 
 
+def test_qlora_under_zero3_is_refused_at_plan_time():
+    # cluster=slurm: the plan is made on a login node, so the GPU check waits for the job; ZeRO-3 does not.
+    for args, key in [(["lora={r: 8, quantize: 4bit}", "deepspeed=zero3"], "lora.quantize"),
+                      (["stages.dpo.lora={r: 8, quantize: 4bit}", "stages.dpo.deepspeed={zero_stage: 3}"],
+                       "stages.dpo.lora.quantize")]:
+        msg = _error(["recipe=tiny", "cluster=slurm", *args])
+        assert msg.startswith(f"{key}=4bit keeps the whole 4-bit base on every GPU") and "deepspeed=zero2" in msg
+
+
 def test_the_adapter_off_network_is_the_input_model_exactly():
     model = _tiny_llama()
     ids = torch.randint(0, 50, (2, 9))
