@@ -229,6 +229,7 @@ def print_plan(run: dict, steps) -> None:
     console.print(f"[bold]recipe[/] {run['name']}  [bold]run_dir[/] {run['run_dir']}  "
                   f"[bold]model[/] {run['model']['path']}{_template_text(run['model'])}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
                   f"{' +offload' if run['deepspeed']['offload_optimizer'] or run['deepspeed']['offload_param'] else ''}"
+                  f"{' +activation checkpointing' if run['deepspeed']['activation_checkpointing'] else ''}"
                   + _ranks_text(run["cluster"]))
     print_graph(steps)
     nodes = {step.node.name: step.node for step in steps}

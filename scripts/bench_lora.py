@@ -20,6 +20,8 @@ Contestants, each a fresh process:
 
 1. ``posttrain_full``: ``posttrain run`` of one sft stage (DeepSpeed ZeRO-2, 1 rank, packed rows).
 2. ``posttrain_lora``: the same with ``lora: {r: 16, alpha: 32}``.
+   ``posttrain_full_ckpt``, ``posttrain_lora_ckpt``: the two with deepspeed.activation_checkpointing
+   (each decoder layer's activations recomputed in the backward pass, as TRL's default does).
 3. ``trl_lora``: ``trl.SFTTrainer(peft_config=LoraConfig(...))`` as TRL ships it (right-padded
    micro-batches, gradient checkpointing on): the target's baseline.
 4. ``trl_lora_tuned``: the same, padding-free and without gradient checkpointing.
@@ -136,8 +138,8 @@ sys.exit(rc)
 """
 
 
-def run_posttrain(spec: dict, tmp: Path, rnd: int, lora: bool) -> dict:
-    run_dir = tmp / f"pt-{'lora' if lora else 'full'}-{rnd}"
+def run_posttrain(spec: dict, tmp: Path, rnd: int, lora: bool, ckpt: bool = False) -> dict:
+    run_dir = tmp / f"pt-{'lora' if lora else 'full'}{'-ckpt' if ckpt else ''}-{rnd}"
     recipe = write_recipe(tmp, spec["model"], "sft", f"""
         kind: sft
         data: [{{path: {spec['data_jsonl']}}}]
@@ -153,7 +155,7 @@ def run_posttrain(spec: dict, tmp: Path, rnd: int, lora: bool) -> dict:
         """ + (f"lora: {{r: {R}, alpha: {ALPHA}}}\n" if lora else ""), top="logging: {progress: never}\n")
     out = tmp / f"peak-{run_dir.name}.json"
     cmd = [sys.executable, "-c", RUN_MEASURED, str(out), "run", f"recipe={recipe}", f"run_dir={run_dir}",
-           "deepspeed.precision=fp32"]
+           "deepspeed.precision=fp32", f"deepspeed.activation_checkpointing={str(ckpt).lower()}"]
     p = subprocess.run(cmd, env=child_env(spec["threads"]), capture_output=True, text=True, cwd=tmp)
     if p.returncode != 0:
         raise SystemExit(f"posttrain failed (rc {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
@@ -213,13 +215,14 @@ def main() -> None:
               f"LoRA r {R}, alpha {ALPHA}, all-linear; threads {a.threads}")
         print(f"baseline process (python + torch + transformers + deepspeed + trl, the model loaded): "
               f"{base['peak_kb'] / 1024:.0f} MB peak resident")
-        contestants = ["posttrain_full", "posttrain_lora", "trl_lora", "trl_lora_tuned"]
+        contestants = ["posttrain_full", "posttrain_lora", "posttrain_full_ckpt", "posttrain_lora_ckpt",
+                       "trl_lora", "trl_lora_tuned"]
         results: dict[str, list] = {c: [] for c in contestants}
         for rnd in range(a.repeats):
             for c in rotated(contestants, rnd):
                 busy = busy_before(a.max_load, a.wait_quiet)
                 t0 = time.perf_counter()
-                res = (run_posttrain(spec, tmp, rnd, lora=c == "posttrain_lora") if c.startswith("posttrain")
+                res = (run_posttrain(spec, tmp, rnd, lora="lora" in c, ckpt=c.endswith("_ckpt")) if c.startswith("posttrain")
                        else run_in_subprocess(c, spec, tmp, rnd, script=__file__))
                 if res["tokens"] != per_step:
                     raise SystemExit(f"{c}: per-step tokens {res['tokens'][:4]}... differ from the plan's "
@@ -227,22 +230,24 @@ def main() -> None:
                 res["steady"], _ = throughput(res, a.skip)
                 results[c].append(res)
                 trainable = f", {res['trainable']:,} trainable" if res.get("trainable") else ""
-                print(f"round {rnd + 1} {c:15s} {res['steady']:8.0f} tok/s steady; peak {res['peak_kb'] / 1024:6.0f} MB"
+                print(f"round {rnd + 1} {c:19s} {res['steady']:8.0f} tok/s steady; peak {res['peak_kb'] / 1024:6.0f} MB"
                       f"{trainable}; last loss {'n/a' if res['loss_last'] is None else format(res['loss_last'], '.4g')}; process {time.perf_counter() - t0:.0f}s; "
                       f"{busy:.2f} cores busy before", flush=True)
         med = {c: {k: statistics.median(r[k] for r in results[c]) for k in ("steady", "peak_kb")} for c in contestants}
         print(f"\nmedian over {a.repeats} round(s):")
         for c in contestants:
-            print(f"  {c:15s} {med[c]['steady']:8.0f} tok/s   peak {med[c]['peak_kb'] / 1024:6.0f} MB "
+            print(f"  {c:19s} {med[c]['steady']:8.0f} tok/s   peak {med[c]['peak_kb'] / 1024:6.0f} MB "
                   f"({(med[c]['peak_kb'] - base['peak_kb']) / 1024:+6.0f} MB over the baseline)")
-        mem = med["posttrain_lora"]["peak_kb"] / med["posttrain_full"]["peak_kb"]
-        above = ((med["posttrain_lora"]["peak_kb"] - base["peak_kb"])
-                 / max(1, med["posttrain_full"]["peak_kb"] - base["peak_kb"]))
-        print(f"\nposttrain LoRA / full peak memory = {mem:.2f}x ({above:.2f}x above the baseline)   "
-              f"(target <= 0.5x: {'met' if mem <= 0.5 else 'NOT met'})")
-        for other, target in (("trl_lora", 1.3), ("trl_lora_tuned", None)):
-            r = med["posttrain_lora"]["steady"] / med[other]["steady"]
-            print(f"posttrain LoRA / {other} tokens/s = {r:.2f}x" + (f"   ({target_met(r, target)})" if target else ""))
+        print()
+        for suffix, what in (("", "without"), ("_ckpt", "both with")):
+            lora, full = med[f"posttrain_lora{suffix}"]["peak_kb"], med[f"posttrain_full{suffix}"]["peak_kb"]
+            above = (lora - base["peak_kb"]) / max(1, full - base["peak_kb"])
+            print(f"posttrain LoRA / full peak memory, {what} activation checkpointing = {lora / full:.2f}x "
+                  f"({above:.2f}x above the baseline)   (target <= 0.5x: {'met' if lora / full <= 0.5 else 'NOT met'})")
+        for mine, other, target in (("posttrain_lora", "trl_lora", 1.3), ("posttrain_lora_ckpt", "trl_lora", 1.3),
+                                    ("posttrain_lora", "trl_lora_tuned", None)):
+            r = med[mine]["steady"] / med[other]["steady"]
+            print(f"{mine} / {other} tokens/s = {r:.2f}x" + (f"   ({target_met(r, target)})" if target else ""))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -51,6 +51,9 @@ SECTIONS = {
         "zero_stage": ((0, 1, 2, 3), 2),
         "offload_optimizer": ("bool", False),
         "offload_param": ("bool", False),
+        # Keep only each decoder layer's input for the backward pass and recompute the rest (memory for
+        # about a third more compute): the training stages' models. Not in the fingerprint.
+        "activation_checkpointing": ("bool", False),
         # auto: bf16 on GPUs, fp32 on CPU.
         "precision": (("auto", "fp32", "bf16", "fp16"), "auto"),
         # Raw DeepSpeed config keys merged last, for what the keys above miss.

@@ -220,12 +220,17 @@ def pack_options(run: dict, device) -> dict:
                 mask_dtype=mask_dtype(run["deepspeed"]), device=device)
 
 
-def adapt(ctx, model, *, score_head: bool = False, what: str = ""):
-    """`model` with the stage's LoRA adapter (engine/lora.py) when its lora settings are on, else
-    `model`; one line says what trains. score_head: a scalar head (`score`) trains in full."""
+def trainable(ctx, model, *, score_head: bool = False, what: str = ""):
+    """`model` as this stage trains it: activation checkpointing when deepspeed.activation_checkpointing
+    is on, and the stage's LoRA adapter (engine/lora.py) when its lora settings are on (one line says
+    what trains). score_head: a scalar head (`score`) trains in full."""
     from posttrain_cli.engine import lora
     from posttrain_cli.errors import UserError
 
+    if ctx.run["deepspeed"].get("activation_checkpointing"):
+        # Non-reentrant: the recomputation needs no input that requires grad (a LoRA model's
+        # embeddings are frozen) and runs under ZeRO-3's gather hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     settings = ctx.run.get("lora")
     if settings is None:
         return model
@@ -252,7 +257,7 @@ def train_policy(ctx, total_steps: int):
     ds_cfg = train_ds_config(ctx)
     model = load_causal_lm(ctx.input_model, ctx.run["model"], ds_cfg, train=True, quantize=quantize_of(ctx))
     disable_dropout(model)
-    model = adapt(ctx, model)
+    model = trainable(ctx, model)
     engine = initialize(model, ds_cfg, ctx.cfg, total_steps)
     return engine, pack_options(ctx.run, engine.device)
 

@@ -143,8 +143,8 @@ def policy_and_value(ctx, tokenizer, total_updates: int):
                             quantize=eng.quantize_of(ctx))
     for m in (policy, value):
         eng.disable_dropout(m)
-    policy = eng.adapt(ctx, policy, what=" (policy)")
-    value = eng.adapt(ctx, value, score_head=True, what=" (value model)")
+    policy = eng.trainable(ctx, policy, what=" (policy)")
+    value = eng.trainable(ctx, value, score_head=True, what=" (value model)")
     value_lr = cfg["value_lr"] if cfg["value_lr"] is not None else cfg["lr"]
     engine = eng.initialize(PolicyAndValue(policy, value), ds_cfg, cfg, total_updates,
                             lr_for=lambda name: value_lr if name.startswith("value.") else cfg["lr"])

@@ -101,7 +101,7 @@ def run(ctx) -> dict:
     model = eng.load_scorer(ctx.input_model, model_cfg, ds_cfg, train=True, pad_token_id=tokenizer.pad_token_id,
                             quantize=eng.quantize_of(ctx))
     eng.disable_dropout(model)
-    model = eng.adapt(ctx, model, score_head=True)
+    model = eng.trainable(ctx, model, score_head=True)
     engine = eng.initialize(model, ds_cfg, cfg, steps)
     mb = dict(use_margin=cfg["margin"], **eng.pack_options(ctx.run, engine.device))
     plan = StepPlan(len(examples), batch, ctx.seed)

@@ -65,7 +65,7 @@ def run(ctx) -> dict:
     steps = total_steps(cfg, len(examples), ctx.where())
     batch = ctx.arith
     ds_cfg = eng.train_ds_config(ctx)
-    model = eng.adapt(ctx, eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True,
+    model = eng.trainable(ctx, eng.load_causal_lm(ctx.input_model, model_cfg, ds_cfg, train=True,
                                                 quantize=eng.quantize_of(ctx)))
     engine = eng.initialize(model, ds_cfg, cfg, steps)
     boundaries = eng.packed_boundaries(eng.attn_implementation(model_cfg))

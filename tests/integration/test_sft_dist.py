@@ -29,7 +29,8 @@ def _weights(run_dir: Path, stage: str = "sft") -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same 6-step SFT under three set-ups (2 ranks under ZeRO-2 against ZeRO-3:
-    test_distill_dist.py's test_zero2_and_zero3_sample_and_train_alike)."""
+    test_distill_dist.py's test_zero2_and_zero3_sample_and_train_alike). The 2-rank ZeRO-3 run
+    recomputes its activations (deepspeed.activation_checkpointing): the same curve and weights."""
     tmp = tmp_path_factory.mktemp("dist")
     rec = mini_recipe(tmp, stages=sft_stage(
         data=tmp / "train.jsonl", lr=2.0e-3, max_steps=6, warmup_ratio=0.0,
@@ -37,7 +38,7 @@ def runs(tmp_path_factory):
     setups = {
         "1rank": ["deepspeed=zero2"],
         "1rank_accum": ["deepspeed=zero2", "stages.sft.micro_batch_size=2"],
-        "2rank_zero3": ["deepspeed=zero3", "cluster.nproc_per_node=2"],
+        "2rank_zero3": ["deepspeed=zero3", "cluster.nproc_per_node=2", "deepspeed.activation_checkpointing=true"],
     }
     out = {}
     for name, args in setups.items():

@@ -167,6 +167,25 @@ def test_qlora_under_zero3_is_refused_at_plan_time():
         assert msg.startswith(f"{key}=4bit keeps the whole 4-bit base on every GPU") and "deepspeed=zero2" in msg
 
 
+@pytest.mark.parametrize("settings", [None, SETTINGS], ids=["full", "lora"])
+def test_activation_checkpointing_gives_the_same_gradients(settings):
+    from posttrain_cli.engine import deepspeed_engine as eng
+
+    ids = torch.randint(0, 50, (2, 9))
+    grads = []
+    for checkpointing in (False, True):
+        ctx = types.SimpleNamespace(run={"deepspeed": {"activation_checkpointing": checkpointing, "zero_stage": 2},
+                                         "lora": settings}, info=lambda msg: None, where=lambda key: key)
+        model = eng.trainable(ctx, _tiny_llama())
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert model.is_gradient_checkpointing == checkpointing
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
 def test_the_adapter_off_network_is_the_input_model_exactly():
     model = _tiny_llama()
     ids = torch.randint(0, 50, (2, 9))
