@@ -225,7 +225,6 @@ def trainable(ctx, model, *, score_head: bool = False, what: str = ""):
     is on, and the stage's LoRA adapter (engine/lora.py) when its lora settings are on (one line says
     what trains). score_head: a scalar head (`score`) trains in full."""
     from posttrain_cli.engine import lora
-    from posttrain_cli.errors import UserError
 
     if ctx.run["deepspeed"].get("activation_checkpointing"):
         # Non-reentrant: the recomputation needs no input that requires grad (a LoRA model's
@@ -234,10 +233,6 @@ def trainable(ctx, model, *, score_head: bool = False, what: str = ""):
     settings = ctx.run.get("lora")
     if settings is None:
         return model
-    if settings["init"] in ("pissa", "olora") and ctx.run["deepspeed"]["zero_stage"] == 3:
-        raise UserError(f"{ctx.where('lora.init')}={settings['init']} starts the adapter from the whole weights' "
-                        f"decomposition, which ZeRO-3 holds in shards: use deepspeed=zero2 for this stage, or "
-                        f"init=default")
     model = lora.wrap(model, settings, where=ctx.where("lora"), score_head=score_head)
     trainable, total = lora.counts(model)
     ctx.info(f"LoRA{what}: r {settings['r']}, alpha {lora.alpha(settings):g}, {settings['target_modules']}"

@@ -42,7 +42,32 @@ def wrap(model, lora: dict | None, *, where: str, score_head: bool = False):
     config = LoraConfig(r=lora["r"], lora_alpha=alpha(lora), lora_dropout=lora["dropout"],
                         target_modules=lora["target_modules"], modules_to_save=save or None,
                         use_rslora=lora["use_rslora"], init_lora_weights=INITS[lora["init"]], bias="none")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if not base_is_input(model):
+        # PiSSA / OLoRA start the adapter from the base's decomposition and take it out of the base
+        # (W - scale B0 A0): under ZeRO-3 peft gathers each weight for that, and rank 0's result is
+        # kept; every rank takes rank 0's adapter too. The start is kept to save the adapter as one
+        # that loads on the input model (save_adapter).
+        _same_on_every_rank(model)
+        model.posttrain_initial_adapter = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                                           if ".lora_A." in n or ".lora_B." in n}
+    return model
+
+
+def base_is_input(module) -> bool:
+    """Whether a peft model's base is still its input model (the default and gaussian starts), not
+    the residual PiSSA / OLoRA leave (W - scale B0 A0)."""
+    init = module.peft_config[ADAPTER].init_lora_weights
+    return not (isinstance(init, str) and (init.startswith("pissa") or init == "olora"))
+
+
+def _same_on_every_rank(model) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for n, p in model.named_parameters():
+            if ".lora_A." in n or ".lora_B." in n:
+                dist.broadcast(p.data, src=0)
 
 
 def alpha(lora: dict) -> float:
@@ -155,7 +180,10 @@ def merged_onto_input(state: dict, config, packed: set[str], original) -> dict:
 
 
 def save_adapter(module, state: dict, out_dir) -> None:
-    """RUN_DIR/<stage>/adapter/: adapter_config.json and adapter_model.safetensors (rank 0)."""
+    """RUN_DIR/<stage>/adapter/: adapter_config.json and adapter_model.safetensors (rank 0). A PiSSA /
+    OLoRA adapter is saved as the plain LoRA adapter of rank 2r that gives the same weights on the
+    input model: scale (B A - B0 A0) = scale' [B, -B0] [A; A0] (peft's own conversion)."""
+    import copy
     from pathlib import Path
 
     from peft import get_peft_model_state_dict
@@ -163,7 +191,18 @@ def save_adapter(module, state: dict, out_dir) -> None:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    module.peft_config[ADAPTER].save_pretrained(str(out_dir))
+    config = module.peft_config[ADAPTER]
+    initial = getattr(module, "posttrain_initial_adapter", None)
+    if initial is not None:
+        state = dict(state)
+        for name, start in initial.items():
+            now = state[name]
+            state[name] = (torch.cat([now, start.to(now.dtype)], 0) if ".lora_A." in name
+                           else torch.cat([now, -start.to(now.dtype)], 1))
+        config = copy.deepcopy(config)
+        config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
+        config.r, config.init_lora_weights = 2 * config.r, True
+    config.save_pretrained(str(out_dir))
     tensors = get_peft_model_state_dict(module, state_dict=state, adapter_name=ADAPTER)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"),
               metadata={"format": "pt"})
@@ -186,8 +225,9 @@ class AdapterOff:
 
 
 def input_network(engine):
-    """The trainer's network without its adapter, when it has one (else None)."""
-    return AdapterOff(engine.module) if is_peft(engine.module) else None
+    """The trainer's network without its adapter, when it has one and its base is the input model
+    (else None: PiSSA / OLoRA changed the base)."""
+    return AdapterOff(engine.module) if is_peft(engine.module) and base_is_input(engine.module) else None
 
 
 def counts(module) -> tuple[int, int]:

@@ -77,15 +77,15 @@ class PromptStream:
 class Reference:
     """The frozen reference for the KL term, refreshed to the policy every N steps (R1-Zero). A LoRA
     policy's reference, while it is the input model, is the policy with its adapter off (`engine`):
-    no second model in memory."""
+    no second model in memory (not after a PiSSA / OLoRA start, which changes the base)."""
 
     def __init__(self, ctx, policy=None):
         self.ctx = ctx
         self.refreshed = False  # True once the policy replaced the input model (ref_refresh_every)
         self.module = None
         path = ctx.models.get("ref_from") or ctx.input_model
-        own = lora.AdapterOff(policy) if policy is not None and lora.is_peft(policy) and path == ctx.input_model \
-            else None
+        own = lora.AdapterOff(policy) if policy is not None and lora.is_peft(policy) and lora.base_is_input(policy) \
+            and path == ctx.input_model else None
         if own is not None:
             ctx.info("reference: the policy with its LoRA adapter off (no second model)")
             self.module = own

@@ -186,6 +186,33 @@ def test_activation_checkpointing_gives_the_same_gradients(settings):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_start_is_the_input_model_and_its_adapter_loads_on_the_input_model(tmp_path, init):
+    from peft import PeftModel
+
+    ids = torch.randint(0, 50, (2, 9))
+    model = _tiny_llama()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    peft_model = lora.wrap(model, {**SETTINGS, "init": init}, where="stages.sft.lora")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        # The base is now the residual W - scale B0 A0: it is not a reference for free.
+        assert not lora.base_is_input(peft_model)
+        assert lora.input_network(types.SimpleNamespace(module=peft_model)) is None
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)  # trained
+        state = {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
+        lora.save_adapter(peft_model, state, tmp_path / "adapter")
+        merged = _tiny_llama()
+        merged.load_state_dict(lora.merged_state(state, peft_model.peft_config[lora.ADAPTER]))
+        on_input = PeftModel.from_pretrained(_tiny_llama(), tmp_path / "adapter")
+        assert on_input.peft_config["default"].r == 2 * SETTINGS["r"]
+        torch.testing.assert_close(on_input(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(merged(input_ids=ids).logits, want, atol=1e-3)
+
+
 def test_the_adapter_off_network_is_the_input_model_exactly():
     model = _tiny_llama()
     ids = torch.randint(0, 50, (2, 9))
