@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from posttrain_cli.pipeline.stagedir import EXIT_STOPPED, this_process, write_error
-from posttrain_cli.procs import die_with_parent, quiet_libraries
+from posttrain_cli.procs import die_with_parent, quiet_libraries, return_freed_memory
 
 
 def _setup_logging(stage_dir: Path, rank: int) -> logging.Logger:
@@ -57,6 +57,9 @@ def run_stage(spec_path: str | Path) -> int:
     from posttrain_cli.engine import dist
 
     dist.init()
+    if dist.device().type == "cpu":
+        # Training tensors live in host memory: return the freed ones (procs.return_freed_memory).
+        return_freed_memory()
     rank = dist.rank()
     log = _setup_logging(stage_dir, rank)
     from posttrain_cli.engine.checkpoint import Preempted
