@@ -145,7 +145,9 @@ TRAINING = {
     # When set, wins over epochs.
     "max_steps": ("?int", None),
     "global_batch_size": ("int", 64),
-    "micro_batch_size": ("int", 8),
+    # Sequences per rank in one forward; null: the rank's whole share of the step (no accumulation),
+    # whatever the rank count (the tiny recipes use it).
+    "micro_batch_size": ("?int", 8),
     "max_seq_len": ("int", 2048),
     "schedule": (("constant", "linear", "cosine"), "linear"),
     "warmup_ratio": ("float", 0.03),
@@ -245,9 +247,10 @@ TINY_PREF_EVAL = "pref_eval.jsonl"
 # The tiny domains (a row's `dataset`), in the order a distill stage's teachers take them.
 TINY_DOMAINS = ("add", "sub")
 # Sizes at tiny scale: set (`=`) per key.
-TINY_TRAIN = {"global_batch_size": 16, "micro_batch_size": 8, "max_seq_len": 64}
+# micro_batch_size null: the step's share of each rank, so a tiny run fits any rank count.
+TINY_TRAIN = {"global_batch_size": 16, "micro_batch_size": None, "max_seq_len": 64}
 # RL: 8 prompts per step; an update (a mini-batch) may hold as few as 4 sequences, split over 2 ranks.
-TINY_RL = {"prompts_per_step": 8, "rollout_batch_size": 32, "micro_batch_size": 2, "max_seq_len": 64,
+TINY_RL = {"prompts_per_step": 8, "rollout_batch_size": 32, "micro_batch_size": None, "max_seq_len": 64,
            "max_new_tokens": 8}
 # A model trained a few steps rarely ends its answer: keep the completions cut at max_new_tokens.
 TINY_GENERATION = {"max_new_tokens": 8, "batch_size": 32, "max_seq_len": 64, "limit": 16, "drop_truncated": False}
@@ -277,7 +280,7 @@ def check_training(path: str, stage: dict) -> None:
     if not stage["data"]:
         raise UserError(f"{path}.data is empty: a {stage['kind']} stage needs at least one source")
     for key in ("lr", "global_batch_size", "micro_batch_size", "max_seq_len"):
-        if key in stage and stage[key] <= 0:
+        if stage.get(key) is not None and stage[key] <= 0:
             raise UserError(f"{path}.{key}={stage[key]} must be > 0")
     if stage["max_steps"] is None and (stage["epochs"] is None or stage["epochs"] <= 0):
         raise UserError(f"{path}: set epochs > 0 or max_steps")

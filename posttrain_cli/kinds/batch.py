@@ -13,13 +13,20 @@ def training_batch(path: str, stage: dict, world_size: int, answers: int = 1) ->
     """global_batch_size rows per optimizer step; `answers`: sequences per row (a preference row
     holds two, each up to max_seq_len)."""
     g, m = stage["global_batch_size"], stage["micro_batch_size"]
+    if m is None:
+        if g % world_size:
+            raise UserError(f"{path}.global_batch_size={g} does not split over {world_size} rank(s); use a "
+                            f"multiple of {world_size}, e.g. {path}.global_batch_size={max(world_size, g - g % world_size)}")
+        m = g // world_size
     per_pass = m * world_size
     if g % per_pass:
         lower = max(per_pass, g - g % per_pass)
+        fits = f" or {path}.micro_batch_size={g // world_size} (or null: {g} / {world_size} rank(s))" \
+            if g % world_size == 0 else ""
         raise UserError(
             f"{path}.global_batch_size={g} does not divide into micro_batch_size {m} x {world_size} "
             f"rank(s) = {per_pass} sequences per pass ({g} / {per_pass} = {g / per_pass:.3g}); "
-            f"use a multiple of {per_pass}, e.g. {lower} or {lower + per_pass}"
+            f"use a multiple of {per_pass}, e.g. {lower} or {lower + per_pass}{fits}"
         )
     return {
         "global_batch_size": g,
@@ -40,14 +47,21 @@ def rl_batch(path: str, stage: dict, world_size: int) -> dict:
     mini_batches updates, each split over ranks and micro-batches."""
     p, g, k, m = (stage["prompts_per_step"], stage["num_generations"], stage["mini_batches"],
                   stage["micro_batch_size"])
+    # The fewest prompts per step that split over the ranks, each update's sequences too.
+    fits = next(q for q in range(world_size, (p + 1) * world_size * k + 1, world_size) if q >= p and q * g % (k * world_size) == 0)
     if p % world_size:
         raise UserError(f"{path}.prompts_per_step={p} does not divide over {world_size} rank(s); "
-                        f"use a multiple of {world_size}")
+                        f"use a multiple of {world_size}, e.g. {path}.prompts_per_step={fits}")
     seqs = p * g
     if seqs % k:
         raise UserError(f"{path}: prompts_per_step {p} x num_generations {g} = {seqs} sequences do not split "
                         f"into mini_batches={k}")
     per_update = seqs // k
+    if m is None:
+        if per_update % world_size:
+            raise UserError(f"{path}: {seqs} sequences / mini_batches {k} = {per_update} per update do not split "
+                            f"over {world_size} rank(s); use {path}.prompts_per_step={fits}")
+        m = per_update // world_size
     per_pass = m * world_size
     if per_update % per_pass:
         raise UserError(f"{path}: {seqs} sequences / mini_batches {k} = {per_update} per update do not divide into "

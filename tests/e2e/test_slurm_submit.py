@@ -35,6 +35,15 @@ def _fake_slurm(tmp: Path, fail: str | None = None) -> dict:
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
+def test_the_readmes_dry_run_fits_the_default_eight_gpus(tmp_path):
+    # `posttrain run recipe=tiny cluster=slurm --dry-run` as the README has it: gpus_per_node 8, so 8
+    # ranks a stage; the tiny recipe's micro batches are each rank's share of the step.
+    r = posttrain("run", "recipe=tiny", "cluster=slurm", "--dry-run", cwd=tmp_path, env=_fake_slurm(tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    plan = posttrain("plan", "recipe=tiny", "cluster=slurm", cwd=tmp_path)
+    assert "global 128 = micro 16 x 8 rank(s) x 1 accumulation" in plan.stdout, plan.stdout
+
+
 def test_dry_run_writes_and_prints_the_job_scripts(tmp_path):
     env = _fake_slurm(tmp_path)
     r = posttrain("run", "recipe=tiny", "cluster=slurm", "cluster.gpus_per_node=0", "cluster.partition=debug",

@@ -146,8 +146,33 @@ def test_batch_arithmetic(g, m, w, accum):
 
 
 def test_batch_arithmetic_rejects_non_divisible():
-    with pytest.raises(UserError, match=r"global_batch_size=10 does not divide.*4 x 2 rank\(s\) = 8"):
+    with pytest.raises(UserError, match=r"global_batch_size=10 does not divide.*4 x 2 rank\(s\) = 8") as e:
         batch_arithmetic("stages.s", {"global_batch_size": 10, "micro_batch_size": 4, "max_seq_len": 8}, 2)
+    # The overrides that fit, in the same line: 10 / 2 ranks = 5 per rank.
+    assert str(e.value).endswith("or stages.s.micro_batch_size=5 (or null: 10 / 2 rank(s))")
+
+
+@pytest.mark.parametrize("world,micro", [(1, 128), (2, 64), (8, 16)])
+def test_a_null_micro_batch_is_each_ranks_share(world, micro):
+    b = batch_arithmetic("stages.s", {"global_batch_size": 128, "micro_batch_size": None, "max_seq_len": 8}, world)
+    assert (b["micro_batch_size"], b["grad_accum"]) == (micro, 1)
+    with pytest.raises(UserError, match=r"stages.s.global_batch_size=128 does not split over 3 rank\(s\); use a "
+                                        r"multiple of 3, e.g. stages.s.global_batch_size=126"):
+        batch_arithmetic("stages.s", {"global_batch_size": 128, "micro_batch_size": None, "max_seq_len": 8}, 3)
+
+
+def test_rl_batches_name_the_prompts_per_step_that_fit():
+    from posttrain_cli.kinds.batch import rl_batch
+
+    stage = {"prompts_per_step": 8, "num_generations": 1, "mini_batches": 2, "micro_batch_size": None,
+             "max_seq_len": 8}
+    # 8 prompts x 1 / 2 mini-batches = 4 sequences per update: not 1 per rank on 8 ranks; 16 prompts are.
+    with pytest.raises(UserError, match=r"4 per update do not split over 8 rank\(s\); use stages.ppo.prompts_per_step=16"):
+        rl_batch("stages.ppo", stage, 8)
+    assert rl_batch("stages.ppo", {**stage, "prompts_per_step": 16}, 8)["micro_batch_size"] == 1
+    with pytest.raises(UserError, match=r"prompts_per_step=12 does not divide over 8 rank\(s\); use a multiple "
+                                        r"of 8, e.g. stages.ppo.prompts_per_step=16"):
+        rl_batch("stages.ppo", {**stage, "prompts_per_step": 12}, 8)
 
 
 def test_unknown_verifier_is_a_config_error():
