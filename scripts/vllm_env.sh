@@ -26,7 +26,7 @@ fi
 # posttrain itself, again whenever its dependencies (pyproject.toml) change.
 stamp="$(cat "$root/pyproject.toml" | sha1sum | cut -c1-16)"
 if [ "$(cat "$venv/.posttrain-ready" 2>/dev/null)" != "$stamp" ]; then
-  $pip install -q -e "$root[test]" 'transformers<5.20'
+  $pip install -q -e "$root[test-core]" 'transformers<5.20'
   echo "$stamp" > "$venv/.posttrain-ready"
 fi
 # Its own torch extension cache: DeepSpeed JIT-builds ops against this torch, the main env against its own.

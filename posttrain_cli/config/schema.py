@@ -30,6 +30,15 @@ TOP = {
     "stages": ("stages", None),
 }
 
+# logging.report_to's trackers (pipeline/trackers.py): name -> (the module it needs, the extra that
+# installs it).
+TRACKERS = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+    "trackio": ("trackio", "trackio"),
+}
+
 SECTIONS = {
     "model": {
         # A hub id, a local Hugging Face directory, or `tiny` (built locally).
@@ -100,6 +109,9 @@ SECTIONS = {
     "logging": {
         "progress": (("auto", "always", "never"), "auto"),
         "log_every": ("int", 1),
+        # Experiment trackers that also get every metrics row: any of tensorboard, wandb, mlflow,
+        # trackio (each its library, an extra: pip install 'posttrain[wandb]'); pipeline/trackers.py.
+        "report_to": ("list", []),
     },
     # What samples for grpo, ppo, distill, generate, rejection_sampling and eval blocks
     # (posttrain_cli/rollout/); a stage's own `rollout` block overrides any key for that stage.

@@ -75,6 +75,28 @@ def _check_rollout(run: dict) -> None:
                          lambda key, own=own, name=name: f"stages.{name}.rollout.{key}" if key in own else f"rollout.{key}")
 
 
+def _check_report_to(run: dict) -> None:
+    names = run["logging"]["report_to"]
+    TRACKERS = schema.TRACKERS
+
+    def missing_module(name: str) -> str | None:  # asked without importing it
+        module = TRACKERS[name][0]
+        return module if importlib.util.find_spec(module) is None else None
+
+    for name in names:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+            raise UserError(f"logging.report_to: '{name}' is not a tracker"
+                            + (f"; did you mean '{close[0]}'?" if close else "")
+                            + f" (trackers: {', '.join(TRACKERS)})")
+        # SLURM: the plan may run where the job's environment is not; the stage warns there.
+        if run["cluster"]["launcher"] == "local" and missing_module(name):
+            raise UserError(f"logging.report_to: {name} needs the Python module {missing_module(name)}: "
+                            f"pip install 'posttrain[{TRACKERS[name][1]}]'")
+    if len(set(names)) != len(names):
+        raise UserError(f"logging.report_to={names} names a tracker twice")
+
+
 def _check_lora(run: dict) -> None:
     """Each training stage's lora section (the run's, with the stage's own block over it)."""
     for name, stage in run["stages"].items():
@@ -193,6 +215,7 @@ def check_run(cfg: dict) -> dict:
     _check_seed(out["seed"])
     _check_rollout(out)
     _check_lora(out)
+    _check_report_to(out)
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None
     _check_run_dir(out["run_dir"])

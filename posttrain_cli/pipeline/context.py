@@ -19,6 +19,7 @@ class StageContext:
     stage_dir: Path
     work_dir: Path
     log: logging.Logger = field(repr=False, default=None)
+    _trackers: object = field(repr=False, default=None)
 
     @property
     def name(self) -> str:
@@ -68,9 +69,19 @@ class StageContext:
             print(f"[{self.name}] {msg}", flush=True)
 
     def log_metrics(self, row: dict) -> None:
+        """A metrics.jsonl row (rank 0), and the same to the run's trackers (logging.report_to)."""
         if dist.is_main():
             with (self.stage_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.trackers.log(row)
+
+    @property
+    def trackers(self):
+        if self._trackers is None:
+            from posttrain_cli.pipeline.trackers import Trackers
+
+            self._trackers = Trackers(self.spec, self.stage_dir, lambda msg: self.info(f"warning: {msg}"))
+        return self._trackers
 
     def cached(self, name: str, build, *, collective: bool = False):
         """build() once, saved under the stage folder keyed by the fingerprint, so a re-run of the

@@ -96,7 +96,8 @@ def write_spec(run: dict, step: Step, eval_only: bool) -> Path:
         "eval_only": eval_only,
         "resume_key": step.resume_key,
         "stage": node.cfg,
-        "run": {"seed": run["seed"], "run_dir": str(Path(run["run_dir"]).resolve()), "model": run["model"],
+        "run": {"name": run["name"], "seed": run["seed"], "run_dir": str(Path(run["run_dir"]).resolve()),
+                "model": run["model"],
                 "deepspeed": graph.effective_deepspeed(run, node), "logging": run["logging"],
                 "rollout": graph.effective_rollout(run, node),
                 "lora": graph.stage_lora(run, node.cfg),
@@ -140,8 +141,10 @@ def prepare(run: dict, step: Step, say, status: str = "running") -> Path:
         from posttrain_cli.engine import checkpoint
 
         if checkpoint.latest(step.stage_dir) is None:
-            # A resumed stage keeps its rows up to the checkpoint (the loop trims the rest).
+            # A resumed stage keeps its rows up to the checkpoint (the loop trims the rest), and its
+            # tracker runs (pipeline/trackers.py); a stage that starts over gets new ones.
             (step.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (step.stage_dir / "trackers.json").unlink(missing_ok=True)
         manifest.write(step.stage_dir, {"status": status, "kind": step.node.kind,
                                         "fingerprint": step.fingerprint, "started": time.time(),
                                         "procs": [this_process("launcher")]})

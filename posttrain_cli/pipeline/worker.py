@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from posttrain_cli.pipeline.stagedir import EXIT_STOPPED, this_process, write_error
-from posttrain_cli.procs import die_with_parent, quiet_libraries, return_freed_memory
+from posttrain_cli.procs import die_with_parent, quiet_libraries
 
 
 def _setup_logging(stage_dir: Path, rank: int) -> logging.Logger:
@@ -57,9 +57,6 @@ def run_stage(spec_path: str | Path) -> int:
     from posttrain_cli.engine import dist
 
     dist.init()
-    if dist.device().type == "cpu":
-        # Training tensors live in host memory: return the freed ones (procs.return_freed_memory).
-        return_freed_memory()
     rank = dist.rank()
     log = _setup_logging(stage_dir, rank)
     from posttrain_cli.engine.checkpoint import Preempted
@@ -87,6 +84,7 @@ def run_stage(spec_path: str | Path) -> int:
         result = _execute(ctx, spec)
         dist.barrier()
         if rank == 0:
+            ctx.trackers.finish(result["metrics"])
             if not spec.get("eval_only"):
                 _publish(stage_dir, work_dir, result["outputs"])
             shutil.rmtree(work_dir, ignore_errors=True)

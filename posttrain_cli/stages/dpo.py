@@ -95,18 +95,25 @@ class DPOStep:
 
 
 @torch.no_grad()
-def logps_pass(module, pairs: list[dict], micro_size: int, only: list[int] | None = None, **mb) -> torch.Tensor:
+def logps_pass(module, pairs: list[dict], micro_size: int, only: list[int] | None = None, progress=None,
+               **mb) -> torch.Tensor:
     """[N, 2] (chosen, rejected) summed log-probs of every pair (or of the pairs `only` lists; the
-    others are NaN), split over ranks, gathered on all."""
+    others are NaN), split over ranks, gathered on all. progress(total) -> a bar (ctx.progress)."""
     idx = list(range(len(pairs))) if only is None else only
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    chunks = forward_chunks(len(idx), micro_size)
+    bar = progress(len(chunks)) if progress else None
     with eval_mode(module):
-        for chunk in forward_chunks(len(idx), micro_size):
+        for done, chunk in enumerate(chunks, 1):
             rows = [idx[i] for i in chunk] if chunk is not None else None
             micro = micro_batch(pairs, rows or [idx[0]], **mb)
             c, r = split(answer_logps(module, micro).double().cpu())
             if rows is not None:
                 out[rows, 0], out[rows, 1] = c, r
+            if bar:
+                bar.update(done, {})
+    if bar:
+        bar.close()
     out = dist.all_sum_tensor(out)
     if only is not None and len(only) < len(pairs):
         skipped = torch.ones(len(pairs), dtype=torch.bool)
@@ -137,7 +144,8 @@ def _reference_logps(ctx, engine, model_cfg: dict, pairs: list[dict], held: list
         else:
             ctx.info(f"reference log-probs: computed once with {ref_path}, then freed")
             module = frozen_causal_lm(ref_path, model_cfg, ctx.run["deepspeed"])
-        return {"train": logps_pass(module, pairs, micro_size, only=visited, **mb),
+        bar = lambda total: ctx.progress(total, "reference log-probs")  # noqa: E731
+        return {"train": logps_pass(module, pairs, micro_size, only=visited, progress=bar, **mb),
                 "heldout": logps_pass(module, held, micro_size, **mb) if held else None}
 
     return ctx.cached("ref", build, collective=True)
