@@ -134,6 +134,22 @@ def status(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
             console.print(f"{name}: {m['error']}" + (f" (log: {m['log']})" if m.get("log") else ""), markup=False)
 
 
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/tiny"),
+           out: Optional[Path] = typer.Option(None, "--out", help="Where to write the page (default: "
+                                              "RUN_DIR/report.html)")) -> None:
+    """Write one self-contained HTML page of a run: the stage graph, curves, before/after, data, timings."""
+    from posttrain_cli import report as rep
+
+    try:
+        path = rep.write(run_dir, out)
+    except UserError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(UserError(f"{out or run_dir / 'report.html'}: cannot write the report ({e.strerror or e})"))
+    print(path)
+
+
 def _jobs(run_dir: Path, names: list[str]) -> dict:
     """Each stage's SLURM job and its state; manifests of jobs that ended badly are marked failed."""
     from posttrain_cli.launch import slurm

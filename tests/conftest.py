@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # module fixture again (measured 2026-12-04: ~10 minutes of the suite).
 TOGETHER = {
     "tests/e2e/test_tiny_recipe.py": "tiny", "tests/e2e/test_tiny_llama3.py": "tiny",
+    "tests/e2e/test_report_browser.py": "tiny",
     **{f"tests/unit/{name}.py": "sandbox"
        for name in ("test_sandbox", "test_sandbox_adversarial", "test_reward_dispatch", "test_verifiers")},
 }
