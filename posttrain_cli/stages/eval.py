@@ -12,6 +12,7 @@ lock-step. Greedy by default, so accuracy is reproducible.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from posttrain_cli.data.chat import prompt_ids
 from posttrain_cli.data.schemas import prompt_row
@@ -41,8 +42,14 @@ def evaluate(ctx, model_path: str, ecfg: dict, where: str, reward_model: str | N
             raise UserError(f"{where}.data: prompt {i} is {len(p)} tokens; with max_new_tokens "
                             f"{ecfg['max_new_tokens']} it passes the vLLM engine's {limit} (rollout.backend=hf "
                             f"samples it)")
-    outs = sampler.generate(prompts, max_new_tokens=ecfg["max_new_tokens"], temperature=ecfg["temperature"],
-                            top_p=ecfg["top_p"], batch_size=ecfg["batch_size"], calls=calls)
+    # A batch at a time, as rollout/sampling.py does, for the progress bar (every rank the same calls).
+    bs, outs = ecfg["batch_size"], []
+    bar = ctx.progress(calls, f"eval {Path(model_path).name}")
+    for c in range(calls):
+        outs += sampler.generate(prompts[c * bs:(c + 1) * bs], max_new_tokens=ecfg["max_new_tokens"],
+                                 temperature=ecfg["temperature"], top_p=ecfg["top_p"], batch_size=bs, calls=1)
+        bar.update(c + 1, {"completions": len(outs)})
+    bar.close()
     correct = sum(verify(o.text, rows[i]["ground_truth"], rows[i]) for i, o in zip(mine, outs))
     eos = sum(o.finish_reason == "eos" for o in outs)
     length = sum(len(o.token_ids) for o in outs)
