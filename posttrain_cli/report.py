@@ -167,7 +167,7 @@ def _graph_svg(stages: list[dict]) -> str:
 
 
 def _chart_svg(stage: str, key: str, pts: list[tuple]) -> str:
-    w, h, pad_l, pad_b, pad_t = 300, 150, 52, 22, 22
+    w, h, pad_l, pad_b, pad_t = 300, 150, 62, 22, 22
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
@@ -186,18 +186,20 @@ def _chart_svg(stage: str, key: str, pts: list[tuple]) -> str:
             f'<text x="{pad_l}" y="15" font-size="13" font-weight="bold">{html.escape(key)}</text>'
             f'<line x1="{pad_l}" y1="{h - pad_b}" x2="{w - 8}" y2="{h - pad_b}" stroke="#999"/>'
             f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{h - pad_b}" stroke="#999"/>'
-            f'<text x="{pad_l - 4}" y="{pad_t + 4}" font-size="10" text-anchor="end">{y1:.4g}</text>'
-            f'<text x="{pad_l - 4}" y="{h - pad_b}" font-size="10" text-anchor="end">{y0:.4g}</text>'
+            f'<text x="{pad_l - 4}" y="{pad_t + 4}" font-size="10" text-anchor="end">{y1:.3g}</text>'
+            f'<text x="{pad_l - 4}" y="{h - pad_b}" font-size="10" text-anchor="end">{y0:.3g}</text>'
             f'<text x="{pad_l}" y="{h - 6}" font-size="10">step {x0:g}</text>'
             f'<text x="{w - 8}" y="{h - 6}" font-size="10" text-anchor="end">{x1:g}</text>'
             f'<polyline points="{line}" fill="none" stroke="{LINE}" stroke-width="2"/>{dots}</svg>')
 
 
-def _fmt(v) -> str:
+def _fmt(v, pct: bool = False) -> str:
     if v is None:
         return "–"
+    if pct and _finite(v):
+        return f"{v:.1%}"
     if isinstance(v, float):
-        return f"{v:.1%}" if 0 <= v <= 1 and v != 0 else f"{v:.4g}"
+        return f"{v:.4g}"
     return f"{v:,}" if isinstance(v, int) else html.escape(str(v))
 
 
@@ -218,10 +220,11 @@ def render(data: dict) -> str:
            "<th>tokens/s</th><th>rows</th><th>truncated</th><th>dropped</th><th>model</th><th>log</th></tr>"]
     for s in stages:
         colour = STATUS_COLOURS.get(s["status"], STATUS_COLOURS["pending"])
+        secs = f"{s['seconds']:.1f}" if _finite(s["seconds"]) else "–"
         link = lambda p, text: f"<a href='{Path(p).resolve().as_uri()}'>{text}</a>" if p else "–"  # noqa: E731
         out.append(f"<tr><td><a href='#stage-{esc(s['name'])}'>{esc(s['name'])}</a></td><td>{esc(s['kind'])}</td>"
                    f"<td><span class='status' style='background:{colour}'>{s['status']}</span></td>"
-                   f"<td>{s['steps'] or '–'}</td><td>{_fmt(s['seconds'])}</td>"
+                   f"<td>{s['steps'] or '–'}</td><td>{secs}</td>"
                    f"<td>{_fmt(round(s['tokens_per_s'])) if s['tokens_per_s'] else '–'}</td>"
                    f"<td>{_fmt(s['data'].get('rows'))}</td><td>{_fmt(s['data'].get('truncated'))}</td>"
                    f"<td>{_fmt(s['data'].get('dropped'))}</td><td>{link(s['model'], 'model/')}</td>"
@@ -231,8 +234,8 @@ def render(data: dict) -> str:
     if rows:
         out.append("<h2>Before and after</h2><table><tr><th>stage</th><th>measure</th><th>before</th>"
                    "<th>after</th></tr>")
-        out += [f"<tr><td>{esc(n)}</td><td style='text-align:left'>{esc(w)}</td><td>{_fmt(b)}</td><td>{_fmt(a)}</td></tr>"
-                for n, w, b, a in rows]
+        out += [f"<tr><td>{esc(n)}</td><td style='text-align:left'>{esc(w)}</td>"
+                f"<td>{_fmt(b, 'accuracy' in w)}</td><td>{_fmt(a, 'accuracy' in w)}</td></tr>" for n, w, b, a in rows]
         out.append("</table>")
     for s in stages:
         out.append(f"<div class='stage-section' id='stage-{esc(s['name'])}'><h2>{esc(s['name'])} "
