@@ -122,34 +122,36 @@ def _recipe(tmp: Path, *, hf_twin: bool = False, others: bool = True, name: str 
     return write_recipe(tmp, body, name)
 
 
+def run_setup(tmp_path_factory, setup: str) -> Path:
+    """The recipe's run under one of SETUPS (1 rank also runs the hf and LoRA twins of grpo)."""
+    tmp = tmp_path_factory.mktemp(setup)
+    rec = _recipe(tmp, hf_twin=setup == "1rank")
+    r = posttrain("run", f"recipe={rec}", *SETUPS[setup], cwd=tmp, timeout=1800)
+    (tmp / "out.txt").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, f"{setup}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return tmp / "runs" / "vl"
+
+
+# The 1-rank run is this file's; the 2-rank run is test_vllm_stages_2rank.py's, which the other test
+# worker takes at the same time. Both check the same (the check_* functions).
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    out = {}
-    for setup, args in SETUPS.items():
-        tmp = tmp_path_factory.mktemp(setup)
-        rec = _recipe(tmp, hf_twin=setup == "1rank")
-        r = posttrain("run", f"recipe={rec}", *args, cwd=tmp, timeout=1800)
-        (tmp / "out.txt").write_text(r.stdout + r.stderr)
-        assert r.returncode == 0, f"{setup}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-        out[setup] = tmp / "runs" / "vl"
-    return out
+    return {"1rank": run_setup(tmp_path_factory, "1rank")}
 
 
-@pytest.mark.parametrize("setup", SETUPS)
-def test_every_sampling_kind_completes_on_vllm(runs, setup):
+def check_every_sampling_kind_completes(run_dir: Path) -> None:
     for stage in SAMPLING:
-        m = stage_manifest(runs[setup], stage)
+        m = stage_manifest(run_dir, stage)
         assert m["status"] == "completed", (stage, m)
-        log = (runs[setup] / stage / "logs" / "rank0.log").read_text()
+        log = (run_dir / stage / "logs" / "rank0.log").read_text()
         assert "sampling with vllm" in log, f"{stage}: no vLLM engine in its log"
 
 
-@pytest.mark.parametrize("setup", SETUPS)
-def test_the_engine_takes_every_update_and_samples_what_the_trainer_would(runs, setup):
+def check_the_engine_takes_every_update(run_dir: Path) -> None:
     """A sync before every step but the first: weight_syncs counts them. fp32 on both engines: the
     trainer's recomputed log-probs equal the engine's to float noise, so the importance ratio is 1
     (a step sampled from stale weights, after 2 updates at lr 5e-3, is off by far more)."""
-    rows = stage_rows(runs[setup], "grpo")
+    rows = stage_rows(run_dir, "grpo")
     per_step = {}
     for r in rows:
         per_step.setdefault(r["weight_syncs"], r)
@@ -157,6 +159,25 @@ def test_the_engine_takes_every_update_and_samples_what_the_trainer_would(runs, 
     for r in rows:
         assert abs(r["is_ratio_mean"] - 1) < 1e-3 and r["is_ratio_max"] < 1.05, r
         assert r["is_truncated"] == 0.0, r
+
+
+def check_sampled_datasets_are_sft_rows(run_dir: Path) -> None:
+    gen = [json.loads(line) for line in (run_dir / "gen" / "data.jsonl").read_text().splitlines()]
+    assert len(gen) == 32 and all(r["messages"][-1]["role"] == "assistant" for r in gen)
+    rs = [json.loads(line) for line in (run_dir / "rs" / "data.jsonl").read_text().splitlines()]
+    assert len(rs) <= 16 and all(r["messages"][-1]["role"] == "assistant" for r in rs)
+
+
+def test_every_sampling_kind_completes_on_vllm(runs):
+    check_every_sampling_kind_completes(runs["1rank"])
+
+
+def test_the_engine_takes_every_update_and_samples_what_the_trainer_would(runs):
+    check_the_engine_takes_every_update(runs["1rank"])
+
+
+def test_sampled_datasets_are_sft_rows(runs):
+    check_sampled_datasets_are_sft_rows(runs["1rank"])
 
 
 def test_grpo_learns_with_vllm_as_with_hf(runs):
@@ -167,14 +188,6 @@ def test_grpo_learns_with_vllm_as_with_hf(runs):
         assert ev["after"]["accuracy"] >= ev["before"]["accuracy"] - 0.15, ev
     assert vl["reward_end"] > hf["reward_end"] - 0.2, (vl["reward_end"], hf["reward_end"])
     assert "is_ratio_mean" not in stage_rows(runs["1rank"], "grpo_hf")[-1]  # hf samples the trainer's module
-
-
-@pytest.mark.parametrize("setup", SETUPS)
-def test_sampled_datasets_are_sft_rows(runs, setup):
-    gen = [json.loads(line) for line in (runs[setup] / "gen" / "data.jsonl").read_text().splitlines()]
-    assert len(gen) == 32 and all(r["messages"][-1]["role"] == "assistant" for r in gen)
-    rs = [json.loads(line) for line in (runs[setup] / "rs" / "data.jsonl").read_text().splitlines()]
-    assert len(rs) <= 16 and all(r["messages"][-1]["role"] == "assistant" for r in rs)
 
 
 def test_resumed_grpo_on_vllm_ends_with_the_uninterrupted_weights(tmp_path):
