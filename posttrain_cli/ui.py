@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain_cli.config import model_size
-from posttrain_cli.config.schema import stage_lora
+from posttrain_cli.config.schema import stage_deepspeed, stage_lora
 from posttrain_cli.kinds import KINDS
 from posttrain_cli.kinds.base import samples
 from posttrain_cli.pipeline import manifest
@@ -213,8 +213,7 @@ def _bytes(n: int) -> str:
 def _lora_size_text(run: dict, nodes: dict, node, lora: dict) -> str:
     """How many parameters a LoRA stage trains and the model states (weights, gradients, AdamW
     moments; config/model_size.py) of a full fine-tune and of the adapter; or why plan cannot count."""
-    stage_precision = (node.cfg.get("deepspeed") or {}).get("precision")
-    precision, why = model_size.plan_precision(stage_precision or run["deepspeed"]["precision"])
+    precision, why = model_size.plan_precision(stage_deepspeed(run, node.cfg)["precision"])
     try:
         size = model_size.lora_size(_input_config(run, nodes, node), lora, precision,
                                     scorer=KINDS[node.kind].produces == "scorer")

@@ -184,6 +184,11 @@ ROUNDS = {
 }
 
 
+def stage_deepspeed(run: dict, stage_cfg: dict) -> dict:
+    """A stage's deepspeed settings: the run's section, the stage's own block over it."""
+    return {**run["deepspeed"], **{k: v for k, v in (stage_cfg.get("deepspeed") or {}).items() if v is not None}}
+
+
 def stage_lora(run: dict, stage_cfg: dict) -> dict | None:
     """A training stage's LoRA settings (the run's lora section, the stage's block over it), or None
     when it trains the whole model (r null)."""

@@ -77,22 +77,18 @@ def _check_rollout(run: dict) -> None:
 
 def _check_report_to(run: dict) -> None:
     names = run["logging"]["report_to"]
-    TRACKERS = schema.TRACKERS
-
-    def missing_module(name: str) -> str | None:  # asked without importing it
-        module = TRACKERS[name][0]
-        return module if importlib.util.find_spec(module) is None else None
-
     for name in names:
-        if name not in TRACKERS:
-            close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+        if name not in schema.TRACKERS:
+            close = difflib.get_close_matches(str(name), schema.TRACKERS, n=1)
             raise UserError(f"logging.report_to: '{name}' is not a tracker"
                             + (f"; did you mean '{close[0]}'?" if close else "")
-                            + f" (trackers: {', '.join(TRACKERS)})")
-        # SLURM: the plan may run where the job's environment is not; the stage warns there.
-        if run["cluster"]["launcher"] == "local" and missing_module(name):
-            raise UserError(f"logging.report_to: {name} needs the Python module {missing_module(name)}: "
-                            f"pip install 'posttrain[{TRACKERS[name][1]}]'")
+                            + f" (trackers: {', '.join(schema.TRACKERS)})")
+        module, extra = schema.TRACKERS[name]
+        # SLURM: the plan may run where the job's environment is not; the stage warns there. Asked
+        # without importing the module.
+        if run["cluster"]["launcher"] == "local" and importlib.util.find_spec(module) is None:
+            raise UserError(f"logging.report_to: {name} needs the Python module {module}: "
+                            f"pip install 'posttrain[{extra}]'")
     if len(set(names)) != len(names):
         raise UserError(f"logging.report_to={names} names a tracker twice")
 
@@ -104,9 +100,7 @@ def _check_lora(run: dict) -> None:
             own = {k: v for k, v in (stage.get("lora") or {}).items() if v is not None}
             lora = schema.stage_lora(run, stage)
             if lora is not None:
-                own_ds = {k: v for k, v in (stage.get("deepspeed") or {}).items() if v is not None}
-                zero = {**run["deepspeed"], **own_ds}["zero_stage"]
-                _check_lora_values(lora, run["cluster"]["launcher"], zero,
+                _check_lora_values(lora, run["cluster"]["launcher"], schema.stage_deepspeed(run, stage)["zero_stage"],
                                    lambda key, own=own, name=name: f"stages.{name}.lora.{key}" if key in own else f"lora.{key}")
 
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain_cli.config.schema import stage_lora
+from posttrain_cli.config.schema import stage_deepspeed, stage_lora
 from posttrain_cli.data.chat import template_text
 from posttrain_cli.data.paths import is_local, resolve_source_path
 from posttrain_cli.errors import UserError
@@ -277,9 +277,7 @@ def fingerprints(run: dict, nodes: list[Node]) -> dict[str, dict[str, str]]:
 
 
 def effective_deepspeed(run: dict, node: Node) -> dict:
-    ds = dict(run["deepspeed"])
-    ds.update({k: v for k, v in (node.cfg["deepspeed"] or {}).items() if v is not None})
-    return ds
+    return stage_deepspeed(run, node.cfg)
 
 
 def effective_rollout(run: dict, node: Node) -> dict:
