@@ -121,8 +121,7 @@ def bradley_terry(better: torch.Tensor, worse: torch.Tensor, margin: torch.Tenso
     return -F.logsigmoid(diff)
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
-    """Sum log p(target) per sequence. logits [P, V], targets [P], seq [P] (which sequence each
-    position belongs to) -> [n_seq]."""
-    logp = -F.cross_entropy(logits.float(), targets, reduction="none")
-    return torch.zeros(n_seq, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+def sequence_logps(token_logps: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Sum log p(target) per sequence. token_logps [P] (engine/lm_head.target_logps), seq [P] (which
+    sequence each position belongs to) -> [n_seq]."""
+    return torch.zeros(n_seq, dtype=token_logps.dtype, device=token_logps.device).index_add(0, seq, token_logps)

@@ -19,11 +19,19 @@ IGNORE = -100
 
 
 @register("sft")
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, V] predicting targets [N] (already shifted); IGNORE targets count nothing.
+def token_nll(logps: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logps [N]: log p(target) of each position (engine/lm_head.target_logps, computed without
+    [N, V] logits); targets [N]: IGNORE where nothing is trained.
 
     -> (sum of -log p(target) over counted tokens, number of counted tokens)
     """
+    keep = targets != IGNORE
+    return -(logps * keep).sum(), keep.sum()
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same from full logits [N, V] (already shifted targets [N]): the plain computation the
+    chunked head (losses/linear.py) is tested against."""
     keep = targets != IGNORE
     loss = F.cross_entropy(logits.float(), targets.masked_fill(~keep, 0), reduction="none")
     return (loss * keep).sum(), keep.sum()

@@ -46,7 +46,8 @@ from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist, lora
 from posttrain_cli.engine import loop as training
 from posttrain_cli.engine.checkpoint import StageState
-from posttrain_cli.engine.inference import frozen_causal_lm, packed_logits
+from posttrain_cli.engine.inference import frozen_causal_lm
+from posttrain_cli.engine.lm_head import target_logps
 from posttrain_cli.rollout import episodes as ep
 from posttrain_cli.rollout.backend import policy_sampler
 
@@ -187,15 +188,10 @@ def behaviour(micro: dict, is_cap: float | None,
 
 def token_logps(module, micro: dict, temperature: float, entropy: bool = False):
     """Log-prob of every completion token under softmax(logits / T) (the sampling distribution),
-    and with `entropy` the distribution's entropy at each (no grad)."""
-    logits = packed_logits(module, micro).float() / (temperature if temperature > 0 else 1.0)
-    lsm = torch.log_softmax(logits, dim=-1)
-    lp = lsm.gather(1, micro["targets"][:, None]).squeeze(1)
-    if not entropy:
-        return lp, None
-    with torch.no_grad():
-        ent = -(lsm.exp() * lsm).sum(-1)
-    return lp, ent
+    and with `entropy` the distribution's entropy at each (no grad); through the head in chunks,
+    without [tokens, vocab] logits (engine/lm_head.py)."""
+    return target_logps(module, micro["inputs"], micro["targets"], micro["positions"],
+                        temperature=temperature, entropy=entropy)
 
 
 def reward_trend(ctx, history: list[dict]) -> dict:

@@ -38,7 +38,8 @@ import torch
 from posttrain_cli.data import preference as pref
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist, lora
-from posttrain_cli.engine.inference import eval_mode, frozen_causal_lm, load_tokenizer, packed_logits
+from posttrain_cli.engine.inference import eval_mode, frozen_causal_lm, load_tokenizer
+from posttrain_cli.engine.lm_head import target_logps
 from posttrain_cli.engine.loop import StepPlan, forward_chunks, total_steps, train
 from posttrain_cli.losses.preference import (PairLogps, PrefOptions, length_normalized, preference_loss,
                                              sequence_logps, uses_reference)
@@ -54,7 +55,8 @@ def micro_batch(pairs: list[dict], idx: list[int], *, boundaries: str, mask_dtyp
 
 def answer_logps(module, micro: dict) -> torch.Tensor:
     """[2m] summed log-probs of each packed answer (chosen first, then rejected)."""
-    return sequence_logps(packed_logits(module, micro), micro["targets"], micro["seq"], micro["n"])
+    logps, _ = target_logps(module, micro["inputs"], micro["targets"], micro["positions"])
+    return sequence_logps(logps, micro["seq"], micro["n"])
 
 
 def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

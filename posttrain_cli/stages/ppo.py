@@ -79,6 +79,7 @@ class _Policy:
 
     def __init__(self, engine):
         self.engine = engine
+        self.causal_lm = engine.module.policy  # whose head engine/lm_head.target_logps asks
 
     def __call__(self, **inputs):
         return self.engine(which="policy", **inputs)

@@ -25,7 +25,8 @@ import torch
 from posttrain_cli.data import packing, tokenized
 from posttrain_cli.engine import deepspeed_engine as eng
 from posttrain_cli.engine import dist
-from posttrain_cli.engine.inference import load_tokenizer, packed_logits
+from posttrain_cli.engine.inference import load_tokenizer
+from posttrain_cli.engine.lm_head import target_logps
 from posttrain_cli.engine.loop import StepPlan, total_steps, train
 from posttrain_cli.errors import UserError
 from posttrain_cli.losses import LOSSES
@@ -94,13 +95,14 @@ def run(ctx) -> dict:
         return out
 
     def loss_fn(module, micro) -> tuple:
+        # log p(target) through the head in chunks: no [tokens, vocab] logits (engine/lm_head.py).
         if "positions" in micro:
-            logits = packed_logits(module, micro)
             targets = micro["targets"][0, micro["positions"]]
+            logps, _ = target_logps(module, micro["inputs"], targets, micro["positions"])
         else:
-            logits = module(**micro["inputs"], use_cache=False).logits
-            logits, targets = logits.flatten(0, 1), micro["targets"].flatten()
-        loss_sum, _ = loss(logits, targets)
+            targets = micro["targets"]
+            logps, _ = target_logps(module, micro["inputs"], targets)
+        loss_sum, _ = loss(logps, targets)
         return loss_sum, {}
 
     ctx.info(f"{steps} steps x {batch['global_batch_size']} sequences "

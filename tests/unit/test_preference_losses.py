@@ -139,5 +139,6 @@ def test_sequence_logps_sums_per_sequence():
     p0 = [1/4, 3/4] target 1 -> ln 3/4; p1 = [1/2, 1/2] target 0 -> ln 1/2; p2 uniform -> ln 1/2.
     seq 0: ln(3/4) + ln(1/2) = -0.980829; seq 1: -0.693147."""
     logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0], [1.0, 1.0]])
-    out = sequence_logps(logits, torch.tensor([1, 0, 1]), torch.tensor([0, 0, 1]), 2)
+    token_lp = torch.log_softmax(logits, -1).gather(1, torch.tensor([[1], [0], [1]])).squeeze(1)
+    out = sequence_logps(token_lp, torch.tensor([0, 0, 1]), 2)
     assert out.tolist() == pytest.approx([-0.980829, -0.693147], abs=1e-6)
