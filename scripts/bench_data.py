@@ -2,6 +2,7 @@
 
     python scripts/bench_data.py                  # 1,000,000 chats: about 45 minutes on 2 cores
     python scripts/bench_data.py --rows 20000     # a quick run
+    python scripts/bench_data.py --quick          # smoke run: 200 chats, every phase (~15 s)
     python scripts/bench_data.py --rows 200000 --workers 1   # one core, for the scaling
 
 What it measures, in this process and the worker processes it forks (posttrain's own code, as the SFT
@@ -141,7 +142,8 @@ def make_text(rng: random.Random, words: list[str], size: int) -> str:
 def make_data(path: Path, n: int, words: list[str], seed: int = 0) -> None:
     """n tulu-3-sft-mixture-shaped chats as JSONL; each message a slice of a seeded text pool."""
     rng = random.Random(seed)
-    pool = make_text(random.Random(seed + 1), words, 16_000_000)
+    # 16M characters (a 1M-row run); a smaller run needs less (the largest message is 20,000)
+    pool = make_text(random.Random(seed + 1), words, min(16_000_000, max(200_000, 6_000 * n)))
 
     def piece(median: float) -> str:
         size = int(min(20_000, max(1, round(math.exp(rng.gauss(math.log(median), 1.0))))))
@@ -178,7 +180,10 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--tmp", default=None, help="where the data and the cache go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (the data is reused by --tmp)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 200 chats")
     a = ap.parse_args()
+    if a.quick:
+        a.rows = min(a.rows, 200)
 
     from posttrain_cli.data import sources, tokenized
     from posttrain_cli.data.chat import template_text

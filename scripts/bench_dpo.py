@@ -173,13 +173,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--wait-quiet", type=float, default=300)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small model, 2 steps, 1 round, no waiting")
     add_worker_args(ap)
     a = ap.parse_args()
     if serve_worker(a, lambda kind, spec: worker_trl(spec, tuned=kind == "trl_tuned")):
         return
     if a.quick:
-        a.steps, a.repeats, a.skip, a.wait_quiet = 4, 1, 1, 0
+        a.steps, a.repeats, a.skip, a.wait_quiet = 2, 1, 1, 0
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     try:

@@ -1,7 +1,7 @@
 """GRPO optimizer steps per second: posttrain vs TRL's GRPOTrainer, on CPU, one run.
 
     python scripts/bench_grpo.py                 # 3 interleaved rounds (estimated 10-14 min on 2 quiet cores)
-    python scripts/bench_grpo.py --quick         # smoke run: small model, 4 steps of 4 x 4 x 32 tokens, 1 round
+    python scripts/bench_grpo.py --quick         # smoke run: small model, 2 steps of 2 x 2 x 16 tokens, 1 round
     scripts/vllm_env.sh python scripts/bench_grpo.py --vllm   # both sides sampling with vLLM (its CPU build)
 
 Run it on a quiet machine (the script waits, like every benchmark here, until at
@@ -228,6 +228,8 @@ def _trl_sync_for_vllm_032() -> None:
 def run_posttrain(spec: dict, tmp: Path, rnd: int, vllm: bool = False) -> dict:
     run_dir = tmp / f"pt-run-{rnd}"
     seqs_per_step = spec["prompts"] * spec["generations"]
+    # --quick: no torch.compile (a start in seconds)
+    rollout = f"rollout: {{backend: vllm, kv_cache_gb: 1.0, enforce_eager: {str(spec['eager']).lower()}}}\n"
     recipe = write_recipe(tmp, spec["model"], "grpo", f"""
         kind: grpo
         data: [{{path: {spec['data_jsonl']}}}]
@@ -252,7 +254,7 @@ def run_posttrain(spec: dict, tmp: Path, rnd: int, vllm: bool = False) -> dict:
         max_steps: {spec['steps']}
         micro_batch_size: {spec['micro_batch']}
         max_seq_len: {spec['max_seq_len']}
-        """, top="logging: {progress: never}\n" + ("rollout: {backend: vllm, kv_cache_gb: 1.0}\n" if vllm else ""))
+        """, top="logging: {progress: never}\n" + (rollout if vllm else ""))
     posttrain_run(recipe, run_dir, spec["threads"], tmp)
     m, rows = stage_results(run_dir, "grpo")
     # Per-step durations (rollout included) from the loop's own clock; the loop's total
@@ -279,7 +281,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--wait-quiet", type=float, default=300)
-    ap.add_argument("--quick", action="store_true", help="smoke run: small model, 4 x 4 x 4 completions, 1 round")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: small model, 2 steps of 2 x 2 completions of 16 tokens, 1 round, no waiting; "
+                         "with --vllm posttrain's engine eager (TRL's has no such setting)")
     ap.add_argument("--vllm", action="store_true",
                     help="contestants sampling with vLLM: posttrain rollout.backend=vllm vs TRL vllm_mode=colocate")
     add_worker_args(ap)
@@ -287,8 +291,8 @@ def main() -> None:
     if serve_worker(a, lambda kind, spec: worker_trl(spec, tuned=kind != "trl_default", vllm=kind == "trl_vllm")):
         return
     if a.quick:
-        a.steps, a.repeats, a.skip, a.wait_quiet = 4, 1, 1, 0
-        a.prompts, a.generations, a.max_new_tokens, a.micro_batch = 4, 4, 32, 8
+        a.steps, a.repeats, a.skip, a.wait_quiet = 2, 1, 1, 0
+        a.prompts, a.generations, a.max_new_tokens, a.micro_batch = 2, 2, 16, 4
     if (a.prompts * a.generations) % a.micro_batch:
         ap.error("--prompts x --generations must be a multiple of --micro-batch")
     if not 0 <= a.skip < a.steps:
@@ -300,7 +304,7 @@ def main() -> None:
         rows = make_rows(a.steps * a.prompts, 0)
         spec = {"model": str(model_dir), **write_rows(tmp, rows), "steps": a.steps, "prompts": a.prompts,
                 "generations": a.generations, "max_new_tokens": a.max_new_tokens, "micro_batch": a.micro_batch, "max_seq_len": a.max_seq_len,
-                "seed": 0, "threads": a.threads, "skip": a.skip, "tmp": str(tmp)}
+                "seed": 0, "threads": a.threads, "skip": a.skip, "tmp": str(tmp), "eager": a.quick}
         lens = sorted({len(p) for p in posttrain_prompt_ids(str(model_dir), rows)})
         if lens[-1] + a.max_new_tokens > a.max_seq_len:
             ap.error(f"--max-seq-len {a.max_seq_len} < prompt {lens[-1]} + --max-new-tokens {a.max_new_tokens}")

@@ -2,7 +2,7 @@
 (SFTTrainer with peft_config), on CPU, one run.
 
     python scripts/bench_lora.py            # 3 interleaved rounds (~12 min on 2 quiet cores)
-    python scripts/bench_lora.py --quick    # smoke run: small model, 3 steps, 1 round
+    python scripts/bench_lora.py --quick    # smoke run: small model, 2 steps, 1 round
 
 Every contestant gets the same (fp32, 1 process, --threads threads), as scripts/bench_sft.py sets it
 up (its data, tokenization checks and step order are reused):
@@ -187,13 +187,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--wait-quiet", type=float, default=300)
-    ap.add_argument("--quick", action="store_true", help="smoke run: small model, 3 steps, 1 round")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: small model, 2 steps of rows up to 256 tokens, 1 round, no waiting")
     add_worker_args(ap)
     a = ap.parse_args()
     if serve_worker(a, run_worker):
         return
     if a.quick:
-        a.steps, a.repeats, a.skip, a.rows, a.wait_quiet = 3, 1, 1, 100, 0
+        a.steps, a.repeats, a.skip, a.rows, a.max_seq_len, a.wait_quiet = 2, 1, 1, 16, 256, 0
     if a.global_batch % a.micro_batch or not 0 <= a.skip < a.steps:
         ap.error("--global-batch must be a multiple of --micro-batch and --skip in [0, steps)")
 

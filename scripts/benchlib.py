@@ -1,4 +1,4 @@
-"""What the CPU benchmarks share (scripts/bench_sft.py, bench_dpo.py, bench_grpo.py, bench_merge.py):
+"""What the benchmarks share (scripts/bench_sft.py, bench_dpo.py, bench_grpo.py, bench_merge.py, bench_gpu.py):
 the tiny models and synthetic text they train on, one fresh process per contestant, waiting for a
 quiet machine, posttrain's CLI and the per-step times it logs, and TRL's CPU settings and step clock.
 
@@ -136,10 +136,15 @@ def rotated(contestants: list[str], rnd: int) -> list[str]:
 
 # --------------------------------------------------------------------------- processes
 
-def child_env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+def child_env(threads: int, cpu: bool = True) -> dict:
+    """A contestant's environment: `threads` OpenMP threads, offline, quiet; cpu: DeepSpeed's CPU
+    accelerator (on a GPU node, cpu=False leaves DeepSpeed to find the GPUs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
 
 
 def add_worker_args(ap: argparse.ArgumentParser) -> None:
@@ -181,12 +186,14 @@ def write_recipe(tmp: Path, model: str, stage: str, settings: str, top: str = ""
     return recipe
 
 
-def posttrain_run(recipe: Path, run_dir: Path, threads: int, cwd: Path) -> None:
-    """`posttrain run recipe=... run_dir=...` as a user types it, fp32, in a fresh process."""
+def posttrain_run(recipe: Path, run_dir: Path, threads: int, cwd: Path,
+                  overrides: tuple[str, ...] = ("deepspeed.precision=fp32",), cpu: bool = True) -> None:
+    """`posttrain run recipe=... run_dir=... OVERRIDES` as a user types it (by default fp32), in a
+    fresh process; cpu: see child_env."""
     exe = Path(sys.executable).parent / "posttrain"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "posttrain_cli.cli"]
-    cmd += ["run", f"recipe={recipe}", f"run_dir={run_dir}", "deepspeed.precision=fp32"]
-    p = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True, cwd=cwd)
+    cmd += ["run", f"recipe={recipe}", f"run_dir={run_dir}", *overrides]
+    p = subprocess.run(cmd, env=child_env(threads, cpu), capture_output=True, text=True, cwd=cwd)
     if p.returncode != 0:
         raise SystemExit(f"posttrain failed (rc {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
 

@@ -46,7 +46,9 @@ TOGETHER = {
     **{f"tests/unit/{name}.py": "sandbox"
        for name in ("test_sandbox", "test_sandbox_adversarial", "test_reward_dispatch", "test_verifiers")},
 }
-APART = {"tests/e2e/test_presets.py::test_every_preset_runs_at_tiny_scale"}
+APART = {"tests/e2e/test_presets.py::test_every_preset_runs_at_tiny_scale",
+         # each benchmark's --quick run (up to ~2 minutes, one process per contestant)
+         "tests/e2e/test_bench_quick.py::test_quick_run"}
 
 
 def work_unit(nodeid: str) -> str:

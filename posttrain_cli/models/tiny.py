@@ -69,8 +69,11 @@ def build_tiny(out_dir: str | Path, arch: dict | None = None) -> Path:
     out_dir = Path(out_dir)
     tok = build_tokenizer(arch["max_position_embeddings"])
     heads = arch["num_attention_heads"]
+    # vocab_size (optional): embedding and head rows beyond the tokenizer's, which no text uses, so
+    # the head costs what a real vocabulary's does (benchmarks of a 32k-vocabulary model).
+    vocab = max(len(tok), int(arch.get("vocab_size") or 0))
     config = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=vocab,
         hidden_size=arch["hidden_size"],
         intermediate_size=arch["intermediate_size"],
         num_hidden_layers=arch["num_hidden_layers"],
