@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 
@@ -53,3 +54,17 @@ def quiet_libraries() -> None:
         pass
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def compilers(cuda: bool) -> list[str]:
+    """Where torch.compile's Inductor looks for its compiler: Triton's C compiler on GPUs ($CC, else
+    cc, gcc, clang), the C++ compiler on CPU (torch._inductor.config.cpp.cxx: $CXX, else g++;
+    clang++ on macOS)."""
+    if cuda:
+        return [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    return [os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")]
+
+
+def compiler_for(*, cuda: bool) -> str | None:
+    """The compiler torch.compile would build with (found without importing torch), or None."""
+    return next((found for name in compilers(cuda) if (found := shutil.which(name))), None)

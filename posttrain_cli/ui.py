@@ -168,6 +168,13 @@ def print_graph(steps) -> None:
                       f"{node.kind:<18} {deps}", markup=False)
 
 
+def _stage_deepspeed_text(ds: dict) -> str:
+    """A training stage's deepspeed settings where its own block changes the run's."""
+    return (f"ZeRO-{ds['zero_stage']}" + (" +offload" if ds["offload_optimizer"] or ds["offload_param"] else "")
+            + (" +activation checkpointing" if ds["activation_checkpointing"] else "")
+            + (" +torch.compile" if ds["compile"] else "") + f", precision {ds['precision']}")
+
+
 def _template_text(model: dict) -> str:
     """The chat template, when the run sets one (a name or a file; an inline template is long)."""
     t = model["chat_template"]
@@ -224,11 +231,23 @@ def _lora_size_text(run: dict, nodes: dict, node, lora: dict) -> str:
             f"moments in {precision}{', ' + why if why else ''}; activations not counted)")
 
 
+def _precision_text(precision: str) -> str:
+    """An explicit precision in the plan's header; bf16 without CUDA is autocast over fp32 weights
+    (engine/deepspeed_engine.py cpu_autocast)."""
+    if precision == "auto":
+        return ""
+    if precision == "bf16" and not model_size.has_cuda():
+        return " bf16 (autocast, fp32 weights: no CUDA here)"
+    return f" {precision}"
+
+
 def print_plan(run: dict, steps) -> None:
     console.print(f"[bold]recipe[/] {run['name']}  [bold]run_dir[/] {run['run_dir']}  "
                   f"[bold]model[/] {run['model']['path']}{_template_text(run['model'])}  [bold]deepspeed[/] ZeRO-{run['deepspeed']['zero_stage']}"
                   f"{' +offload' if run['deepspeed']['offload_optimizer'] or run['deepspeed']['offload_param'] else ''}"
                   f"{' +activation checkpointing' if run['deepspeed']['activation_checkpointing'] else ''}"
+                  f"{' +torch.compile' if run['deepspeed']['compile'] else ''}"
+                  f"{_precision_text(run['deepspeed']['precision'])}"
                   + _ranks_text(run["cluster"]))
     print_graph(steps)
     nodes = {step.node.name: step.node for step in steps}
@@ -272,6 +291,8 @@ def print_plan(run: dict, steps) -> None:
                           f"{', reward model ' + e['reward_model'] if e.get('reward_model') else ''}")
         if samples(record, cfg):
             console.print(f"   sampler: {_sampler_text(run, node, cfg if record.rl else None)}")
+        if record.trains and cfg.get("deepspeed"):
+            console.print(f"   deepspeed: {_stage_deepspeed_text(stage_deepspeed(run, cfg))} (the stage's own block)")
         lora = stage_lora(run, cfg)
         if lora is not None:
             alpha = lora["alpha"] if lora["alpha"] is not None else 2 * lora["r"]

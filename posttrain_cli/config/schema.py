@@ -63,7 +63,14 @@ SECTIONS = {
         # Keep only each decoder layer's input for the backward pass and recompute the rest (memory for
         # about a third more compute): the training stages' models. Not in the fingerprint.
         "activation_checkpointing": ("bool", False),
-        # auto: bf16 on GPUs, fp32 on CPU.
+        # torch.compile each decoder layer of the training stages' models (regional compile, dynamic
+        # sequence length: packed rows of any length reuse one graph; engine/regional_compile.py): the
+        # first step compiles (25-35 s on CPU), the rest ran 1.1-1.2x faster on CPU (README). Needs a
+        # C++ compiler on CPU. Not with zero_stage 3. Not in the fingerprint.
+        "compile": ("bool", False),
+        # auto: bf16 on GPUs, fp32 on CPU. bf16 on GPUs: DeepSpeed's (bf16 weights, fp32 masters); bf16
+        # without CUDA: fp32 weights and optimizer, every forward under torch.autocast(bfloat16), the
+        # speed of the CPU's bf16 matmuls (AVX512-BF16, AMX) with a curve close to fp32's.
         "precision": (("auto", "fp32", "bf16", "fp16"), "auto"),
         # Raw DeepSpeed config keys merged last, for what the keys above miss.
         "config": ("dict", {}),

@@ -18,6 +18,7 @@ from posttrain_cli.config.tables import _coerce, _suggest, check_sources, check_
 from posttrain_cli.errors import UserError
 from posttrain_cli.kinds import KINDS
 from posttrain_cli.kinds.base import REQUIRED
+from posttrain_cli.procs import compiler_for, compilers
 
 
 def check_stage(name: str, given: Any, path: str | None = None) -> dict:
@@ -136,6 +137,30 @@ def _check_lora_values(lora: dict, launcher: str, zero_stage: int, where) -> Non
             raise UserError(f"{where('quantize')}=4bit (QLoRA) needs bitsandbytes: pip install 'posttrain[qlora]'")
 
 
+def _check_compile(run: dict) -> None:
+    """deepspeed.compile on each training stage (the run's deepspeed section, the stage's block over it)."""
+    for name, stage in run["stages"].items():
+        own = stage.get("deepspeed") or {}
+        if not isinstance(own.get("compile", False), (bool, type(None))):
+            # A stage's block is checked key by key (config/tables.py partial), not by type.
+            raise UserError(f"stages.{name}.deepspeed.compile={own['compile']!r} is not a bool")
+        ds = schema.stage_deepspeed(run, stage)
+        if not (KINDS[stage["kind"]].trains and ds["compile"]):
+            continue
+        key = f"stages.{name}.deepspeed.compile" if own.get("compile") else "deepspeed.compile"
+        if ds["zero_stage"] == 3:
+            zero = f"stages.{name}.deepspeed.zero_stage=2" if own.get("zero_stage") is not None else "deepspeed=zero2"
+            raise UserError(f"{key}=true is not supported with ZeRO-3: its parameter-gathering hooks inside every "
+                            f"compiled layer break the graph into dozens of pieces that hit torch's recompile "
+                            f"limit; use {zero}, or {key}=false")
+        # SLURM: the plan runs on a login node; the stage checks its own node (engine/regional_compile.py).
+        cuda = has_cuda()
+        if run["cluster"]["launcher"] == "local" and compiler_for(cuda=cuda) is None:
+            need = "a C compiler for Triton on GPUs" if cuda else "a C++ compiler on CPU"
+            raise UserError(f"{key}=true: torch.compile needs {need} and finds none ({', '.join(compilers(cuda))} "
+                            f"not found): install one (apt-get install {'gcc' if cuda else 'g++'}) or set {key}=false")
+
+
 def _check_verifier(path: str, name: str) -> None:
     from posttrain_cli.rewards import VERIFIERS  # pure Python, no torch
 
@@ -209,6 +234,7 @@ def check_run(cfg: dict) -> dict:
     _check_seed(out["seed"])
     _check_rollout(out)
     _check_lora(out)
+    _check_compile(out)
     _check_report_to(out)
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None

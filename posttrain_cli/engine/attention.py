@@ -27,7 +27,7 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     # query [1, H, T, D]; key/value [1, Hkv, T, D]
-    cu = cu_seq_lens_q.to(query.device)
+    cu = cu_seq_lens_q.to(query.device, torch.long)
     lens = cu[1:] - cu[:-1]
     longest = int(max_length_q) if max_length_q is not None else int(lens.max())
     offs = torch.arange(longest, device=query.device)
@@ -40,9 +40,13 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     q, k, v = slots(query), slots(key), slots(value)
     out = F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0,
-        enable_gqa=q.shape[1] != k.shape[1],
+        enable_gqa=bool(q.shape[1] != k.shape[1]),
     )                                                                   # [S, H, L, D]
-    out = out.permute(0, 2, 1, 3)[valid]                                # [T, H, D] in row order
+    # Back to row order by each token's (sequence, offset), not by out[valid]: a boolean mask's
+    # result has a data-dependent shape, which torch.compile (deepspeed.compile) cannot trace.
+    token = torch.arange(query.shape[2], device=query.device)
+    seq = torch.searchsorted(cu[1:], token, right=True)                # [T]
+    out = out.permute(0, 2, 1, 3)[seq, token - cu[seq]]                # [T, H, D]
     return out[None], None
 
 

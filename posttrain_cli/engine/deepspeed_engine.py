@@ -33,6 +33,33 @@ def resolve_precision(ds: dict) -> str:
     return "fp32"
 
 
+def cpu_autocast(ds_cfg: dict):
+    """bf16 without CUDA: the weights, gradients and optimizer stay float32 and every forward runs
+    under torch.autocast("cpu", bfloat16) (matmuls and attention in bf16, where CPUs with AVX512-BF16
+    or AMX run them 2-4x faster; norms, softmax and the loss in float32): as close to the fp32
+    curve as bf16 gets, unlike bf16 weights. -> torch.bfloat16, else None (DeepSpeed's own bf16:
+    bf16 weights, fp32 masters, on GPUs)."""
+    return torch.bfloat16 if ds_cfg["bf16"]["enabled"] and not torch.cuda.is_available() else None
+
+
+def autocast_forwards(model, dtype) -> None:
+    """Every forward of `model`'s direct children (the decoder, the head: what its own forward
+    calls; peft calls the top module's forward method directly, past any hook there) under
+    torch.autocast("cpu", dtype). HF generate and references go through them too."""
+    def enter(module, args):
+        ac = torch.autocast("cpu", dtype=dtype)
+        ac.__enter__()
+        module._posttrain_autocast.append(ac)
+
+    def leave(module, args, output):
+        module._posttrain_autocast.pop().__exit__(None, None, None)
+
+    for child in model.children():
+        child._posttrain_autocast = []
+        child.register_forward_pre_hook(enter)
+        child.register_forward_hook(leave, always_call=True)
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -142,7 +169,10 @@ def _load(auto_cls, path: str, model_cfg: dict, ds_cfg: dict, *, train: bool, qu
         kwargs.update(quantization_config=quantization(ds_cfg), device_map={"": dist.device()})
     if model_cfg.get("revision") and not Path(path).exists():
         kwargs["revision"] = model_cfg["revision"]
-    return auto_cls.from_pretrained(path, **kwargs)
+    model = auto_cls.from_pretrained(path, **kwargs)
+    if (dt := cpu_autocast(ds_cfg)) is not None:
+        autocast_forwards(model, dt)
+    return model
 
 
 def disable_dropout(model) -> None:
@@ -186,6 +216,8 @@ def initialize(model, ds_cfg: dict, train_cfg: dict | None = None, total_steps: 
     lr_for(parameter name) -> its learning rate, where groups differ (the schedule scales each)."""
     import deepspeed
 
+    if cpu_autocast(ds_cfg) is not None:  # bf16 by autocast (above): DeepSpeed keeps float32
+        ds_cfg = {**ds_cfg, "bf16": {**ds_cfg["bf16"], "enabled": False}}
     if train_cfg is None:
         engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
         engine.eval()
@@ -222,22 +254,30 @@ def pack_options(run: dict, device) -> dict:
 
 def trainable(ctx, model, *, score_head: bool = False, what: str = ""):
     """`model` as this stage trains it: activation checkpointing when deepspeed.activation_checkpointing
-    is on, and the stage's LoRA adapter (engine/lora.py) when its lora settings are on (one line says
-    what trains). score_head: a scalar head (`score`) trains in full."""
+    is on, the stage's LoRA adapter (engine/lora.py) when its lora settings are on (one line says
+    what trains), its decoder layers compiled when deepspeed.compile is on (engine/regional_compile.py).
+    score_head: a scalar head (`score`) trains in full."""
     from posttrain_cli.engine import lora
 
-    if ctx.run["deepspeed"].get("activation_checkpointing"):
+    ds = ctx.run["deepspeed"]
+    if ds.get("activation_checkpointing"):
         # Non-reentrant: the recomputation needs no input that requires grad (a LoRA model's
         # embeddings are frozen) and runs under ZeRO-3's gather hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     settings = ctx.run.get("lora")
-    if settings is None:
-        return model
-    model = lora.wrap(model, settings, where=ctx.where("lora"), score_head=score_head)
-    trainable, total = lora.counts(model)
-    ctx.info(f"LoRA{what}: r {settings['r']}, alpha {lora.alpha(settings):g}, {settings['target_modules']}"
-             + (", rsLoRA" if settings["use_rslora"] else "") + (", 4-bit NF4 base (QLoRA)" if settings["quantize"] else "")
-             + f": {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
+    if settings is not None:
+        model = lora.wrap(model, settings, where=ctx.where("lora"), score_head=score_head)
+        trainable, total = lora.counts(model)
+        ctx.info(f"LoRA{what}: r {settings['r']}, alpha {lora.alpha(settings):g}, {settings['target_modules']}"
+                 + (", rsLoRA" if settings["use_rslora"] else "") + (", 4-bit NF4 base (QLoRA)" if settings["quantize"] else "")
+                 + f": {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
+    if ds.get("compile"):
+        from posttrain_cli.engine import regional_compile
+
+        regional_compile.check_compiler(dist.device(), "deepspeed.compile")
+        n = regional_compile.apply(model, checkpointing=bool(ds.get("activation_checkpointing")),
+                                   where="deepspeed.compile")
+        ctx.info(f"torch.compile{what}: {n} decoder layers, dynamic shapes (the first steps compile)")
     return model
 
 

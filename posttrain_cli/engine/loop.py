@@ -17,7 +17,7 @@ import random
 import time
 from typing import Callable
 
-from posttrain_cli.engine import dist
+from posttrain_cli.engine import dist, regional_compile
 from posttrain_cli.engine.checkpoint import Checkpoints, Preempted, StopSignals, latest
 from posttrain_cli.errors import Diverged, UserError
 
@@ -177,7 +177,8 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
     tail = history[-max(1, len(history) // 10):]
     final = {k: sum(h[k] for h in tail) / len(tail) for k in (tail[0] if tail else {})}
     return {"steps": total_steps, **final, "first_loss": history[0]["loss"] if history else None,
-            "tokens": int(tokens_total), "tokens_per_s": tokens_total / elapsed, "train_seconds": elapsed}
+            "tokens": int(tokens_total), "tokens_per_s": tokens_total / elapsed, "train_seconds": elapsed,
+            **regional_compile.stats()}
 
 
 def _trim_metrics(ctx, step: int) -> None:

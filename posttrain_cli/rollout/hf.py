@@ -19,6 +19,7 @@ import math
 import torch
 
 from posttrain_cli.data import chat
+from posttrain_cli.engine import regional_compile
 from posttrain_cli.engine.inference import eval_mode, pad_id
 from posttrain_cli.rollout.backend import Completion
 
@@ -79,7 +80,9 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     dev = next(model.parameters()).device
     n_calls = calls if calls is not None else math.ceil(len(prompts) / batch_size)
     out: list[Completion] = []
-    with eval_mode(model):
+    # Eager even when the stage compiled the layers (deepspeed.compile): each decode step has its own
+    # cache length.
+    with eval_mode(model), regional_compile.eager():
         for c in range(n_calls):
             chunk = prompts[c * batch_size:(c + 1) * batch_size]
             real = len(chunk)
