@@ -168,7 +168,8 @@ def run_posttrain(spec: dict, tmp: Path, rnd: int, lora: bool, ckpt: bool = Fals
         trainable = int(re.search(r"([\d,]+) of [\d,]+ parameters train", log).group(1).replace(",", ""))
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"t_start": 0.0, "ends": step_ends(rows, m["train_seconds"]), "tokens": [int(r["tokens"]) for r in rows],
-            "loss_last": rows[-1]["loss"], "peak_kb": json.loads(out.read_text())["peak_kb"], "trainable": trainable}
+            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "peak_kb": json.loads(out.read_text())["peak_kb"],
+            "trainable": trainable}
 
 
 # --------------------------------------------------------------------------- driver

@@ -37,16 +37,14 @@ import json
 import random
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_lora import RUN_MEASURED, _peak_kb
+from bench_lora import _peak_kb, run_posttrain, worker_baseline
 from bench_sft import TRL_TEMPLATE, checked_token_clock, throughput, tokenize_all
-from benchlib import (TRL_CPU, add_worker_args, busy_before, child_env, rotated, run_in_subprocess, serve_worker,
-                      stage_results, step_ends, step_order, text, write_recipe, write_rows)
+from benchlib import (TRL_CPU, add_worker_args, busy_before, rotated, run_in_subprocess, serve_worker, step_order,
+                      text, write_rows)
 
 ARCH = dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=12, num_attention_heads=10,
             max_position_embeddings=4096, vocab_size=32000, seed=0)
@@ -64,16 +62,6 @@ def make_rows(n: int, seed: int, prompt: int, answer: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- workers
-
-def worker_baseline(spec: dict) -> dict:
-    import deepspeed  # noqa: F401  (what posttrain's process imports too)
-    import torch
-    import transformers
-    import trl  # noqa: F401
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    return {"peak_kb": _peak_kb(), "params": sum(p.numel() for p in model.parameters())}
-
 
 def worker_trl(spec: dict) -> dict:
     import torch
@@ -109,33 +97,6 @@ def run_worker(kind: str, spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     return worker_baseline(spec) if kind == "baseline" else worker_trl(spec)
-
-
-def run_posttrain(spec: dict, tmp: Path, rnd: int) -> dict:
-    run_dir = tmp / f"pt-{rnd}"
-    recipe = write_recipe(tmp, spec["model"], "sft", f"""
-        kind: sft
-        data: [{{path: {spec['data_jsonl']}}}]
-        lr: {spec['lr']}
-        schedule: linear
-        warmup_ratio: 0.0
-        weight_decay: 0.0
-        grad_clip: 1.0
-        max_steps: {spec['steps']}
-        global_batch_size: {spec['global_batch']}
-        micro_batch_size: {spec['micro_batch']}
-        max_seq_len: {spec['max_seq_len']}
-        """, top="logging: {progress: never}\n")
-    out = tmp / f"peak-{run_dir.name}.json"
-    cmd = [sys.executable, "-c", RUN_MEASURED, str(out), "run", f"recipe={recipe}", f"run_dir={run_dir}",
-           "deepspeed.precision=fp32"]
-    p = subprocess.run(cmd, env=child_env(spec["threads"]), capture_output=True, text=True, cwd=tmp)
-    if p.returncode != 0:
-        raise SystemExit(f"posttrain failed (rc {p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
-    m, rows = stage_results(run_dir, "sft")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return {"t_start": 0.0, "ends": step_ends(rows, m["train_seconds"]), "tokens": [int(r["tokens"]) for r in rows],
-            "loss_first": rows[0]["loss"], "peak_kb": json.loads(out.read_text())["peak_kb"]}
 
 
 # --------------------------------------------------------------------------- driver
@@ -190,7 +151,7 @@ def main() -> None:
             for c in rotated(contestants, rnd):
                 busy = busy_before(a.max_load, a.wait_quiet)
                 t0 = time.perf_counter()
-                res = run_posttrain(spec, tmp, rnd) if c == "posttrain" else run_in_subprocess(c, spec, tmp, rnd,
+                res = run_posttrain(spec, tmp, rnd, lora=False) if c == "posttrain" else run_in_subprocess(c, spec, tmp, rnd,
                                                                                                script=__file__)
                 if res["tokens"] != per_step:
                     raise SystemExit(f"{c}: per-step tokens {res['tokens'][:4]}... differ from the plan's "
