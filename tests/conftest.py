@@ -204,6 +204,18 @@ engine = eng.initialize(model, cfg, train, 3)
 """
 
 
+# After the body: leave without the interpreter's teardown, as the stage worker does
+# (pipeline/worker.py _exit): with a live gloo group and ZeRO-3 engines, destructors at exit now and
+# then abort on a joinable C++ thread (SIGABRT) after the script has done its work.
+_TINY_ENGINE_EXIT = """
+import os, torch.distributed as tdist
+sys.stdout.flush(); sys.stderr.flush()
+if tdist.is_initialized():
+    tdist.destroy_process_group()
+os._exit(0)
+"""
+
+
 def tiny_engine_script(body: str, *, lr: float, weight_decay: float) -> str:
-    """_TINY_ENGINE's set-up, then `body` (dedented)."""
-    return _TINY_ENGINE.format(lr=lr, weight_decay=weight_decay) + textwrap.dedent(body)
+    """_TINY_ENGINE's set-up, then `body` (dedented), then a clean exit."""
+    return _TINY_ENGINE.format(lr=lr, weight_decay=weight_decay) + textwrap.dedent(body) + _TINY_ENGINE_EXIT
