@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 
 import torch
 
@@ -28,17 +30,34 @@ def init() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    import deepspeed
+    with _hidden("mlflow"):
+        import deepspeed
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    import contextlib
     import io
 
     # DeepSpeed prints a line when it builds its CPU shared-memory collective op.
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
+
+
+@contextlib.contextmanager
+def _hidden(module: str):
+    """`import module` fails inside (unless it is imported already). DeepSpeed's autotuner, which
+    posttrain never runs, imports mlflow whenever it is installed (the mlflow tracker's extra):
+    1.3 s of every rank's start-up, measured on CPU. The mlflow tracker (pipeline/trackers.py)
+    imports it later as usual."""
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get(module, False) is None:
+            del sys.modules[module]
 
 
 def from_slurm(env=os.environ) -> None:
