@@ -9,7 +9,11 @@
 - DPO's first step sits at log 2 (the adapter starts at zero: policy = reference) and its held-out
   preference accuracy rises; the reward model's score head trains in full next to its adapter;
 - the reference of a LoRA stage is the policy with its adapter off (no second model): a live one
-  (dpo precompute_ref: false, grpo's KL) gives the run the cached reference log-probs give.
+  (dpo precompute_ref: false, grpo's KL) gives the run the cached reference log-probs give;
+- a PiSSA start (`pissa`, an SFT stage of its own from the base model: lora.init pissa, the adapter
+  from the base's top singular vectors, taken out of the base), where under ZeRO-3 every weight is
+  held in shards and peft gathers each one for the decomposition: the two set-ups train to the
+  same model, and each publishes the merged model and an adapter that gives it on the input model.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def _recipe(tmp: Path, name: str) -> Path:
     rl = write_jsonl(tmp / "rl.jsonl", rl_rows)
     stages = sft_stage("sft", data=tmp / "train.jsonl", lr=2.0e-2, max_steps=10, global_batch_size=32,
                        micro_batch_size=16, lora="{r: 8, alpha: 16}")
+    # The reward model: only what it publishes is checked here (its adapter and score head moved,
+    # nothing else did), so a few steps; that it learns: test_preference_dist.py.
     stages += textwrap.dedent(f"""
       rm:
         kind: reward_model
@@ -68,7 +74,7 @@ def _recipe(tmp: Path, name: str) -> Path:
         data: [{{path: {pref}}}]
         heldout: [{{path: {held}}}]
         lr: 1.0e-2
-        max_steps: 10
+        max_steps: 4
         global_batch_size: 16
         micro_batch_size: 4
         max_seq_len: 64
@@ -94,6 +100,9 @@ def _recipe(tmp: Path, name: str) -> Path:
         beta: 0.05
         {LORA}
     """)
+    # Last (a failed stage stops the ones after it), from the base model, not the stage before it.
+    stages += sft_stage("pissa", from_="${model.path}", data=tmp / "train.jsonl", lr=2.0e-3, max_steps=4,
+                        warmup_ratio=0.0, lora="{r: 4, init: pissa}")
     return mini_recipe(tmp, stages=stages, name=name)
 
 
@@ -177,18 +186,19 @@ def test_the_adapter_off_reference_live_gives_the_cached_run(runs, setup):
         assert "the policy with its LoRA adapter off" in log, stage
 
 
-def test_a_lora_stage_stopped_mid_stage_resumes_to_the_uninterrupted_weights(tmp_path):
+def test_a_lora_stage_stopped_mid_stage_resumes_to_the_uninterrupted_weights(runs, tmp_path):
     """SIGTERM after step 4 of 8 (a checkpoint every 2): the resumed dpo stage (adapter, its
-    optimizer state, the schedule) ends with the weights and the adapter of a run never stopped."""
+    optimizer state, the schedule) ends with the weights and the adapter of a run never stopped:
+    the 1-rank run of `runs`, the same sft and dpo stages (checkpoints change no weight: measured
+    equal to the bit)."""
     import signal
 
     from tests.integration.test_resume import _max_diff, _run_until, _weights
 
     rec = _recipe(tmp_path, "res")
-    args = ["deepspeed=zero2", "~stages.rm", "~stages.dpo_live", "~stages.grpo", "stages.dpo.save_every=2"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    r = posttrain("run", f"recipe={rec}", f"run_dir={straight}", *args, cwd=tmp_path, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    args = ["deepspeed=zero2", "~stages.rm", "~stages.dpo_live", "~stages.grpo", "~stages.pissa",
+            "stages.dpo.save_every=2"]
+    straight, stopped = runs["1rank"], tmp_path / "stopped"
     _run_until(["run", f"recipe={rec}", f"run_dir={stopped}", *args], tmp_path, stopped, "dpo", after=4,
                sig=signal.SIGTERM)
     assert stage_manifest(stopped, "dpo")["status"] != "completed"
@@ -198,3 +208,30 @@ def test_a_lora_stage_stopped_mid_stage_resumes_to_the_uninterrupted_weights(tmp
     assert _max_diff(_weights(straight, "dpo"), _weights(stopped, "dpo")) < 1e-6
     a, b = (load_file(d / "dpo" / "adapter" / "adapter_model.safetensors") for d in (straight, stopped))
     assert _max_diff(a, b) < 1e-6
+
+
+def test_zero3_trains_the_pissa_adapter_as_one_rank_does(runs):
+    one = load_file(runs["1rank"] / "pissa" / "model" / "model.safetensors")
+    two = load_file(runs["2rank_zero3"] / "pissa" / "model" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_the_pissa_adapter_gives_the_published_model_on_the_input_model(runs, setup):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = runs[setup] / "pissa" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # rank 2r: [B, -B0] [A; A0]
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    published = AutoModelForCausalLM.from_pretrained(runs[setup] / "pissa" / "model", dtype=torch.float32)
+    ids = torch.randint(10, 90, (2, 12))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        on_input = PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits
+        after = published(input_ids=ids).logits
+    torch.testing.assert_close(on_input, after, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(after, before, atol=1e-3)  # it trained

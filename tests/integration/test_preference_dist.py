@@ -3,9 +3,11 @@
 One recipe: sft, then a reward model and one dpo stage per loss from sft, plus the variants
 that must agree with the plain dpo stage (a live reference instead of cached log-probs) or
 differ from it (a reference other than the input: sft_ref, sft trained a few steps more).
-The 2-rank run keeps what distribution can change: sft, the reward model, the plain dpo stage
+The 2-rank run keeps what distribution can change: the reward model, the plain dpo stage
 with cached and with live reference log-probs, and an eval scored by the reward model (the
-losses are pure functions of the same gathered log-probs; each torchrun launch costs ~10 s).
+losses are pure functions of the same gathered log-probs; each torchrun launch costs ~10 s). It
+starts from the 1-rank run's sft model (SFT on 2 ranks: tests/integration/test_sft_dist.py), so
+both runs' stages start from the same weights.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 DPO_STAGE = """
 {name}:
   kind: dpo
-  from: sft
+  from: {sft}
   data: [{{path: {pref}}}]
   heldout: [{{path: {held}}}]
   loss: {loss}
@@ -53,15 +55,17 @@ def _sft(name: str, train: Path, steps: int, from_: str | None = None) -> str:
                      micro_batch_size=16)
 
 
-def _recipe(tmp: Path, name: str, every_loss: bool) -> Path:
+def _recipe(tmp: Path, name: str, every_loss: bool, sft: Path | None = None) -> Path:
+    """The stages after an sft stage of their own, or from the model `sft` (a path) when given."""
     lines = lambda f, n: [_easy(r) for r in tiny_rows(f, n)]  # noqa: E731
     pref = write_jsonl(tmp / "pref.jsonl", lines("pref_train.jsonl", 256))
     held = write_jsonl(tmp / "held.jsonl", lines("pref_eval.jsonl", 48))
-    stages = _sft("sft", tmp / "train.jsonl", 10)
+    stages = _sft("sft", tmp / "train.jsonl", 10) if sft is None else ""
+    sft = sft or "sft"
     stages += textwrap.dedent(f"""
       rm:
         kind: reward_model
-        from: sft
+        from: {sft}
         data: [{{path: {pref}}}]
         heldout: [{{path: {held}}}]
         lr: 3.0e-3
@@ -72,15 +76,15 @@ def _recipe(tmp: Path, name: str, every_loss: bool) -> Path:
         warmup_ratio: 0.0
     """)
     for loss in DPO_LOSSES if every_loss else ("dpo",):
-        stages += DPO_STAGE.format(name=f"dpo_{loss}", pref=pref, held=held, loss=loss, beta=BETAS[loss],
-                                   extra="")
-    stages += DPO_STAGE.format(name="dpo_live", pref=pref, held=held, loss="dpo", beta=BETAS["dpo"],
+        stages += DPO_STAGE.format(name=f"dpo_{loss}", sft=sft, pref=pref, held=held, loss=loss,
+                                   beta=BETAS[loss], extra="")
+    stages += DPO_STAGE.format(name="dpo_live", sft=sft, pref=pref, held=held, loss="dpo", beta=BETAS["dpo"],
                                extra="precompute_ref: false")
     if every_loss:
         # sft_ref: two policies, so one dpo stage can take a reference other than its input.
         stages += _sft("sft_ref", tmp / "train.jsonl", 4, from_="sft")
-        stages += DPO_STAGE.format(name="dpo_ref0", pref=pref, held=held, loss="dpo", beta=BETAS["dpo"],
-                                   extra="ref_from: sft_ref\n  nll_weight: 0.2")
+        stages += DPO_STAGE.format(name="dpo_ref0", sft=sft, pref=pref, held=held, loss="dpo",
+                                   beta=BETAS["dpo"], extra="ref_from: sft_ref\n  nll_weight: 0.2")
     stages += textwrap.dedent(f"""
       rm_eval:
         kind: eval
@@ -98,7 +102,8 @@ def runs(tmp_path_factory):
     out = {}
     for name, args in {"1rank": ["deepspeed=zero2"],
                        "2rank_zero3": ["deepspeed=zero3", "cluster.nproc_per_node=2"]}.items():
-        rec = _recipe(tmp, f"pref_{name}", every_loss=name == "1rank")
+        sft = out["1rank"] / "sft" / "model" if out else None
+        rec = _recipe(tmp, f"pref_{name}", every_loss=name == "1rank", sft=sft)
         run_dir = tmp / "runs" / name
         r = posttrain("run", f"recipe={rec}", f"run_dir={run_dir}", *args, cwd=tmp, timeout=900)
         assert r.returncode == 0, f"{name}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

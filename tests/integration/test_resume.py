@@ -32,9 +32,10 @@ KINDS = ["sft", "rm", "dpo", "grpo", "ppo", "distill"]
 STOP_AFTER = {"grpo": 8}
 
 
-def _sft(train: Path, *, save_every: int, lr: str = "3.0e-3", gbs: int = 8) -> str:
-    """The SFT stage of both recipes here: 40 steps, so a signal lands mid-stage."""
-    return sft_stage(data=train, lr=lr, max_steps=40, global_batch_size=gbs, micro_batch_size=4,
+def _sft(train: Path, *, save_every: int, lr: str = "3.0e-3", gbs: int = 8, steps: int = 40) -> str:
+    """The SFT stage of both recipes here: 40 steps, so a signal lands mid-stage (2 ranks: 20, each
+    step a few times slower)."""
+    return sft_stage(data=train, lr=lr, max_steps=steps, global_batch_size=gbs, micro_batch_size=4,
                      save_every=save_every)
 
 
@@ -221,13 +222,13 @@ def test_finished_stage_drops_its_checkpoints(runs):
         assert stage_manifest(runs["stopped"], stage)["status"] == "completed"
 
 
-def _sft_recipe(tmp: Path, lr: str = "3.0e-3", gbs: int = 8, train: str = "train.jsonl") -> Path:
-    return mini_recipe(tmp, stages=_sft(tmp / train, save_every=5, lr=lr, gbs=gbs), name="sft")
+def _sft_recipe(tmp: Path, lr: str = "3.0e-3", gbs: int = 8, train: str = "train.jsonl", steps: int = 40) -> Path:
+    return mini_recipe(tmp, stages=_sft(tmp / train, save_every=5, lr=lr, gbs=gbs, steps=steps), name="sft")
 
 
 def test_sigkill_two_ranks_zero3_resumes_to_the_same_weights(tmp_path):
     """SIGKILL (no chance to save): the rerun starts from the last periodic checkpoint."""
-    rec = _sft_recipe(tmp_path)
+    rec = _sft_recipe(tmp_path, steps=20)
     args = ["deepspeed=zero3", "cluster.nproc_per_node=2"]
     r = posttrain("run", f"recipe={rec}", f"run_dir={tmp_path / 'straight'}", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -283,7 +284,7 @@ def test_changed_batch_or_data_is_refused_other_changes_start_over(tmp_path):
 def test_killing_the_cli_stops_its_ranks_with_a_checkpoint(tmp_path):
     """kill -9 of `posttrain run` alone: torchrun and the ranks (sessions of their own) get SIGTERM
     from the kernel as their parent dies, save a checkpoint and stop; nothing trains on unseen."""
-    rec = _sft_recipe(tmp_path)
+    rec = _sft_recipe(tmp_path, steps=20)
     run_dir = tmp_path / "runs" / "sft"
     args = ["run", f"recipe={rec}", "cluster.nproc_per_node=2", "stages.sft.save_every=null"]
     exe = Path(sys.executable).parent / "posttrain"

@@ -1,6 +1,9 @@
 """grpo (and its DAPO / Dr.GRPO / R1-Zero options) and ppo on the tiny model: 1 rank (ZeRO-2)
 and 2 ranks (ZeRO-3). That 2 ranks under ZeRO-2 and ZeRO-3 sample and train alike is checked on the
-same on-policy loop by tests/integration/test_distill_dist.py.
+same on-policy loop by tests/integration/test_distill_dist.py. The SFT policy and the reward model
+train once, in the 1-rank run; the 2-rank run reads them as paths (SFT and the reward model on 2
+ranks: tests/integration/test_sft_dist.py and test_preference_dist.py; each torchrun launch costs
+~10 s).
 
 The reward must be learnable by a 32-wide model after 10 SFT steps (still close to
 uniform over its 107 tokens): half the prompts are IFEval "answer in lowercase"
@@ -28,7 +31,7 @@ LOWERCASE = json.dumps({"func_name": "validate_lowercase"})
 GRPO = """
 {name}:
   kind: grpo
-  from: sft
+  from: {sft}
   data: [{{path: {rl}}}]
   verifier: number
   prompts_per_step: {prompts}
@@ -45,7 +48,7 @@ GRPO = """
 PPO = """
 {name}:
   kind: ppo
-  from: sft
+  from: {sft}
   data: [{{path: {rl}}}]
   prompts_per_step: 16
   num_generations: 1
@@ -69,6 +72,10 @@ VARIANTS = {
     "grpo_dr": dict(steps=4, prompts=8, lr="2.0e-3", extra="adv_norm: centered\n  loss_agg: constant"),
     "grpo_refresh": dict(steps=4, prompts=8, lr="2.0e-3", extra="beta: 0.1\n  kl_estimator: k2\n  ref_refresh_every: 2"),
 }
+# 2 ranks: DAPO's dynamic sampling (ranks must agree on every extra sampling round) and the reference
+# refresh (a sharded policy copied into a sharded reference) in one stage, one launch.
+VARIANTS["grpo_dapo_refresh"] = dict(steps=4, prompts=8, lr="2.0e-3", extra=VARIANTS["grpo_dapo"]["extra"] + "\n  "
+                                     + VARIANTS["grpo_refresh"]["extra"])
 
 
 def _rl_rows(tmp: Path) -> Path:
@@ -79,11 +86,18 @@ def _rl_rows(tmp: Path) -> Path:
     return write_jsonl(tmp / "rl.jsonl", rows)
 
 
-def _recipe(tmp: Path, stages: list[str]) -> Path:
+def _recipe(tmp: Path, stages: list[str], models: Path | None = None) -> Path:
+    """The RL `stages` after an SFT stage and a reward model (for ppo), or, given `models` (an
+    earlier run's dir), from that run's `sft` and `rm` models."""
     rl = _rl_rows(tmp)
     pref = write_jsonl(tmp / "pref.jsonl", tiny_rows("pref_train.jsonl", 128, parse=False))
-    body = sft_stage(data=tmp / "train.jsonl", lr=3.0e-3, max_steps=10, global_batch_size=32, micro_batch_size=16)
-    if any(name.startswith("ppo") for name in stages):
+    refs = {"sft": "sft", "rm": "rm"} if models is None else \
+        {name: models / name / "model" for name in ("sft", "rm")}
+    body = ""
+    if models is None:
+        body += sft_stage(data=tmp / "train.jsonl", lr=3.0e-3, max_steps=10, global_batch_size=32,
+                          micro_batch_size=16)
+    if models is None and any(name.startswith("ppo") for name in stages):
         body += textwrap.dedent(f"""
           rm:
             kind: reward_model
@@ -96,21 +110,22 @@ def _recipe(tmp: Path, stages: list[str]) -> Path:
         """)
     for name in stages:
         if name in VARIANTS:
-            body += GRPO.format(name=name, rl=rl, **VARIANTS[name])
+            body += GRPO.format(name=name, rl=rl, sft=refs["sft"], **VARIANTS[name])
     if "ppo" in stages:
-        body += PPO.format(name="ppo", rl=rl, steps=8, extra="reward_model: rm\n  beta: 0.02")
+        body += PPO.format(name="ppo", rl=rl, sft=refs["sft"], steps=8,
+                           extra=f"reward_model: {refs['rm']}\n  beta: 0.02")
     if "ppo_verifiers" in stages:
         # Verifier reward x 10 (Tulu 3), a value model from the policy with a new head.
-        body += PPO.format(name="ppo_verifiers", rl=rl, steps=3,
+        body += PPO.format(name="ppo_verifiers", rl=rl, sft=refs["sft"], steps=3,
                            extra="verifier: number\n  verifiable_reward: 10\n  no_eos_penalty: -1\n"
-                                 "  value_from: sft\n  whiten_rewards: true")
+                                 f"  value_from: {refs['sft']}\n  whiten_rewards: true")
     return mini_recipe(tmp, stages=body, name="rl")
 
 
-ALL = [*VARIANTS, "ppo", "ppo_verifiers"]
+ALL = ["grpo", "grpo_dapo", "grpo_dr", "grpo_refresh", "ppo", "ppo_verifiers"]
 # Dr.GRPO's options are pure loss settings (tests/unit): 2 ranks run the others, whose sampling,
 # reference refresh or value model could differ across ranks; each torchrun launch costs ~10 s.
-TWO_RANK = [s for s in ALL if s != "grpo_dr"]
+TWO_RANK = ["grpo", "grpo_dapo_refresh", "ppo", "ppo_verifiers"]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +136,7 @@ def runs(tmp_path_factory):
                                ("2rank_zero3", TWO_RANK, ["deepspeed=zero3", "cluster.nproc_per_node=2"])]:
         sub = tmp / name
         sub.mkdir()
-        rec = _recipe(sub, stages)
+        rec = _recipe(sub, stages, models=out.get("1rank"))
         r = posttrain("run", f"recipe={rec}", *args, cwd=sub, timeout=1200)
         assert r.returncode == 0, f"{name}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         out[name] = sub / "runs" / "rl"
@@ -136,7 +151,7 @@ def test_each_stage_trains_and_saves_a_policy(runs, setup, stage):
         assert key in rows[-1], key
     m = stage_manifest(runs[setup], stage)
     assert m["status"] == "completed"
-    before = load_file(runs[setup] / "sft" / "model" / "model.safetensors")
+    before = load_file(runs["1rank"] / "sft" / "model" / "model.safetensors")  # every setup's input
     after = load_file(runs[setup] / stage / "model" / "model.safetensors")
     assert set(before) == set(after), "the saved policy must have the SFT model's keys (no value head)"
     changed = sum(not torch.equal(before[k], after[k]) for k in before)
@@ -160,6 +175,14 @@ def test_dynamic_sampling_keeps_groups_with_signal(runs):
     row = stage_rows(runs["1rank"], "grpo_dapo")[0]
     assert row["prompts_sampled"] >= 8
     assert 0 <= row["groups_with_signal"] <= 1
+
+
+def test_two_ranks_sample_dynamically_and_refresh_the_reference(runs):
+    """The 2-rank stage that carries both: its rounds of sampling and its reference refresh ran."""
+    row = stage_rows(runs["2rank_zero3"], "grpo_dapo_refresh")[0]
+    assert row["prompts_sampled"] >= 8 and 0 <= row["groups_with_signal"] <= 1
+    log = (runs["2rank_zero3"] / "grpo_dapo_refresh" / "logs" / "rank0.log").read_text()
+    assert "step 2: the reference becomes the current policy" in log, log[-2000:]
 
 
 def test_ppo_raises_the_reward_model_score(runs):

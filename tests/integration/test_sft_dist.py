@@ -29,30 +29,34 @@ def _weights(run_dir: Path, stage: str = "sft") -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same 6-step SFT under three set-ups (2 ranks under ZeRO-2 against ZeRO-3:
-    test_distill_dist.py's test_zero2_and_zero3_sample_and_train_alike). The 2-rank ZeRO-3 run
-    recomputes its activations (deepspeed.activation_checkpointing): the same curve and weights."""
+    test_distill_dist.py's test_zero2_and_zero3_sample_and_train_alike): {setup: (run dir, stage)}.
+    The two 1-rank set-ups are two stages of one run (one process, one start-up): `sft` and
+    `sft_accum`, from the same base model in micro-batches of 2. The 2-rank ZeRO-3 run recomputes
+    its activations (deepspeed.activation_checkpointing): the same curve and weights."""
     tmp = tmp_path_factory.mktemp("dist")
-    rec = mini_recipe(tmp, stages=sft_stage(
-        data=tmp / "train.jsonl", lr=2.0e-3, max_steps=6, warmup_ratio=0.0,
-        eval=f"{{data: [{{path: {tmp / 'eval.jsonl'}}}], max_new_tokens: 4, batch_size: 3, before: true}}"))
+    sft = dict(data=tmp / "train.jsonl", lr=2.0e-3, max_steps=6, warmup_ratio=0.0,
+               eval=f"{{data: [{{path: {tmp / 'eval.jsonl'}}}], max_new_tokens: 4, batch_size: 3, before: true}}")
+    rec = mini_recipe(tmp, stages=[sft_stage("sft", **sft),
+                                   sft_stage("sft_accum", from_="${model.path}", **sft, micro_batch_size=2)])
     setups = {
         "1rank": ["deepspeed=zero2"],
-        "1rank_accum": ["deepspeed=zero2", "stages.sft.micro_batch_size=2"],
-        "2rank_zero3": ["deepspeed=zero3", "cluster.nproc_per_node=2", "deepspeed.activation_checkpointing=true"],
+        "2rank_zero3": ["deepspeed=zero3", "cluster.nproc_per_node=2", "deepspeed.activation_checkpointing=true",
+                        "~stages.sft_accum"],
     }
     out = {}
     for name, args in setups.items():
         run_dir = tmp / "runs" / name
         r = posttrain("run", f"recipe={rec}", f"run_dir={run_dir}", *args, cwd=tmp)
         assert r.returncode == 0, f"{name}:\n{r.stdout}\n{r.stderr}"
-        out[name] = run_dir
+        out[name] = (run_dir, "sft")
+    out["1rank_accum"] = (out["1rank"][0], "sft_accum")
     return out
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("other", ["1rank_accum", "2rank_zero3"])
 def test_same_loss_curve(runs, other):
-    base, curve = _curve(runs["1rank"]), _curve(runs[other])
+    base, curve = _curve(*runs["1rank"]), _curve(*runs[other])
     assert len(base) == len(curve) == 6
     assert base[-1] < base[0]  # it learns
     for a, b in zip(base, curve):
@@ -62,7 +66,7 @@ def test_same_loss_curve(runs, other):
 @pytest.mark.dist
 @pytest.mark.parametrize("other", ["2rank_zero3"])
 def test_same_final_weights(runs, other):
-    base, w = _weights(runs["1rank"]), _weights(runs[other])
+    base, w = _weights(*runs["1rank"]), _weights(*runs[other])
     assert base.keys() == w.keys()
     for k in base:
         torch.testing.assert_close(w[k], base[k], atol=5e-5, rtol=1e-3, msg=k)
@@ -70,8 +74,9 @@ def test_same_final_weights(runs, other):
 
 @pytest.mark.parametrize("setup", ["1rank", "2rank_zero3"])
 def test_every_parameter_changed(runs, setup):
-    base_dir = next((runs[setup] / "_base").iterdir())
-    before, after = load_file(base_dir / "model.safetensors"), _weights(runs[setup])
+    run_dir, stage = runs[setup]
+    base_dir = next((run_dir / "_base").iterdir())
+    before, after = load_file(base_dir / "model.safetensors"), _weights(run_dir, stage)
     assert before.keys() == after.keys()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
@@ -80,7 +85,8 @@ def test_every_parameter_changed(runs, setup):
 @pytest.mark.parametrize("setup", ["1rank", "2rank_zero3"])
 def test_eval_block_covers_every_prompt(runs, setup):
     """Prompts split over ranks (ZeRO-3: lock-step generation) and every one is scored once."""
-    m = json.loads((runs[setup] / "sft" / "manifest.json").read_text())
+    run_dir, stage = runs[setup]
+    m = json.loads((run_dir / stage / "manifest.json").read_text())
     for when in ("before", "after"):
         assert m["metrics"]["eval"][when]["n"] == 16
 
@@ -88,7 +94,7 @@ def test_eval_block_covers_every_prompt(runs, setup):
 def test_checkpoint_is_a_hugging_face_model(runs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = runs["2rank_zero3"] / "sft" / "model"
+    path = runs["2rank_zero3"][0] / "sft" / "model"
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.chat_template and "assistant" in tok.chat_template
