@@ -33,7 +33,6 @@ rounds; the contestant order rotates each round.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import statistics
@@ -42,8 +41,9 @@ import time
 from pathlib import Path
 
 from bench_lora import _peak_kb, run_posttrain, worker_baseline
-from bench_sft import TRL_TEMPLATE, checked_token_clock, throughput, tokenize_all
-from benchlib import (TRL_CPU, add_worker_args, busy_before, rotated, run_in_subprocess, serve_worker, step_order,
+import bench_sft
+from bench_sft import throughput, tokenize_all
+from benchlib import (add_worker_args, busy_before, rotated, run_in_subprocess, serve_worker, step_order,
                       text, write_rows)
 
 ARCH = dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=12, num_attention_heads=10,
@@ -64,32 +64,10 @@ def make_rows(n: int, seed: int, prompt: int, answer: int) -> list[dict]:
 # --------------------------------------------------------------------------- workers
 
 def worker_trl(spec: dict) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    rows = json.loads(Path(spec["data"]).read_text())
-    examples = tokenize_all(spec["model"], rows)
-    order = [i for step in step_order(len(rows), spec) for i in step]
-    ds = Dataset.from_list([rows[i] for i in order])
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    tok.chat_template = TRL_TEMPLATE
-    out_dir = tempfile.mkdtemp(prefix="bench-trl-", dir=spec["tmp"])
-    args = SFTConfig(
-        output_dir=out_dir, per_device_train_batch_size=spec["micro_batch"],
-        gradient_accumulation_steps=spec["global_batch"] // spec["micro_batch"], max_steps=spec["steps"],
-        learning_rate=spec["lr"], **TRL_CPU, gradient_checkpointing=False, train_sampling_strategy="sequential",
-        assistant_only_loss=True, padding_free=True, max_length=None, seed=spec["seed"], logging_steps=1)
-    trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=ds, processing_class=tok)
-    model = trainer.model
-    assert next(model.parameters()).dtype == torch.float32
-    clock, tokens = checked_token_clock(trainer, model, examples, order)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return {"t_start": clock.t_start, "ends": clock.ends, "tokens": tokens,
-            "loss_first": logs[0]["loss"] if logs else None, "peak_kb": _peak_kb()}
+    """bench_sft's tuned TRL (padding-free, no checkpointing), logging every step (its first loss is
+    compared with posttrain's), and its peak."""
+    return {**bench_sft.worker_trl(spec, padding_free=True, gradient_checkpointing=False, logging_steps=1),
+            "peak_kb": _peak_kb()}
 
 
 def run_worker(kind: str, spec: dict) -> dict:

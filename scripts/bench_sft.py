@@ -217,7 +217,7 @@ def checked_token_clock(trainer, model, examples: list, order: list[int]):
     return clock, tokens
 
 
-def worker_trl(spec: dict, padding_free: bool, gradient_checkpointing: bool) -> dict:
+def worker_trl(spec: dict, padding_free: bool, gradient_checkpointing: bool, logging_steps: int = 10) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -245,6 +245,7 @@ def worker_trl(spec: dict, padding_free: bool, gradient_checkpointing: bool) -> 
         # padding-free without packing requires max_length=None (no row exceeds max_seq_len anyway)
         max_length=None if padding_free else spec["max_seq_len"],
         seed=spec["seed"],
+        logging_steps=logging_steps,
     )
     trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=ds, processing_class=tok)
     model = trainer.model
