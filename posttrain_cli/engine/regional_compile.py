@@ -42,11 +42,11 @@ def decoder_layers(model) -> list:
 def check_compiler(device, where: str) -> None:
     """Raise UserError (one line naming the key) when Inductor cannot build code on `device`."""
     if device.type == "cuda":
-        from posttrain_cli.procs import compiler_for
+        from posttrain_cli.procs import compiler_for, compilers
 
         if compiler_for(cuda=True) is None:
             raise UserError(f"{where}=true: torch.compile on a GPU needs a C compiler for Triton (none found: "
-                            f"cc, gcc, clang, $CC); install one (apt-get install gcc) or set {where}=false")
+                            f"{', '.join(compilers(True))}); install one (apt-get install gcc) or set {where}=false")
         return
     from torch._inductor import cpp_builder, exc
 
