@@ -63,13 +63,15 @@ def test_compiled_layers_train_the_eager_curve(runs, setup):
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", ["compiled", "compiled_zero0_ckpt"])
 def test_rows_of_changing_length_do_not_recompile(runs, setup):
-    """24 forwards of 24 row lengths: the graph has a symbolic length (one graph; a second would be a
-    fallback we allow), nowhere near one per step."""
+    """24 forwards of 24 row lengths: the graphs have a symbolic length, nowhere near one per step. On
+    CPU the attention runs between graphs (engine/attention.py: one SDPA per sequence), so a layer
+    compiles as a few pieces (measured 5 with transformers 5.25: the layer around the attention, the
+    attention module's own frame and one re-guard of it); one graph per length would be 24+."""
     run_dir = runs[setup][0]
     lengths = {json.loads(l)["tokens"] for l in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()}
     assert len(lengths) > 3  # the steps' token counts differ: rows of many lengths
     compiled = stage_manifest(run_dir, "sft")["metrics"]["compile"]
-    assert 1 <= compiled["graphs"] <= 2, compiled
+    assert 1 <= compiled["graphs"] <= 8, compiled
     assert "compile" not in stage_manifest(runs["eager"][0], "sft")["metrics"]
 
 
