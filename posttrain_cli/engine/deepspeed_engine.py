@@ -13,6 +13,7 @@ engine/inference.py; the step loop is engine/loop.py, mid-stage checkpoints engi
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -218,6 +219,10 @@ def initialize(model, ds_cfg: dict, train_cfg: dict | None = None, total_steps: 
 
     if cpu_autocast(ds_cfg) is not None:  # bf16 by autocast (above): DeepSpeed keeps float32
         ds_cfg = {**ds_cfg, "bf16": {**ds_cfg["bf16"], "enabled": False}}
+    clip = None
+    if train_cfg is not None and nothing_to_shard(ds_cfg):
+        clip, ds_cfg = ds_cfg["gradient_clipping"], {**ds_cfg, "zero_optimization": {"stage": 0},
+                                                     "gradient_clipping": 0.0}
     if train_cfg is None:
         engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
         engine.eval()
@@ -236,8 +241,31 @@ def initialize(model, ds_cfg: dict, train_cfg: dict | None = None, total_steps: 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
+    if clip is not None:
+        optimizer.register_step_pre_hook(functools.partial(_clip_and_record_norm, max_norm=clip))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     return engine
+
+
+def nothing_to_shard(ds_cfg: dict) -> bool:
+    """ZeRO-1/2 on one rank shards nothing, yet DeepSpeed still keeps a float32 copy of float32
+    weights and a flat gradient partition beside the model's own (+2x the weights' bytes: 0.8 GB at
+    100M parameters). Such a run trains as ZeRO-0: the same update (torch's AdamW on the same
+    gradients, clipped the same way), without the copies. Offloading and DeepSpeed's bf16 / fp16
+    (whose masters are the point) keep their stage."""
+    zero = ds_cfg["zero_optimization"]
+    return (dist.world() == 1 and zero["stage"] in (1, 2) and not zero.get("offload_optimizer")
+            and not zero.get("offload_param") and not ds_cfg["bf16"]["enabled"] and not ds_cfg["fp16"]["enabled"])
+
+
+def _clip_and_record_norm(optimizer, args, kwargs, *, max_norm: float) -> None:
+    """A step pre-hook for ZeRO-0 float32: clip the gradients as DeepSpeed would and leave the norm
+    where DeepSpeed's engine reads it after step() (`_global_grad_norm`; at ZeRO-0 it computes none)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    optimizer._global_grad_norm = norm
 
 
 def train_ds_config(ctx) -> dict:
