@@ -283,7 +283,8 @@ def pack_options(run: dict, device) -> dict:
 def trainable(ctx, model, *, score_head: bool = False, what: str = ""):
     """`model` as this stage trains it: activation checkpointing when deepspeed.activation_checkpointing
     is on, the stage's LoRA adapter (engine/lora.py) when its lora settings are on (one line says
-    what trains), its decoder layers compiled when deepspeed.compile is on (engine/regional_compile.py).
+    what trains), its decoder layers compiled when deepspeed.compile is on (engine/regional_compile.py),
+    else its MLPs and norms recomputing their elementwise results (engine/lean_activations.py).
     score_head: a scalar head (`score`) trains in full."""
     from posttrain_cli.engine import lora
 
@@ -299,6 +300,10 @@ def trainable(ctx, model, *, score_head: bool = False, what: str = ""):
         ctx.info(f"LoRA{what}: r {settings['r']}, alpha {lora.alpha(settings):g}, {settings['target_modules']}"
                  + (", rsLoRA" if settings["use_rslora"] else "") + (", 4-bit NF4 base (QLoRA)" if settings["quantize"] else "")
                  + f": {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
+    if not ds.get("activation_checkpointing") and not ds.get("compile"):
+        from posttrain_cli.engine import lean_activations
+
+        lean_activations.apply(model)  # the same numbers from fewer saved activations
     if ds.get("compile"):
         from posttrain_cli.engine import regional_compile
 
