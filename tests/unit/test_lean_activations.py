@@ -113,3 +113,26 @@ def test_other_forwards_left_alone():
             return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
 
     assert lean_activations.apply(torch.nn.Sequential(MLP())) == 0
+
+
+def test_a_recomputed_tensor_is_freed_after_the_forward():
+    """The hooks hold no reference to the tensor they replace (torch keeps every saved tensor's pack
+    hook alive as long as the graph): once the forward is done, only the recipe is left."""
+    import gc
+    import weakref
+
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.randn(1000, requires_grad=True)
+
+    def forward():
+        a = x.sin()
+        xd = x.detach()
+        with lean_activations._recompute([(a, lambda: xd.sin())]):
+            y = a * w  # saves a (as its recipe) and w
+        return y, weakref.ref(a)
+
+    y, a_ref = forward()
+    gc.collect()
+    assert a_ref() is None
+    y.sum().backward()
+    assert torch.equal(w.grad, x.detach().sin()) and torch.equal(x.grad, w.detach() * x.detach().cos())
