@@ -221,8 +221,11 @@ def initialize(model, ds_cfg: dict, train_cfg: dict | None = None, total_steps: 
         ds_cfg = {**ds_cfg, "bf16": {**ds_cfg["bf16"], "enabled": False}}
     clip = None
     if train_cfg is not None and nothing_to_shard(ds_cfg):
-        clip, ds_cfg = ds_cfg["gradient_clipping"], {**ds_cfg, "zero_optimization": {"stage": 0},
-                                                     "gradient_clipping": 0.0}
+        ds_cfg = {**ds_cfg, "zero_optimization": {"stage": 0}}
+    if train_cfg is not None and ds_cfg["zero_optimization"]["stage"] == 0 and not (
+            ds_cfg["bf16"]["enabled"] or ds_cfg["fp16"]["enabled"]):
+        # float32 ZeRO-0: posttrain clips (DeepSpeed would too) and keeps the norm, which it does not
+        clip, ds_cfg = ds_cfg["gradient_clipping"], {**ds_cfg, "gradient_clipping": 0.0}
     if train_cfg is None:
         engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
         engine.eval()
@@ -259,8 +262,9 @@ def nothing_to_shard(ds_cfg: dict) -> bool:
 
 
 def _clip_and_record_norm(optimizer, args, kwargs, *, max_norm: float) -> None:
-    """A step pre-hook for ZeRO-0 float32: clip the gradients as DeepSpeed would and leave the norm
-    where DeepSpeed's engine reads it after step() (`_global_grad_norm`; at ZeRO-0 it computes none)."""
+    """A step pre-hook for float32 ZeRO-0: clip the (already all-reduced) gradients as DeepSpeed would
+    and leave the norm where DeepSpeed's engine reads it after step() (`_global_grad_norm`; at ZeRO-0
+    it reports none)."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if max_norm > 0:

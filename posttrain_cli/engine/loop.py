@@ -86,7 +86,7 @@ def train(ctx, engine, *, total_steps: int, micro_batches: Callable[[int], list[
     A step whose loss or gradient norm is non-finite counts; more than the stage's
     `nonfinite_patience` in a row (or any left at the end) raise Diverged: no checkpoint is written
     while such a streak lasts, so the last good one stays, and the stage publishes nothing. Where
-    DeepSpeed reports no gradient norm (ZeRO-0 applies an inf gradient), the weights themselves are
+    no gradient norm is reported (DeepSpeed's fp16 / bf16 at ZeRO-0), the weights themselves are
     checked after every step, and before every checkpoint in any case; non-finite weights stop the
     stage at once. The flags travel in the per-step all-reduce: every rank stops at the same step."""
     world = dist.world()

@@ -84,3 +84,51 @@ def test_one_rank_zero2_trains_as_zero0_with_the_same_update(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
     assert rep["bf16_rerouted"] is False and rep["offload_rerouted"] is False
+
+
+ZERO0_2RANK = textwrap.dedent("""
+    import json, os, sys, torch
+    from pathlib import Path
+    from posttrain_cli.engine import dist, deepspeed_engine as eng
+    from posttrain_cli.models.tiny import build_tiny
+    dist.init()
+    out = Path(sys.argv[1])
+    if dist.is_main():
+        build_tiny(out / "base", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "max_position_embeddings": 64})
+    dist.barrier()
+    ds = {"zero_stage": 0, "offload_optimizer": False, "offload_param": False, "precision": "fp32", "config": {}}
+    cfg = eng.ds_config(ds, micro_batch_size=2, grad_accum=1, grad_clip=0.05)
+    model = eng.load_causal_lm(str(out / "base"), {}, cfg, train=True)
+    train = {"lr": 1e-2, "weight_decay": 0.0, "adam_betas": [0.9, 0.95], "adam_eps": 1e-8,
+             "warmup_ratio": 0.0, "schedule": "constant", "min_lr_ratio": 0.0}
+    engine = eng.initialize(model, cfg, train, 2)
+    engine.train()
+    ids = torch.randint(5, 90, (2, 20), generator=torch.Generator().manual_seed(dist.rank()))
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    grads_norm = float(engine.get_global_grad_norm())
+    (out / f"rank{dist.rank()}.json").write_text(json.dumps({"norm": grads_norm,
+        "w": engine.module.model.embed_tokens.weight[5, :4].tolist()}))
+    sys.stdout.flush(); sys.stderr.flush()
+    import torch.distributed as tdist
+    tdist.destroy_process_group()
+    os._exit(0)
+""")
+
+
+@pytest.mark.slow
+def test_zero0_two_ranks_report_one_clipped_norm(tmp_path):
+    """deepspeed=zero0 on 2 ranks: the norm of the all-reduced gradients, the same on both ranks,
+    and the same update on both (ZeRO-0 reported no norm before)."""
+    import os
+
+    script = tmp_path / "z0.py"
+    script.write_text(ZERO0_2RANK)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                        str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert a["norm"] == b["norm"] > 0.05 and a["w"] == b["w"]
