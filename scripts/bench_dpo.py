@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 from benchlib import (TRL_CPU, add_worker_args, busy_before, length, posttrain_run, rotated, run_in_subprocess,
-                      serve_worker, stage_results, step_ends, step_order, steps_per_s, ratio_line, text, tiny_model,
+                      serve_worker, stage_results, step_ends, step_order, steps_per_s, ratio_text, text, tiny_model,
                       trl_clock, write_recipe, write_rows)
 
 BETA, LR = 0.1, 1e-6
@@ -215,7 +215,7 @@ def main() -> None:
         per_round = {c: [a.steps / r["seconds"] for r in results[c]] for c in contestants}
         print()
         for other in ("trl_default", "trl_tuned"):  # targets: 1.5x both (issue 21: against TRL tuned)
-            print(ratio_line(f"posttrain / {other}", per_round["posttrain"], per_round[other], 1.5))
+            print(f"posttrain / {other} = {ratio_text(per_round['posttrain'], per_round[other], 1.5)}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -90,7 +90,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (TRL_CPU, add_worker_args, busy_before, length, posttrain_run, ratio_line, rotated,
+from benchlib import (TRL_CPU, add_worker_args, busy_before, length, posttrain_run, ratio_text, rotated,
                       run_in_subprocess, serve_worker, stage_results, step_ends, step_order, text, tiny_model, trl_clock,
                       write_recipe, write_rows)
 
@@ -414,10 +414,10 @@ def main() -> None:
             # 1.5x against TRL's defaults
             for other, target in (("trl_default", 1.5), ("trl_tuned", 1.3), ("bare", 0.95)):
                 if other in med:
-                    steady = ratio_line(f"posttrain/{other} steady", [s for s, _ in results["posttrain"]],
-                                        [s for s, _ in results[other]], target)
+                    steady = ratio_text([s for s, _ in results["posttrain"]], [s for s, _ in results[other]],
+                                        target, unit=" steady")
                     r_all = med["posttrain"][1] / med[other][1]
-                    print(f"  {steady}; all steps {r_all:.2f}x")
+                    print(f"  posttrain/{other}: {steady}; all steps {r_all:.2f}x")
     finally:
         if a.keep:
             print(f"temp dir kept: {tmp}")

@@ -230,14 +230,14 @@ def target_met(ratio: float, target: float) -> str:
     return f"target >= {target}x: {'met' if ratio >= target else 'NOT met'}"
 
 
-def ratio_line(name: str, mine: list[float], other: list[float], target: float | None = None) -> str:
-    """`name: 1.52x (rounds 1.41-1.60x); target ...`: the median of the per-round ratios (both
+def ratio_text(mine: list[float], other: list[float], target: float | None = None, unit: str = "") -> str:
+    """`1.52x<unit> (rounds 1.41-1.60x); target ...`: the median of the per-round ratios (both
     contestants ran in the same round) with their min-max, so a noisy round shows."""
     import statistics
 
     rs = [m / o for m, o in zip(mine, other)]
-    line = f"{name}: {statistics.median(rs):.2f}x (rounds {min(rs):.2f}-{max(rs):.2f}x)"
-    return line + (f"; {target_met(statistics.median(rs), target)}" if target else "")
+    text = f"{statistics.median(rs):.2f}x{unit} (rounds {min(rs):.2f}-{max(rs):.2f}x)"
+    return text + (f"; {target_met(statistics.median(rs), target)}" if target else "")
 
 
 # --------------------------------------------------------------------------- TRL
