@@ -262,12 +262,19 @@ def nothing_to_shard(ds_cfg: dict) -> bool:
 
 
 def _clip_and_record_norm(optimizer, args, kwargs, *, max_norm: float) -> None:
-    """A step pre-hook for float32 ZeRO-0: clip the (already all-reduced) gradients as DeepSpeed would
-    and leave the norm where DeepSpeed's engine reads it after step() (`_global_grad_norm`; at ZeRO-0
-    it reports none)."""
+    """A step pre-hook for float32 ZeRO-0, doing what DeepSpeed's ZeRO-1/2 step does around the
+    update: the norm of the (already all-reduced) gradients where the engine reads it after step()
+    (`_global_grad_norm`; at ZeRO-0 DeepSpeed reports none), the gradients clipped to max_norm, and a
+    non-finite norm an overflow: no update at all (every gradient dropped, so AdamW touches no
+    parameter and no moment), `overflow` set so the engine skips the schedule's step, norm inf."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if max_norm > 0:
+    optimizer.overflow = not bool(torch.isfinite(norm))
+    if optimizer.overflow:
+        for p in params:
+            p.grad = None
+        norm = torch.tensor(float("inf"))
+    elif max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     optimizer._global_grad_norm = norm
 
