@@ -44,12 +44,19 @@ register_distill = _registrar(DISTILL_LOSSES, "distillation loss")
 
 
 def mixture_logprobs(teachers: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """log p_mix = logsumexp_k(log w_k + log p_k), weights normalised to sum 1. [K x [N, V]] -> [N, V]."""
+    """log p_mix = logsumexp_k(log w_k + log p_k), weights normalised to sum 1. [K x [N, V]] -> [N, V],
+    or at the sampled tokens only, [K x [N]] -> [N] (the mixture's probability of a token needs only
+    each teacher's probability of it)."""
     w = torch.tensor(weights, dtype=teachers[0].dtype, device=teachers[0].device)
     if len(teachers) != len(w) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"mixture weights {weights} for {len(teachers)} teachers")
     log_w = torch.log(w / w.sum())
-    return torch.logsumexp(torch.stack(teachers) + log_w[:, None, None], dim=0)
+    return torch.logsumexp(torch.stack(teachers) + log_w.view(-1, *[1] * teachers[0].ndim), dim=0)
+
+
+def at_targets(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(y_t): `logp` is [N, V] log-probs (gathered at the targets) or already [N] at them."""
+    return logp if logp.ndim == 1 else logp.gather(1, targets[:, None]).squeeze(1)
 
 
 def truncated_is_weight(logp: torch.Tensor, sampler_logp: torch.Tensor, is_cap: float | None):
@@ -70,9 +77,9 @@ def token_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torc
                      sampler_logp: torch.Tensor, outcome_adv: torch.Tensor, *, adv_clip: float,
                      is_cap: float | None, alpha: float) -> tuple[torch.Tensor, dict]:
     """MiMo-V2-Flash MOPD: A_t = clip(sg[log p_T(y_t) - log p_S(y_t)], -adv_clip, adv_clip) + alpha x outcome,
-    loss gradient -sg[min(rho_t, is_cap)] A_t grad log p_S(y_t)."""
-    logp = student.gather(1, targets[:, None]).squeeze(1)
-    t_logp = teacher.gather(1, targets[:, None]).squeeze(1)
+    loss gradient -sg[min(rho_t, is_cap)] A_t grad log p_S(y_t). It reads the log-probs at the sampled
+    tokens only, so the stage hands it [N] (the chunked head, no [N, V] anywhere); [N, V] works too."""
+    logp, t_logp = at_targets(student, targets), at_targets(teacher, targets)
     log_ratio = (t_logp - logp).detach()
     adv = log_ratio.clamp(-adv_clip, adv_clip) + alpha * outcome_adv
     w, truncated = truncated_is_weight(logp, sampler_logp, is_cap)
@@ -81,6 +88,9 @@ def token_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, targets: torc
              "adv_clip_fraction": (log_ratio.abs() > adv_clip).to(logp.dtype),
              "is_truncation_fraction": truncated.to(logp.dtype)}
     return loss, stats
+
+
+token_reverse_kl.needs_distribution = False  # a loss without this attribute gets [N, V]
 
 
 @register_distill("full")

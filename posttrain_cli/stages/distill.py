@@ -23,7 +23,9 @@ own rows) or by the teachers' mixture log sum_k w_k p_k (`mixture`), and the stu
 `mini_batches` updates on the per-token reverse KL (losses/distill.py: `token`, the sampled
 log-ratio as a clipped advantage, or `full`). Teachers are loaded once, in inference mode, sharded
 like the student (ZeRO-3: every rank calls every teacher's forward equally often; a rank without
-rows for a teacher makes a dummy call).
+rows for a teacher makes a dummy call). `token` reads only the sampled tokens' log-probs, so the
+student and the teachers give them through the chunked head (engine/lm_head.py), never [tokens,
+vocab]; `full` (and teachers padded to another vocabulary size) gets whole log-softmaxes.
 
 Where we depart from the papers: teacher and student log-probs are both taken at the sampling
 temperature (the distribution the student samples from); the loss is the mean over every
@@ -55,10 +57,10 @@ from posttrain_cli.engine.inference import frozen_causal_lm, load_tokenizer, pac
 from posttrain_cli.engine.loop import total_steps
 from posttrain_cli.errors import UserError
 from posttrain_cli.losses import ADVANTAGES, LOSS_AGGREGATIONS
-from posttrain_cli.losses.distill import DISTILL_LOSSES, mixture_logprobs
+from posttrain_cli.losses.distill import DISTILL_LOSSES, at_targets, mixture_logprobs
 from posttrain_cli.rollout import episodes as ep
 from posttrain_cli.rollout.backend import shard
-from posttrain_cli.rollout.onpolicy import OnPolicy
+from posttrain_cli.rollout.onpolicy import OnPolicy, token_logps
 
 # No loss_agg key for distill: every completion token of the batch weighs the same.
 AGGREGATION = "token_mean"
@@ -147,7 +149,13 @@ class Teachers:
         eos = tokenizer.eos_token_id
         self.dummy = pack_answers([([eos, eos], [False, True])], **pack)
 
+    # True: log_probs() returns the log-probs of the sampled tokens only, [completion tokens], through
+    # the chunked head (the loss reads nothing else); False: whole distributions.
+    at_tokens = False
+
     def _forward(self, k: int, micro: dict) -> torch.Tensor:
+        if self.at_tokens:
+            return token_logps(self.modules[k], micro, self.temperature)[0]
         return log_softmax(self.modules[k], micro, self.temperature, self.width)
 
     @torch.no_grad()
@@ -168,7 +176,7 @@ class Teachers:
                 continue
             lp = self._forward(k, pack_answers([micro["episodes"][i].seq for i in rows], **self.pack))
             if out is None:
-                out = lp.new_empty(micro["targets"].shape[0], lp.shape[1])
+                out = lp.new_empty(micro["targets"].shape[0], *lp.shape[1:])
             out[torch.isin(micro["seq"], torch.tensor(rows, device=micro["seq"].device))] = lp
         return out
 
@@ -212,7 +220,7 @@ class HeldOut:
                 continue
             micro = {**pack_answers([e.seq for e in chunks[c]], **self.pack), "episodes": chunks[c]}
             route = [self.route[e.prompt] for e in chunks[c]]
-            t_lp = self.teachers.log_probs(micro, route).gather(1, micro["targets"][:, None]).squeeze(1)
+            t_lp = at_targets(self.teachers.log_probs(micro, route), micro["targets"])
             s_lp = torch.tensor([lp for e in chunks[c] for lp in e.logprobs], dtype=t_lp.dtype, device=t_lp.device)
             add_kl(sums, s_lp - t_lp, route, micro["seq"])
         tot = dist.all_sum(sums)
@@ -301,6 +309,10 @@ def run(ctx) -> dict:
     engine, pack = eng.train_policy(ctx, steps * cfg["mini_batches"])
     teachers = Teachers(ctx, tokenizer, pack)
     agg, loss_kind = LOSS_AGGREGATIONS[AGGREGATION], DISTILL_LOSSES[cfg["kl"]]
+    # A loss that reads only the sampled tokens' log-probs gets them through the chunked head, for the
+    # student and every teacher; one that reads whole distributions (kl: full), or teachers whose
+    # embeddings are padded differently (compared over the tokenizer's ids only), gets [N, V].
+    teachers.at_tokens = at_tokens = not getattr(loss_kind, "needs_distribution", True) and teachers.width is None
     loop = OnPolicy(ctx, engine, tokenizer, rows, prompts, rewards, pack, steps=steps, aggregation=agg)
     heldout = HeldOut(ctx, loop.sampler, teachers, held_rows, held_prompts, held_route, pack) \
         if held_prompts else None
@@ -318,7 +330,8 @@ def run(ctx) -> dict:
         """One micro-batch of an update: the student's reverse KL to each episode's teacher (`kl`),
         token mean; per-teacher KL sums for the update's row."""
         seq, n = micro["seq"], micro["n"]
-        student = log_softmax(module, micro, cfg["temperature"], teachers.width)
+        student = token_logps(module, micro, cfg["temperature"])[0] if at_tokens else \
+            log_softmax(module, micro, cfg["temperature"], teachers.width)
         episode_route = [route[e.prompt] for e in micro["episodes"]]
         teacher = teachers.log_probs(micro, episode_route)
         outcome = torch.tensor([e.adv for e in micro["episodes"]], dtype=student.dtype, device=student.device)[seq]

@@ -249,3 +249,62 @@ def test_log_probs_over_the_tokenizer_ids_when_embeddings_are_padded():
     assert full.shape == (1, 5) and cut.shape == (1, 3)
     # Three equal logits over 3 ids: log(1/3) each, whatever the two padded rows held.
     assert torch.allclose(cut, torch.full((1, 3), -math.log(3.0)))
+
+
+def test_token_loss_reads_the_same_from_sampled_log_probs_as_from_distributions():
+    """kl: token takes [N] log-probs at the sampled tokens (the chunked head's) or [N, V]: the same
+    loss, statistics and student gradient."""
+    from posttrain_cli.losses.distill import at_targets
+
+    student = logits_of([0.5, 0.3, 0.2], [0.1, 0.6, 0.3])
+    teacher = t([0.7, 0.2, 0.1], [0.2, 0.2, 0.6]).log()
+    targets, outcome = torch.tensor([0, 2]), t(1.0, -1.0)
+    sampler = t(-0.6, -1.4)  # off policy: rho != 1, truncated at 2 for position 1
+    opts = dict(adv_clip=0.3, is_cap=2.0, alpha=0.5)
+    full_loss, full_stats = DISTILL_LOSSES["token"](torch.log_softmax(student, -1), teacher, targets, sampler, outcome, **opts)
+    full_loss.sum().backward()
+    g_full = student.grad.clone()
+    student.grad = None
+    lsm = torch.log_softmax(student, -1)
+    tok_loss, tok_stats = DISTILL_LOSSES["token"](at_targets(lsm, targets), at_targets(teacher, targets), targets,
+                                                  sampler, outcome, **opts)
+    tok_loss.sum().backward()
+    assert torch.equal(tok_loss, full_loss) and torch.equal(student.grad, g_full)
+    assert all(torch.equal(tok_stats[k], full_stats[k]) for k in full_stats)
+    assert DISTILL_LOSSES["token"].needs_distribution is False
+    assert getattr(DISTILL_LOSSES["full"], "needs_distribution", True)
+
+
+def test_mixture_at_the_sampled_tokens_is_the_mixture_gathered():
+    a, b = t([0.8, 0.2], [0.5, 0.5]).log(), t([0.2, 0.8], [0.1, 0.9]).log()
+    targets = torch.tensor([1, 0])
+    whole = mixture_logprobs([a, b], [1.0, 3.0]).gather(1, targets[:, None]).squeeze(1)
+    at = mixture_logprobs([x.gather(1, targets[:, None]).squeeze(1) for x in (a, b)], [1.0, 3.0])
+    assert at.shape == (2,) and torch.allclose(at, whole)
+    assert at.exp().tolist() == pytest.approx([0.25 * 0.2 + 0.75 * 0.8, 0.25 * 0.5 + 0.75 * 0.1])
+
+
+@pytest.mark.parametrize("route", [True, False])
+def test_teachers_at_the_sampled_tokens_equal_their_distributions_gathered(route, tmp_path):
+    """Real tiny Llama teachers through the chunked head (at_tokens) against their full log-softmax,
+    routed (each episode its own teacher, some teacher on a subset) and mixed."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain_cli.losses.distill import at_targets
+    from posttrain_cli.models.tiny import build_tiny
+
+    tt = _teachers(2)
+    tt.route, tt.temperature = route, 0.7
+    tt.modules = []
+    for k in range(2):
+        path = build_tiny(tmp_path / f"t{k}", {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "max_position_embeddings": 64, "seed": k})
+        tt.modules.append(AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval())
+    eps = [_episode(0, [1, 20, 21], [30, 31, 2]), _episode(1, [1, 40], [41, 42, 43, 2]), _episode(2, [1, 9], [10, 2])]
+    micro = _micro(eps, tt.pack)
+    routes = [1, 0, 1]
+    whole = tt.log_probs(micro, routes)
+    tt.at_tokens = True
+    at = tt.log_probs(micro, routes)
+    assert whole.ndim == 2 and at.shape == micro["targets"].shape
+    torch.testing.assert_close(at, at_targets(whole, micro["targets"]), atol=1e-5, rtol=1e-5)
