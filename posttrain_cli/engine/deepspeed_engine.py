@@ -263,19 +263,28 @@ def nothing_to_shard(ds_cfg: dict) -> bool:
 
 def _clip_and_record_norm(optimizer, args, kwargs, *, max_norm: float) -> None:
     """A step pre-hook for float32 ZeRO-0, doing what DeepSpeed's ZeRO-1/2 step does around the
-    update: the norm of the (already all-reduced) gradients where the engine reads it after step()
-    (`_global_grad_norm`; at ZeRO-0 DeepSpeed reports none), the gradients clipped to max_norm, and a
-    non-finite norm an overflow: no update at all (every gradient dropped, so AdamW touches no
-    parameter and no moment), `overflow` set so the engine skips the schedule's step, norm inf."""
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    update, in the same arithmetic (so a one-rank ZeRO-2 stage rerouted here takes bit for bit the
+    same steps): the norm of the (already all-reduced) gradients, per tensor in float64, per
+    parameter group, then over the groups; the gradients multiplied by 1 / max(1, (norm + 1e-6) /
+    max_norm); the norm where the engine reads it after step() (`_global_grad_norm`; at ZeRO-0
+    DeepSpeed reports none); a non-finite norm an overflow: no update at all (every gradient dropped,
+    so AdamW touches no parameter and no moment), `overflow` set so the engine skips the schedule's
+    step, norm inf."""
+    groups = [[p for p in g["params"] if p.grad is not None] for g in optimizer.param_groups]
+    group_norms = [torch.stack([torch.linalg.vector_norm(p.grad.detach().double()) for p in ps]).pow(2).sum().float()
+                   .pow(0.5) for ps in groups if ps]
+    norm = torch.linalg.vector_norm(torch.stack(group_norms)) if group_norms else torch.tensor(0.0)
     optimizer.overflow = not bool(torch.isfinite(norm))
     if optimizer.overflow:
-        for p in params:
-            p.grad = None
+        for ps in groups:
+            for p in ps:
+                p.grad = None
         norm = torch.tensor(float("inf"))
     elif max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        scale = 1.0 / torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+        for ps in groups:
+            for p in ps:
+                p.grad.mul_(scale)
     optimizer._global_grad_norm = norm
 
 
