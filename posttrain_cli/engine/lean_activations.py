@@ -26,6 +26,7 @@ model alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
@@ -48,8 +49,6 @@ class _Recipe:
 
 
 def _autocast(states):
-    import contextlib
-
     stack = contextlib.ExitStack()
     for device, dtype in states:
         stack.enter_context(torch.autocast(device, dtype=dtype))
@@ -96,8 +95,6 @@ def _recompute(recipes: list[tuple[torch.Tensor, object]]):
 
 def gated_mlp_forward(self, x):
     """LlamaMLP.forward: down(act(gate(x)) * up(x)), keeping gate(x) and up(x) only."""
-    if not torch.is_grad_enabled():
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
     gate = self.gate_proj(x)
     act = self.act_fn(gate)  # saves gate
     up = self.up_proj(x)
@@ -110,8 +107,6 @@ def gated_mlp_forward(self, x):
 
 def rms_norm_forward(self, hidden_states):
     """LlamaRMSNorm.forward, keeping its float32 input and the rsqrt only."""
-    if not torch.is_grad_enabled():
-        return _LLAMA_NORM(self, hidden_states)
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -131,13 +126,9 @@ def _code_key(fn) -> tuple:
 def _llama_forwards() -> dict[tuple, object]:
     from transformers.models.llama import modeling_llama as llama
 
-    global _LLAMA_NORM
-    _LLAMA_NORM = llama.LlamaRMSNorm.forward
     return {_code_key(llama.LlamaMLP.forward): gated_mlp_forward,
             _code_key(llama.LlamaRMSNorm.forward): rms_norm_forward}
 
-
-_LLAMA_NORM = None
 
 
 def apply(model) -> int:
