@@ -2,7 +2,7 @@
 
     engine, pack = train_policy(ctx, total_steps)      # causal LM, dropout off, AdamW + schedule
     ...                                                # engine/loop.train steps it
-    save_hf(engine, tokenizer, ctx.work_dir / "model")
+    save_hf(engine, tokenizer, ctx.work_dir / "model", final=True)
 
 A stage hands in its config and batch arithmetic (train_ds_config) and gets an engine back;
 DeepSpeed's own keys are built here only (the run's `deepspeed.config` merges over them).
@@ -361,11 +361,14 @@ def nonfinite_tensor(state: dict) -> tuple[str, int, int] | None:
     return None
 
 
-def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: str = "the stage") -> None:
+def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: str = "the stage",
+            final: bool = False) -> None:
     """Write a Hugging Face directory; ZeRO-3 shards are gathered first (all ranks call).
     `part` saves one submodule of a wrapper (PPO's `policy`). A model with a non-finite tensor is
     never written: every rank raises Diverged naming `where` (the stage key) and the tensor.
-    A LoRA model (engine/lora.py) is written merged, its adapter beside out_dir in ../adapter."""
+    A LoRA model (engine/lora.py) is written merged, its adapter beside out_dir in ../adapter;
+    final=True (the stage's last use of the engine) merges the adapter into the base weights in
+    place, so the save holds no second copy of the model; a save mid-stage leaves them."""
     from posttrain_cli.engine import lora
     from posttrain_cli.errors import Diverged
 
@@ -381,7 +384,7 @@ def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: st
             state = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         if peft:
-            adapter, state = state, _merged(module, state)
+            adapter, state = state, _merged(module, state, in_place=final)
         bad = nonfinite_tensor(state)
     # Rank 0 holds the whole model; the flag reaches every rank, so none waits at the barrier below.
     if dist.all_sum([float(bad is not None)])[0] > 0:
@@ -412,7 +415,7 @@ def save_hf(engine, tokenizer, out_dir: Path, part: str | None = None, where: st
     dist.barrier()
 
 
-def _merged(module, state: dict) -> dict:
+def _merged(module, state: dict, in_place: bool) -> dict:
     """A LoRA model's state dict, merged into the plain model's (engine/lora.py): a 4-bit base's
     adapter onto the input model's own weights, read from its checkpoint a tensor at a time."""
     from posttrain_cli.engine import lora
@@ -420,7 +423,7 @@ def _merged(module, state: dict) -> dict:
     config = module.peft_config[lora.ADAPTER]
     packed = lora.packed_weights(module)
     if not packed:
-        return lora.merged_state(state, config)
+        return lora.merged_state(state, config, in_place=in_place)
     from posttrain_cli.merge.shards import Checkpoint, fetch
 
     base = module.base_model.model

@@ -2,7 +2,7 @@
 
     model = lora.wrap(model, ctx.run["lora"], where=ctx.where("lora"))   # None: returned as it is
     ...
-    eng.save_hf(engine, tokenizer, out_dir)   # merged model in out_dir, the adapter in out_dir/../adapter
+    eng.save_hf(engine, tokenizer, out_dir, final=True)   # merged model in out_dir, the adapter in out_dir/../adapter
 
 - Only the adapter's parameters (and `modules_to_save`, a reward model's score head) train: the
   optimizer never sees the base, under ZeRO-2 or ZeRO-3 alike.
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -96,11 +97,18 @@ def is_peft(module) -> bool:
     return hasattr(module, "peft_config") and hasattr(module, "base_model")
 
 
-def merged_state(state: dict, config) -> dict:
+def merged_state(state: dict, config, *, in_place: bool = False) -> dict:
     """A peft model's full state dict (names base_model.model.…) -> the plain model's, every adapted
-    weight W + scale · B A, modules_to_save's trained copies in place of the originals."""
+    weight W + scale · B A, modules_to_save's trained copies in place of the originals. in_place: W's
+    own tensor takes the merged values (no second copy of the model in memory; the same numbers),
+    for a final save whose engine trains no further; a W whose storage another entry shares (a
+    tied weight) still gets a new tensor."""
     s = scale(config)
     out = {}
+    shared = set()
+    if in_place:
+        seen = collections.Counter(t.untyped_storage().data_ptr() for t in state.values())
+        shared = {p for p, n in seen.items() if n > 1}
     for name, t in state.items():
         if not name.startswith(PREFIX):
             raise ValueError(f"not a peft state dict: {name}")
@@ -112,7 +120,11 @@ def merged_state(state: dict, config) -> dict:
             if param == "weight":
                 a = state[f"{PREFIX}{layer}.lora_A.{ADAPTER}.weight"]
                 b = state[f"{PREFIX}{layer}.lora_B.{ADAPTER}.weight"]
-                t = (t.float() + s * (b.float() @ a.float())).to(t.dtype)
+                if in_place and t.untyped_storage().data_ptr() not in shared:
+                    with torch.no_grad():
+                        t.copy_(t.float().add_(s * (b.float() @ a.float())))
+                else:
+                    t = (t.float() + s * (b.float() @ a.float())).to(t.dtype)
             name = f"{layer}.{param}"
         elif f".modules_to_save.{ADAPTER}." in name:
             name = name.replace(f".modules_to_save.{ADAPTER}.", ".")

@@ -327,7 +327,8 @@ class OnPolicy:
         """The reference freed, the policy saved (`part`: ppo's policy half) -> the stage's result,
         with the verifiers' failures when there were any."""
         self.ref = None
-        eng.save_hf(self.engine, self.tokenizer, self.ctx.work_dir / "model", part=part, where=self.ctx.where())
+        eng.save_hf(self.engine, self.tokenizer, self.ctx.work_dir / "model", part=part, where=self.ctx.where(),
+                    final=True)
         self.engine = self.policy = self.sampler = None
         if self.rewards is not None and self.rewards.failures:
             out["verifier_failures"] = dict(self.rewards.failures)

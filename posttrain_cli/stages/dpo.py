@@ -225,7 +225,7 @@ def run(ctx) -> dict:
         ctx.info(f"held-out after: implicit reward accuracy {a['accuracy']:.1%}, margin {a['reward_margin']:.3g}; "
                  f"the policy's likelihood prefers chosen on {a['logp_accuracy']:.1%}")
     live_ref = None  # free the reference before saving
-    eng.save_hf(engine, tokenizer, ctx.work_dir / "model", where=ctx.where())
+    eng.save_hf(engine, tokenizer, ctx.work_dir / "model", where=ctx.where(), final=True)
     del engine
     out = {**metrics, "ref_seconds": ref_seconds, "data": data["stats"]}
     if heldout:

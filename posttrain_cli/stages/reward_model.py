@@ -125,7 +125,7 @@ def run(ctx) -> dict:
     if heldout["after"]:
         ctx.info(f"held-out after: pairwise accuracy {heldout['after']['accuracy']:.1%}, "
                  f"mean margin {heldout['after']['margin']:.3g}")
-    eng.save_hf(engine, tokenizer, ctx.work_dir / "model", where=ctx.where())
+    eng.save_hf(engine, tokenizer, ctx.work_dir / "model", where=ctx.where(), final=True)
     del engine, model
     out = {**metrics, "data": data["stats"]}
     if heldout["after"]:

@@ -109,6 +109,6 @@ def run(ctx) -> dict:
              f"({batch['micro_batch_size']} micro x {batch['world_size']} rank(s) x {batch['grad_accum']} accumulation), "
              f"ZeRO-{ctx.run['deepspeed']['zero_stage']}")
     metrics = train(ctx, engine, total_steps=steps, micro_batches=micro_batches, loss_fn=loss_fn)
-    eng.save_hf(engine, tokenizer, ctx.work_dir / "model", where=ctx.where())
+    eng.save_hf(engine, tokenizer, ctx.work_dir / "model", where=ctx.where(), final=True)
     del engine, model
     return {"metrics": {**metrics, "data": stats}, "outputs": {"model": "model"}}

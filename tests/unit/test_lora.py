@@ -38,6 +38,38 @@ def test_merge_of_a_4x4_layer_by_hand():
     assert lora.scale(types.SimpleNamespace(r=4, lora_alpha=4.0, use_rslora=False)) == 1.0
 
 
+def test_an_in_place_merge_writes_the_same_numbers_into_the_base_weights_and_copies_a_shared_one():
+    # bf16 base: the merge is computed in fp32 and rounded once, in place as in a copy.
+    torch.manual_seed(0)
+    base = {"a": torch.randn(6, 5).to(torch.bfloat16), "b": torch.randn(6, 5).to(torch.bfloat16)}
+    tied = torch.randn(6, 5).to(torch.bfloat16)
+    adapter = {f"{n}.lora_{ab}.default.weight": torch.randn(*shape) for n in ("a", "b", "t")
+               for ab, shape in (("A", (1, 5)), ("B", (6, 1)))}
+
+    def state():
+        s = {f"base_model.model.{n}.base_layer.weight": w for n, w in base.items()}
+        s["base_model.model.t.base_layer.weight"] = tied
+        s["base_model.model.emb.weight"] = tied  # the same storage under two names (tied embeddings)
+        return {**s, **{f"base_model.model.{k}": v for k, v in adapter.items()}}
+
+    want = lora.merged_state({k: v.clone() for k, v in state().items()}, CONFIG)
+    before = {n: w.clone() for n, w in base.items()}
+    s = state()
+    got = lora.merged_state(s, CONFIG, in_place=True)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    for n in ("a", "b"):  # the merged tensor is the base weight itself, now holding W + 2 B A
+        assert got[f"{n}.weight"] is s[f"base_model.model.{n}.base_layer.weight"]
+        assert torch.equal(base[n], want[f"{n}.weight"]) and not torch.equal(base[n], before[n])
+    assert got["t.weight"] is not tied and torch.equal(got["emb.weight"], tied)  # the tied one untouched
+    assert not torch.equal(got["t.weight"], tied)
+    # Without in_place the inputs stay as they were.
+    s = {k: v.clone() for k, v in state().items()}
+    kept = {k: v.clone() for k, v in s.items()}
+    lora.merged_state(s, CONFIG)
+    assert all(torch.equal(s[k], kept[k]) for k in s)
+
+
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
