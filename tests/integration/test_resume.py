@@ -228,7 +228,7 @@ def _sft_recipe(tmp: Path, lr: str = "3.0e-3", gbs: int = 8, train: str = "train
 
 def test_sigkill_two_ranks_zero3_resumes_to_the_same_weights(tmp_path):
     """SIGKILL (no chance to save): the rerun starts from the last periodic checkpoint."""
-    rec = _sft_recipe(tmp_path, steps=20)
+    rec = _sft_recipe(tmp_path, steps=40)  # killed after step 12: room for the kill to land first
     args = ["deepspeed=zero3", "cluster.nproc_per_node=2"]
     r = posttrain("run", f"recipe={rec}", f"run_dir={tmp_path / 'straight'}", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -284,7 +284,9 @@ def test_changed_batch_or_data_is_refused_other_changes_start_over(tmp_path):
 def test_killing_the_cli_stops_its_ranks_with_a_checkpoint(tmp_path):
     """kill -9 of `posttrain run` alone: torchrun and the ranks (sessions of their own) get SIGTERM
     from the kernel as their parent dies, save a checkpoint and stop; nothing trains on unseen."""
-    rec = _sft_recipe(tmp_path, steps=20)
+    # 400 steps of ~15 ms: killed after step 5, the ranks must not finish first (at 20 steps, on a
+    # busy machine, they did before this test's kill landed).
+    rec = _sft_recipe(tmp_path, steps=400)
     run_dir = tmp_path / "runs" / "sft"
     args = ["run", f"recipe={rec}", "cluster.nproc_per_node=2", "stages.sft.save_every=null"]
     exe = Path(sys.executable).parent / "posttrain"
