@@ -30,7 +30,7 @@ Contestants, each a fresh process:
 
 Peak memory: the contestant process's peak resident set (ru_maxrss; posttrain's CLI runs a 1-rank
 stage in its own process), which includes the interpreter, torch and the libraries (the
-``baseline`` rows: a process that imports them, then loads the model, nothing else).
+``baseline`` row: a process that imports them and loads the model, nothing else).
 Throughput: non-padding tokens / s after --skip warm-up steps (bench_sft's definition). Medians
 over --repeats rounds; the contestant order rotates each round.
 
@@ -272,23 +272,23 @@ def main() -> None:
         for c in contestants:
             print(f"  {c:19s} {med[c]['steady']:8.0f} tok/s   peak {med[c]['peak_kb'] / 1024:6.0f} MB "
                   f"({(med[c]['peak_kb'] - base['peak_kb']) / 1024:+6.0f} MB over the baseline)")
-        # The memory round: resident = in use (glibc hands large freed blocks back at once).
-        in_use = [c for c in contestants if c.startswith("posttrain") and (not a.quick or not c.endswith("_ckpt"))
-                  and not a.preload]
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-        try:
-            used = {c: run_posttrain(spec, tmp, a.repeats, lora="lora" in c, ckpt=c.endswith("_ckpt")) for c in in_use}
-        finally:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
         if a.preload:  # the preloaded allocator returns freed memory: the timed rounds' peaks
             used = {c: {k: statistics.median(r[k] for r in results[c]) for k in ("peak_kb", "before_kb")}
                     for c in contestants if c.startswith("posttrain")}
+        else:  # the memory round: resident = in use (glibc hands large freed blocks back at once)
+            in_use = [c for c in contestants if c.startswith("posttrain") and not (a.quick and c.endswith("_ckpt"))]
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+            try:
+                used = {c: run_posttrain(spec, tmp, a.repeats, lora="lora" in c, ckpt=c.endswith("_ckpt"))
+                        for c in in_use}
+            finally:
+                del os.environ["MALLOC_MMAP_THRESHOLD_"]
         held = {c: max(1, r["peak_kb"] - r["before_kb"]) for c, r in used.items()}
-        if in_use:
+        if not a.preload:
             print(f"\nmemory round (MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}: resident = in use):")
-        for c in in_use:
-            print(f"  {c:19s} peak {used[c]['peak_kb'] / 1024:6.0f} MB: {held[c] / 1024:6.0f} MB over its process "
-                  f"as the model starts loading ({used[c]['before_kb'] / 1024:.0f} MB)")
+            for c, r in used.items():
+                print(f"  {c:19s} peak {r['peak_kb'] / 1024:6.0f} MB: {held[c] / 1024:6.0f} MB over its process "
+                      f"as the model starts loading ({r['before_kb'] / 1024:.0f} MB)")
         print()
         for suffix, what in (("", "without"), ("_ckpt", "both with")):
             lora, full = f"posttrain_lora{suffix}", f"posttrain_full{suffix}"

@@ -120,11 +120,12 @@ def merged_state(state: dict, config, *, in_place: bool = False) -> dict:
             if param == "weight":
                 a = state[f"{PREFIX}{layer}.lora_A.{ADAPTER}.weight"]
                 b = state[f"{PREFIX}{layer}.lora_B.{ADAPTER}.weight"]
+                merged = t.float() + s * (b.float() @ a.float())
                 if in_place and t.untyped_storage().data_ptr() not in shared:
                     with torch.no_grad():
-                        t.copy_(t.float().add_(s * (b.float() @ a.float())))
+                        t.copy_(merged)
                 else:
-                    t = (t.float() + s * (b.float() @ a.float())).to(t.dtype)
+                    t = merged.to(t.dtype)
             name = f"{layer}.{param}"
         elif f".modules_to_save.{ADAPTER}." in name:
             name = name.replace(f".modules_to_save.{ADAPTER}.", ".")
