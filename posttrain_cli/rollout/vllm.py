@@ -106,8 +106,13 @@ class VLLMSampler:
         self.stops = chat.stop_ids(tokenizer, generation_eos)
         config = AutoConfig.from_pretrained(model_dir)
         _check_head_size(config, model_dir)
-        # Checkpoints pad their embeddings past the tokenizer (Qwen): those rows are no token.
-        self.allowed = list(range(len(tokenizer))) if config.vocab_size > len(tokenizer) else None
+        # Checkpoints pad their embeddings past the tokenizer (Qwen): those rows are no token, and an
+        # engine-wide logits processor masks them. (Not SamplingParams.allowed_token_ids: vLLM copies
+        # that list of every token id into each request, ~50 ms a request at Qwen's 151k.)
+        self.padding_rows = config.vocab_size > len(tokenizer)
+        if self.padding_rows:
+            engine_args["logits_processors"] = [*(engine_args.get("logits_processors") or []),
+                                                _no_rows_from(len(tokenizer))]
         if gpu_memory_utilization is not None:
             engine_args["gpu_memory_utilization"] = gpu_memory_utilization
         elif kv_cache_bytes is not None:
@@ -168,8 +173,7 @@ class VLLMSampler:
             return []
         params = [SamplingParams(n=1, temperature=temperature if sample else 0.0, top_p=top_p if sample else 1.0,
                                  top_k=0, max_tokens=max_new_tokens, stop_token_ids=self.stops, seed=s,
-                                 logprobs=0 if logprobs else None, detokenize=False,
-                                 allowed_token_ids=self.allowed)
+                                 logprobs=0 if logprobs else None, detokenize=False)
                   for _, s in requests]
         results = self.llm.generate([{"prompt_token_ids": list(p)} for p, _ in requests], params, use_tqdm=False)
         return [self._completion(r.outputs[0], logprobs) for r in results[mine]]
@@ -318,6 +322,31 @@ def _repack_tied(worker) -> None:
         if len(modules) > 1:
             for module in modules:
                 module.quant_method.process_weights_after_loading(module)
+
+
+def _no_rows_from(first: int):
+    """A vLLM logits processor (class) that gives every row from `first` on -inf logits, for every
+    request of the engine: the embedding's rows past the tokenizer are never sampled and carry no
+    probability, as hf.py's _no_padding_rows does. It runs before the temperature and the sampler,
+    so the recorded log-probs are over the tokenizer's rows only, on both backends."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class NoPaddingRows(LogitsProcessor):
+        def __init__(self, vllm_config, device, is_pin_memory):
+            pass
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # greedy decoding must not pick such a row either
+
+        def update_state(self, batch_update) -> None:
+            pass
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            logits[:, first:] = float("-inf")
+            return logits
+
+    NoPaddingRows.__qualname__ = NoPaddingRows.__name__ = f"NoPaddingRowsFrom{first}"
+    return NoPaddingRows
 
 
 def _bucket(name: str) -> str:

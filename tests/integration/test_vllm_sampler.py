@@ -280,3 +280,29 @@ def test_sleep_and_wake_up_do_nothing_on_cpu(world, tied):
     assert _same(_greedy(sampler, prompts[:8]), before)
     sampler.wake_up()
     assert _same(_greedy(sampler, prompts[:8]), before)
+
+
+def test_rows_past_the_tokenizer_are_never_sampled(world, tmp_path_factory):
+    """A checkpoint whose embedding is padded past its tokenizer (Qwen: 151,936 rows for 151,669
+    tokens): those rows are no token. Here 64 random extra rows on a 107-token tokenizer, which
+    unmasked would take about a third of the samples: none is sampled, greedy equals hf's (which
+    masks them too), and the log-probs are over the tokenizer's rows."""
+    from transformers import AutoModelForCausalLM
+
+    _, tok, prompts, _, _ = world
+    d = build_tiny(tmp_path_factory.mktemp("vllm") / "padded", {**ARCH, "vocab_size": len(tok) + 64})
+    model = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32).eval()
+    assert model.config.vocab_size == len(tok) + 64
+    sampler = VLLMSampler(d, tok, dtype="float32", kv_cache_bytes=64 << 20,
+                          max_model_len=ARCH["max_position_embeddings"], enforce_eager=True)
+    assert _same(_greedy(sampler, prompts[:16]), _hf_greedy(model, tok, prompts[:16]))
+    torch.manual_seed(4)
+    outs = sampler.generate(prompts[:32], max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, logprobs=True)
+    sampled = [t for o in outs for t in o.sampled]
+    assert len(sampled) > 300 and max(sampled) < len(tok)
+    with torch.no_grad():
+        for p, o in zip(prompts[:32], outs):
+            ids = torch.tensor([p + o.sampled])
+            logits = model(input_ids=ids).logits[0, len(p) - 1:-1, :len(tok)]
+            want = logits.log_softmax(-1).gather(1, torch.tensor(o.sampled)[:, None]).squeeze(1)
+            assert torch.allclose(torch.tensor(o.logprobs), want, atol=1e-4, rtol=0)
