@@ -126,6 +126,11 @@ class VLLMSampler:
             longest = max_model_len or getattr(config, "max_position_embeddings", None) or 0
             engine_args.setdefault("enable_chunked_prefill", False)
             engine_args.setdefault("max_num_batched_tokens", max(longest, 8192))
+            # KV blocks of 32 tokens, not the CPU default of 128: the prefix cache shares whole blocks
+            # only, so a GRPO group's copies of one prompt share all of it but its last block. Measured
+            # (2026-12-05, 64 prompts of ~190 tokens x 16 copies): prefill 16.1 s -> 5.6 s, decoding
+            # as fast. (GPUs use 16 already.)
+            engine_args.setdefault("block_size", 32)
         self.sleep_mode = enable_sleep_mode and current_platform.is_sleep_mode_available()
         if self.sleep_mode:
             engine_args["enable_sleep_mode"] = True
