@@ -109,8 +109,7 @@ class VLLMSampler:
         # Checkpoints pad their embeddings past the tokenizer (Qwen): those rows are no token, and an
         # engine-wide logits processor masks them. (Not SamplingParams.allowed_token_ids: vLLM copies
         # that list of every token id into each request, ~50 ms a request at Qwen's 151k.)
-        self.padding_rows = config.vocab_size > len(tokenizer)
-        if self.padding_rows:
+        if config.vocab_size > len(tokenizer):
             engine_args["logits_processors"] = [*(engine_args.get("logits_processors") or []),
                                                 _no_rows_from(len(tokenizer))]
         if gpu_memory_utilization is not None:
