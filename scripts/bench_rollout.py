@@ -178,7 +178,7 @@ def contestant(kind: str, spec: dict, conn) -> None:
         # a seeded request's generator, which a CPU generator cannot ("CPU Generator does not use
         # offset"), and VLLMSampler seeds every request (see the docstring).
         budget = max(4096, sum(len(p) for p in prompts) + len(prompts))
-        sampler = VLLMSampler(d, tok, dtype="float32", max_model_len=max_len, kv_cache_bytes=kv_bytes,
+        sampler = VLLMSampler(d, tok, dtype=spec["dtype"], max_model_len=max_len, kv_cache_bytes=kv_bytes,
                               enforce_eager=spec["eager"], max_num_batched_tokens=budget)
         batch = None
     else:
@@ -186,7 +186,8 @@ def contestant(kind: str, spec: dict, conn) -> None:
 
         from posttrain_cli.rollout.hf import HFSampler
 
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, spec["dtype"]),
+                                                     attn_implementation="sdpa").eval()
         sampler = HFSampler(model, tok, synced=False)
         batch = spec["batch"]
     construct = time.perf_counter() - t0
@@ -268,6 +269,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--wait-quiet", type=float, default=600)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="both samplers' weights and compute (bfloat16: what a run with precision: bf16 samples "
+                         "in; HF loads the model in it)")
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile (enforce_eager)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small model, 2 x 2 sequences, 8 tokens, "
                                                          "1 round, eager vLLM, no waiting")
@@ -300,15 +304,16 @@ def main() -> None:
               f"{arch['vocab_size']:,} vocabulary rows: {n_params / 1e6:.1f}M parameters, {rows / 1e6:.1f}M of them "
               + ("the embedding and output rows; character tokenizer (posttrain_cli.models.tiny)"
                  if a.model == "llama" else "the (tied) embedding; Qwen2 tokenizer + Qwen2.5 chat template")
-              + "; fp32")
+              + f"; {a.dtype}")
         print(f"rollout: {a.prompts} prompts ({min(lens)}-{max(lens)} tokens, mean {statistics.mean(lens):.0f}) x "
               f"{a.generations} = {seqs} sequences x {a.max_new_tokens} new tokens = {seqs * a.max_new_tokens:,} "
               f"tokens; temperature 1.0, top_p 1.0, logprobs {not a.no_logprobs}; {a.threads} threads; "
               f"{a.repeats} round(s)", flush=True)
         base = {"model": str(model_dir), "prompts": a.prompts, "generations": a.generations,
                 "max_new_tokens": a.max_new_tokens, "threads": a.threads, "logprobs": not a.no_logprobs,
-                "eager": a.eager,
-                "kv_bytes_per_token": 2 * arch["num_hidden_layers"] * arch["num_key_value_heads"] * head * 4}
+                "eager": a.eager, "dtype": a.dtype,
+                "kv_bytes_per_token": 2 * arch["num_hidden_layers"] * arch["num_key_value_heads"] * head
+                * (4 if a.dtype == "float32" else 2)}
         names = [f"hf (batch {b})" for b in batches] + ["vllm"]
         conns, ready = {}, {}
         for name, b in zip(names, batches + [None]):
@@ -361,7 +366,7 @@ def main() -> None:
         print(f"with vLLM's start-up ({start_up['vllm']:.0f}s) paid within one rollout: {amortised:.2f}x; "
               f"start-up {even}; a weight load per update {ready['vllm']['weight_load']:.2f}s")
         date = datetime.now(timezone.utc).strftime("%a %b %d %H:%M:%S UTC %Y")
-        print(f"\n{date}; {machine()}; {what} {n_params / 1e6:.1f}M parameters fp32, {seqs} x {a.max_new_tokens} "
+        print(f"\n{date}; {machine()}; {what} {n_params / 1e6:.1f}M parameters {a.dtype}, {seqs} x {a.max_new_tokens} "
               f"tokens: vllm {med['vllm']:.1f} tokens/s, {best} {med[best]:.1f} tokens/s, {ratio:.2f}x "
               f"({amortised:.2f}x with start-up)")
     finally:

@@ -270,6 +270,11 @@ class VLLMSampler:
         if "weights" in self.asleep:  # the weights' memory must be mapped again before it is written
             self.llm.wake_up(tags=["weights"])
             self.asleep.discard("weights")
+        # In the engine's dtype: an fp32 trainer (CPU autocast under precision: bf16) or checkpoint
+        # syncing into a bf16 engine would have vLLM cast each weight anyway, and warn of each.
+        dtype = self.llm.llm_engine.model_config.dtype
+        named_tensors = ((name, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
+                         for name, t in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
                                                           "is_checkpoint_format": True})
         self.llm.collective_rpc(_repack_tied)

@@ -306,3 +306,57 @@ def test_rows_past_the_tokenizer_are_never_sampled(world, tmp_path_factory):
             logits = model(input_ids=ids).logits[0, len(p) - 1:-1, :len(tok)]
             want = logits.log_softmax(-1).gather(1, torch.tensor(o.sampled)[:, None]).squeeze(1)
             assert torch.allclose(torch.tensor(o.logprobs), want, atol=1e-4, rtol=0)
+
+
+def test_a_bf16_engine_takes_an_fp32_trainers_weights(world, tmp_path_factory):
+    """precision: bf16 on CPU trains fp32 weights under autocast and samples with a bf16 engine: a sync
+    hands the engine each weight rounded to bf16 (cast on our side, so vLLM has nothing to warn about
+    per weight and per sync), the engine then holds exactly those, and its log-probs are the trainer's
+    to bf16 rounding (the off-policy correction, rollout/onpolicy.py, takes the rest)."""
+    import logging
+
+    model, tok, prompts, _, _ = world
+    d = tmp_path_factory.mktemp("vllm") / "bf16"
+    model.save_pretrained(d)  # an fp32 checkpoint, loaded into a bf16 engine
+    tok.save_pretrained(d)
+    sampler = VLLMSampler(d, tok, dtype="bfloat16", kv_cache_bytes=64 << 20,
+                          max_model_len=ARCH["max_position_embeddings"], enforce_eager=True)
+    moved = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+    warned: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            warned.append(record.getMessage())
+
+    keep = Keep(logging.WARNING)
+    vllm_log = logging.getLogger("vllm")
+    vllm_log.addHandler(keep)
+    try:
+        sampler.sync(moved)
+    finally:
+        vllm_log.removeHandler(keep)
+    assert not [m for m in warned if "Attempted to load weight" in m], warned[:3]
+
+    def held(worker):
+        return {n: p.detach().clone() for n, p in worker.get_model().named_parameters()}
+
+    # The linear layers' weights live in vLLM's packed copies on CPU (their parameters are emptied);
+    # the norms' are plain.
+    engine = sampler.llm.collective_rpc(held)[0]
+    want = dict(moved.named_parameters())
+    for name in ("model.layers.1.input_layernorm.weight", "model.norm.weight"):
+        assert engine[name].dtype == torch.bfloat16
+        assert torch.equal(engine[name], want[name].detach().to(torch.bfloat16)), name
+
+    torch.manual_seed(5)
+    outs = sampler.generate(prompts[:32], max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, logprobs=True)
+    got = torch.cat([torch.tensor(o.logprobs) for o in outs])
+    diff = (got - torch.cat(_trainer_logps(moved, prompts[:32], outs, 1.0))).abs()
+    stale = (got - torch.cat(_trainer_logps(model, prompts[:32], outs, 1.0))).abs()
+    assert len(got) > 200 and diff.mean() < 0.01 and diff.max() < 0.05, (diff.mean(), diff.max())
+    assert stale.mean() > 3 * diff.mean()  # it samples the moved weights, not the checkpoint's
