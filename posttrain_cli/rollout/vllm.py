@@ -270,11 +270,6 @@ class VLLMSampler:
         if "weights" in self.asleep:  # the weights' memory must be mapped again before it is written
             self.llm.wake_up(tags=["weights"])
             self.asleep.discard("weights")
-        # In the engine's dtype: an fp32 trainer (CPU autocast under precision: bf16) or checkpoint
-        # syncing into a bf16 engine would have vLLM cast each weight anyway, and warn of each.
-        dtype = self.llm.llm_engine.model_config.dtype
-        named_tensors = ((name, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
-                         for name, t in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
                                                           "is_checkpoint_format": True})
         self.llm.collective_rpc(_repack_tied)
@@ -436,20 +431,40 @@ def _rng_kept():
             torch.cuda.set_rng_state_all(cuda)
 
 
+# Warnings vLLM gives every time it is run this way, about nothing wrong, by logger: the chat-template
+# warm-up fails and no EOS id is known without a tokenizer (skip_tokenizer_init: prompts come as ids,
+# stops are ours); a weight load finds no checkpoint weights for the rotary embedding (its cache is
+# computed, not loaded) nor for a tied lm_head (it is the embedding; _repack_tied), and each weight
+# it casts to the engine's dtype, the run's precision (an fp32 checkpoint or trainer under CPU
+# autocast into a bf16 engine: one line per weight at every start and every sync); on CPU, chunked
+# prefill is off on purpose (see __init__), the global seed it sets is put back (_rng_kept), the
+# trainer has set the thread count, and Triton (not in the CPU build) is missed. What a user can act
+# on (tcmalloc and libiomp in LD_PRELOAD: README) is still said.
+EXPECTED = {
+    "vllm.renderers.base": ("Chat template warmup failed", "Using None for EOS token id because tokenizer is not"),
+    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",
+                                                          "ParallelLMHead: Failed to load weights"),
+    "vllm.model_executor.models.utils": ("Attempted to load weight",),
+    "vllm.engine.arg_utils": ("This model does not officially support disabling chunked prefill",
+                              "The global random seed is set to"),
+    "vllm.v1.worker.cpu_worker": ("CPU backend doesn't allow to use `torch.set_num_threads`",),
+    "vllm.utils.torch_utils": ("OMP_NUM_THREADS=",),
+    "vllm.platforms.cpu": ("Triton is not installed", "Reset SSM cache type"),
+    "vllm.config.vllm": ("Model Runner V2 requires Triton",),
+}
+
+
 class _Expected(logging.Filter):
-    """Warnings vLLM gives every time when run this way, about nothing wrong: the chat-template warm-up
-    fails without a tokenizer (skip_tokenizer_init; prompts come as ids), and a weight load finds no
-    checkpoint weights for the rotary embedding (its cache is computed, not loaded) nor for a tied
-    lm_head (it is the embedding; _repack_tied)."""
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not (msg.startswith("Chat template warmup failed")
-                    or msg in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights"))
+        return not record.getMessage().startswith(self.starts)
 
 
 def _quiet_expected_warnings() -> None:
-    for name in ("vllm.renderers.base", "vllm.model_executor.model_loader.reload.layerwise"):
+    for name, starts in EXPECTED.items():
         log = logging.getLogger(name)
         if not any(isinstance(f, _Expected) for f in log.filters):
-            log.addFilter(_Expected())
+            log.addFilter(_Expected(starts))
