@@ -191,8 +191,7 @@ def contestant(kind: str, spec: dict, conn) -> None:
 
         from posttrain_cli.rollout.hf import HFSampler
 
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, spec.get("hf_dtype") or spec["dtype"]),
-                                                     attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, spec["hf_dtype"]), attn_implementation="sdpa").eval()
         sampler = HFSampler(model, tok, synced=False)
         batch = spec["batch"]
     construct = time.perf_counter() - t0
