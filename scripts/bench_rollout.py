@@ -191,7 +191,8 @@ def contestant(kind: str, spec: dict, conn) -> None:
 
         from posttrain_cli.rollout.hf import HFSampler
 
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, spec["hf_dtype"]), attn_implementation="sdpa").eval()
+        dtype = getattr(torch, spec["hf_dtype"])
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa").eval()
         sampler = HFSampler(model, tok, synced=False)
         batch = spec["batch"]
     construct = time.perf_counter() - t0
