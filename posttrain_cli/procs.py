@@ -68,3 +68,16 @@ def compilers(cuda: bool) -> list[str]:
 def compiler_for(*, cuda: bool) -> str | None:
     """The compiler torch.compile would build with (found without importing torch), or None."""
     return next((found for name in compilers(cuda) if (found := shutil.which(name))), None)
+
+
+def liger_problem(*, cuda: bool) -> str | None:
+    """Why Liger's kernels (deepspeed.kernels=liger) cannot run here, found without importing them,
+    or None. Triton's interpreter (TRITON_INTERPRET=1) runs them without a GPU, slowly."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'posttrain[liger]')"
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Liger's kernels are Triton's and need a CUDA GPU; there is none here (TRITON_INTERPRET=1 runs "
+                "them in Triton's interpreter, slowly, to check them)")
+    return None

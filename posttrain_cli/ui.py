@@ -172,7 +172,8 @@ def _stage_deepspeed_text(ds: dict) -> str:
     """A training stage's deepspeed settings where its own block changes the run's."""
     return (f"ZeRO-{ds['zero_stage']}" + (" +offload" if ds["offload_optimizer"] or ds["offload_param"] else "")
             + (" +activation checkpointing" if ds["activation_checkpointing"] else "")
-            + (" +torch.compile" if ds["compile"] else "") + f", precision {ds['precision']}")
+            + (" +torch.compile" if ds["compile"] else "") + (" +liger kernels" if ds["kernels"] == "liger" else "")
+            + f", precision {ds['precision']}")
 
 
 def _template_text(model: dict) -> str:
@@ -247,6 +248,7 @@ def print_plan(run: dict, steps) -> None:
                   f"{' +offload' if run['deepspeed']['offload_optimizer'] or run['deepspeed']['offload_param'] else ''}"
                   f"{' +activation checkpointing' if run['deepspeed']['activation_checkpointing'] else ''}"
                   f"{' +torch.compile' if run['deepspeed']['compile'] else ''}"
+                  f"{' +liger kernels' if run['deepspeed']['kernels'] == 'liger' else ''}"
                   f"{_precision_text(run['deepspeed']['precision'])}"
                   + _ranks_text(run["cluster"]))
     print_graph(steps)

@@ -4,6 +4,7 @@
     python scripts/bench_gpu.py --gpus 8         # cluster.nproc_per_node=8; figures are per GPU
     python scripts/bench_gpu.py --only sft       # (or grpo) one part
     python scripts/bench_gpu.py --quick          # smoke run on CPU or GPU: tiny sizes, 3 steps (~30 s on 2 cores)
+    python scripts/bench_gpu.py --only sft --kernels torch,liger   # SFT on both deepspeed.kernels, and the ratio
 
 Both parts are the real CLI, ``posttrain run recipe=<generated yaml> run_dir=...`` in a fresh process,
 as scripts/bench_sft.py runs it; the figures come from the stage's own metrics.jsonl (per-step token
@@ -230,13 +231,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 # --------------------------------------------------------------------------- the runs
 
-def run_stage(a, env: dict, tmp: Path, stage: str, settings: str, top: str = "") -> list[dict]:
-    """One stage through `posttrain run`; -> its metrics.jsonl rows."""
+def run_stage(a, env: dict, tmp: Path, stage: str, settings: str, top: str = "", kernels: str = "torch") -> list[dict]:
+    """One stage through `posttrain run` (deepspeed.kernels=`kernels`); -> its metrics.jsonl rows."""
     recipe = write_recipe(tmp, env["model"], stage, settings, top="logging: {progress: never}\n" + top)
-    overrides = [f"cluster.nproc_per_node={a.gpus}", f"deepspeed.precision={env['precision']}"]
+    overrides = [f"cluster.nproc_per_node={a.gpus}", f"deepspeed.precision={env['precision']}",
+                 f"deepspeed.kernels={kernels}"]
     if a.activation_checkpointing:
         overrides.append("deepspeed.activation_checkpointing=true")
-    run_dir = tmp / f"run-{stage}"
+    run_dir = tmp / f"run-{stage}-{kernels}"
     t0 = time.perf_counter()
     posttrain_run(recipe, run_dir, a.threads, tmp, overrides=tuple(overrides), cpu=not env["cuda"])
     _, rows = stage_results(run_dir, stage)
@@ -271,26 +273,32 @@ def bench_sft(a, env: dict, tmp: Path, tok, c: dict) -> None:
     print(f"sft model FLOPs/token: 6 x {si(body_params(c))} + 6 x {c['hidden_size']} x {c['vocab_size']:,} x "
           f"{loss_share:.2f} + 12 x {c['num_hidden_layers']} x {c['hidden_size']} x {attn_len:.0f} "
           f"= {si(per_token, 'FLOP')}", flush=True)
-    metrics = run_stage(a, env, tmp, "sft", f"""
-        kind: sft
-        data: [{{path: {data}}}]
-        lr: 1.0e-5
-        schedule: constant
-        warmup_ratio: 0.0
-        grad_clip: 1.0
-        max_steps: {a.steps}
-        global_batch_size: {seqs_per_step}
-        micro_batch_size: {a.docs_per_row}
-        max_seq_len: {doc_len}
-        """)
-    assert len(metrics) == a.steps, f"posttrain logged {len(metrics)} steps, expected {a.steps}"
-    timed = metrics[a.skip:]
-    secs = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
-    tps_gpu = sum(r["tokens"] for r in timed) / secs / a.gpus
-    print(f"sft: {tps_gpu:,.0f} tokens/s/GPU over steps {a.skip + 1}-{a.steps} ({secs / len(timed):.2f} s/step, "
-          f"{sum(r['tokens'] for r in timed) / len(timed):,.0f} tokens/step); "
-          f"{si(tps_gpu * per_token, 'FLOP/s')}/GPU; MFU {mfu_text(tps_gpu * per_token, env['peak'])}; "
-          f"loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}", flush=True)
+    results = {}
+    for kernels in a.kernels:
+        metrics = run_stage(a, env, tmp, "sft", f"""
+            kind: sft
+            data: [{{path: {data}}}]
+            lr: 1.0e-5
+            schedule: constant
+            warmup_ratio: 0.0
+            grad_clip: 1.0
+            max_steps: {a.steps}
+            global_batch_size: {seqs_per_step}
+            micro_batch_size: {a.docs_per_row}
+            max_seq_len: {doc_len}
+            """, kernels=kernels)
+        assert len(metrics) == a.steps, f"posttrain logged {len(metrics)} steps, expected {a.steps}"
+        timed = metrics[a.skip:]
+        secs = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+        tps_gpu = results[kernels] = sum(r["tokens"] for r in timed) / secs / a.gpus
+        print(f"sft ({kernels} kernels): {tps_gpu:,.0f} tokens/s/GPU over steps {a.skip + 1}-{a.steps} "
+              f"({secs / len(timed):.2f} s/step, {sum(r['tokens'] for r in timed) / len(timed):,.0f} tokens/step); "
+              f"{si(tps_gpu * per_token, 'FLOP/s')}/GPU; MFU {mfu_text(tps_gpu * per_token, env['peak'])}; "
+              f"loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}", flush=True)
+    if len(results) > 1:
+        first, *rest = a.kernels
+        print("sft: " + "; ".join(f"{k} / {first} kernels: {results[k] / results[first]:.2f}x tokens/s" for k in rest),
+              flush=True)
 
 
 def bench_grpo(a, env: dict, tmp: Path, tok, c: dict) -> None:
@@ -371,8 +379,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: 2 on CPU, 8 on GPUs)")
     ap.add_argument("--bf16", action="store_true", help="bf16 on CPU too (GPUs: always bf16)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 128-token rows, 3 + 2 steps")
+    ap.add_argument("--kernels", default="torch",
+                    help="deepspeed.kernels for the SFT part, comma-separated to compare in one run: torch,liger")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     a = ap.parse_args()
+    a.kernels = a.kernels.split(",")
+    if not a.kernels or any(k not in ("torch", "liger") for k in a.kernels) or len(set(a.kernels)) < len(a.kernels):
+        ap.error(f"--kernels {','.join(a.kernels)}: torch and/or liger, each once")
     if a.quick:
         a.steps, a.skip, a.seq_len, a.docs_per_row, a.rows_per_gpu = 3, 1, 128, 2, 1
         a.grpo_steps, a.grpo_prompts, a.grpo_generations, a.grpo_new_tokens, a.grpo_micro_batch = 2, 2, 2, 8, 4

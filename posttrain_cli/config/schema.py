@@ -68,6 +68,11 @@ SECTIONS = {
         # first step compiles (25-35 s on CPU), the rest ran 1.1-1.2x faster on CPU (README). Needs a
         # C++ compiler on CPU. Not with zero_stage 3. Not in the fingerprint.
         "compile": ("bool", False),
+        # The kernels behind the LM head's log-probs (every loss reads only log p(target) per token):
+        # torch: plain-torch chunks (losses/linear.py, the reference); liger: liger-kernel's Triton
+        # cross-entropy over the same chunks (`pip install 'posttrain[liger]'`, CUDA; passes that also
+        # want the entropy, grpo's and ppo's policy pass, stay on torch). Not in the fingerprint.
+        "kernels": (("torch", "liger"), "torch"),
         # auto: bf16 on GPUs, fp32 on CPU. bf16 on GPUs: DeepSpeed's (bf16 weights, fp32 masters); bf16
         # without CUDA: fp32 weights and optimizer, every forward under torch.autocast(bfloat16), the
         # speed of the CPU's bf16 matmuls (AVX512-BF16, AMX) with a curve close to fp32's.

@@ -18,7 +18,7 @@ from posttrain_cli.config.tables import _coerce, _suggest, check_sources, check_
 from posttrain_cli.errors import UserError
 from posttrain_cli.kinds import KINDS
 from posttrain_cli.kinds.base import REQUIRED
-from posttrain_cli.procs import compiler_for, compilers
+from posttrain_cli.procs import compiler_for, compilers, liger_problem
 
 
 def check_stage(name: str, given: Any, path: str | None = None) -> dict:
@@ -161,6 +161,18 @@ def _check_compile(run: dict) -> None:
                             f"not found): install one (apt-get install {'gcc' if cuda else 'g++'}) or set {key}=false")
 
 
+def _check_kernels(run: dict) -> None:
+    """deepspeed.kernels=liger: liger-kernel installed, and a CUDA GPU (or Triton's interpreter)."""
+    for name, stage in run["stages"].items():
+        own = stage.get("deepspeed") or {}
+        if schema.stage_deepspeed(run, stage)["kernels"] != "liger" or run["cluster"]["launcher"] != "local":
+            continue  # SLURM: the plan runs on a login node; the job's node is checked as the stage loads.
+        key = f"stages.{name}.deepspeed.kernels" if own.get("kernels") else "deepspeed.kernels"
+        problem = liger_problem(cuda=has_cuda())
+        if problem:
+            raise UserError(f"{key}=liger: {problem}; or set {key}=torch")
+
+
 def _check_verifier(path: str, name: str) -> None:
     from posttrain_cli.rewards import VERIFIERS  # pure Python, no torch
 
@@ -235,6 +247,7 @@ def check_run(cfg: dict) -> dict:
     _check_rollout(out)
     _check_lora(out)
     _check_compile(out)
+    _check_kernels(out)
     _check_report_to(out)
     if out["model"]["tiny"] is not None and out["model"]["path"] != "tiny":
         out["model"]["tiny"] = None

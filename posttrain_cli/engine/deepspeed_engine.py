@@ -304,7 +304,8 @@ def trainable(ctx, model, *, score_head: bool = False, what: str = ""):
     """`model` as this stage trains it: activation checkpointing when deepspeed.activation_checkpointing
     is on, the stage's LoRA adapter (engine/lora.py) when its lora settings are on (one line says
     what trains), its decoder layers compiled when deepspeed.compile is on (engine/regional_compile.py),
-    else its MLPs and norms recomputing their elementwise results (engine/lean_activations.py).
+    else its MLPs and norms recomputing their elementwise results (engine/lean_activations.py), its
+    LM head's log-probs on deepspeed.kernels.
     score_head: a scalar head (`score`) trains in full."""
     from posttrain_cli.engine import lora
 
@@ -331,6 +332,11 @@ def trainable(ctx, model, *, score_head: bool = False, what: str = ""):
         n = regional_compile.apply(model, checkpointing=bool(ds.get("activation_checkpointing")),
                                    where="deepspeed.compile")
         ctx.info(f"torch.compile{what}: {n} decoder layers, dynamic shapes (the first steps compile)")
+    if ds.get("kernels", "torch") != "torch":
+        from posttrain_cli.engine import lm_head
+
+        if lm_head.use_kernels(model, ds["kernels"], where=ctx.where("deepspeed.kernels")):
+            ctx.info(f"kernels{what}: the LM head's log-probs through liger-kernel's Triton cross-entropy")
     return model
 
 

@@ -47,11 +47,17 @@ def synced(ds_section: dict) -> bool:
 
 
 def frozen_causal_lm(path: str, model_cfg: dict, ds_section: dict):
-    """A causal LM for no-grad forwards, in eval mode, sharded like the policy."""
+    """A causal LM for no-grad forwards, in eval mode, sharded like the policy, its log-probs on
+    deepspeed.kernels."""
     from posttrain_cli.engine import deepspeed_engine as eng
 
     ds_cfg = inference_ds_config(ds_section)
-    return _frozen(eng.load_causal_lm(path, model_cfg, ds_cfg, train=False), ds_cfg)
+    model = _frozen(eng.load_causal_lm(path, model_cfg, ds_cfg, train=False), ds_cfg)
+    if ds_section.get("kernels", "torch") != "torch":
+        from posttrain_cli.engine import lm_head
+
+        lm_head.use_kernels(model, ds_section["kernels"])
+    return model
 
 
 def frozen_scorer(path: str, model_cfg: dict, ds_section: dict, pad_token_id: int):

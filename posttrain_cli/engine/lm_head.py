@@ -38,13 +38,15 @@ class LogpHead(torch.nn.Linear):
     """An LM head that returns log p(target) [..., 1] instead of logits while a request is set."""
 
     _request: _Request | None = None
+    kernels: str = "torch"  # deepspeed.kernels: torch | liger (use_kernels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         r = self._request
         if r is None:
             return super().forward(hidden)
         lp, ent = linear_logps(hidden, self.weight, r.targets.reshape(hidden.shape[:-1]), bias=self.bias,
-                               temperature=r.temperature, softcap=r.softcap, entropy=r.entropy)
+                               temperature=r.temperature, softcap=r.softcap, entropy=r.entropy,
+                               kernels=self.kernels)
         r.entropy_out = ent
         return lp.unsqueeze(-1)
 
@@ -67,6 +69,39 @@ def logp_head(model) -> LogpHead | None:
     if type(head) is torch.nn.Linear:
         head.__class__ = LogpHead
     return head if isinstance(head, LogpHead) else None
+
+
+def use_kernels(model, kernels: str, where: str = "deepspeed.kernels") -> bool:
+    """The model's log-prob head computes with `kernels` (deepspeed.kernels): torch, or liger
+    (liger-kernel's Triton cross-entropy; losses/linear.py). -> whether it does: a head that takes
+    the plain path (logp_head None: a scalar head, a scaled one) has no chunks to hand to either."""
+    if kernels == "liger":
+        _check_liger(where)
+    head = logp_head(causal_lm(model))
+    if head is not None:
+        head.kernels = kernels
+    return head is not None
+
+
+def _check_liger(where: str) -> None:
+    """On the node the stage runs on (a SLURM job's too): liger-kernel importable, with the per-token
+    backward this code calls (liger-kernel 0.8.5 and later), and CUDA or Triton's interpreter."""
+    import inspect
+
+    from posttrain_cli.errors import UserError
+    from posttrain_cli.procs import liger_problem
+
+    problem = liger_problem(cuda=torch.cuda.is_available())
+    if problem is None:
+        from liger_kernel.ops import fused_linear_cross_entropy as flce
+
+        if "token_grad_output" not in inspect.signature(flce.fused_linear_cross_entropy_forward).parameters:
+            import importlib.metadata
+
+            problem = (f"liger-kernel {importlib.metadata.version('liger-kernel')} has no per-token backward "
+                       f"(0.8.5 and later have): pip install -U 'posttrain[liger]'")
+    if problem:
+        raise UserError(f"{where}=liger: {problem}; or set {where}=torch")
 
 
 @contextlib.contextmanager

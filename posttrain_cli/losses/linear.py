@@ -114,23 +114,78 @@ class _LinearLogps(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+class _LigerLogps(torch.autograd.Function):
+    """_LinearLogps with liger-kernel's Triton cross-entropy over the chunks (its
+    fused_linear_cross_entropy_forward, reduction none: the per-token loss in the forward, the
+    gradients recomputed in the backward with each token's incoming gradient folded in). Saved are
+    the inputs themselves, as in _LinearLogps (ZeRO-3 gathers the head's weight again for the
+    backward); `scale` is 1 / temperature, applied to the hidden states and bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, softcap):
+        cast = _autocast_dtype(hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss = _liger(hidden, weight, bias, targets, scale, softcap, cast)[0]
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.scale, ctx.softcap, ctx.cast = scale, softcap, cast
+        return loss.neg_()
+
+    @staticmethod
+    def backward(ctx, grad_lp):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.autocast(grad_lp.device.type, enabled=False):
+            _, _, _, _, gh, gw, gb = _liger(hidden, weight, bias, targets, ctx.scale, ctx.softcap, ctx.cast,
+                                            grad=-grad_lp.float(), need_w=need_w)
+        s = ctx.scale
+        return ((gh * s).to(hidden.dtype) if need_h else None,
+                gw.to(weight.dtype) if need_w else None,
+                (gb * s).to(bias.dtype) if need_b else None, None, None, None)
+
+
+def _liger(hidden, weight, bias, targets, scale, softcap, cast, grad=None, need_w=False):
+    from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+    h, w, b = _cast(hidden.detach(), cast), _cast(weight.detach(), cast), _cast(bias, cast)
+    if scale != 1.0:
+        h = h * scale
+        b = b * scale if b is not None else None
+    extra = {} if grad is None else dict(token_grad_output=grad, weight_requires_grad=need_w,
+                                         accum_dtype=torch.float32)
+    return fused_linear_cross_entropy_forward(
+        _input=h.contiguous(), weight=w, target=targets, bias=None if b is None else b.detach(),
+        reduction="none", softcap=softcap, compute_gradients=grad is not None, **extra)
+
+
+def liger_takes(hidden: torch.Tensor, temperature: float, softcap: float | None, entropy: bool) -> bool:
+    """Whether _LigerLogps computes this request: no entropy (Liger's kernel has none), float32 or
+    lower, and a temperature it can take as a scale (not after a soft-cap), some tokens."""
+    return (not entropy and hidden.dtype != torch.float64 and hidden.numel() > 0
+            and (softcap is None or temperature == 1.0))
+
+
 def _cast(t: torch.Tensor | None, dtype) -> torch.Tensor | None:
     return t if t is None or dtype is None else t.to(dtype)
 
 
 def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                  bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
-                 entropy: bool = False, chunk: int | None = None):
+                 entropy: bool = False, chunk: int | None = None, kernels: str = "torch"):
     """hidden [..., H], weight [V, H], targets [...] -> (log p(target) [...], entropy [...] or None),
     in float32 (float64 for float64 inputs).
 
     p = softmax(softcap(hidden @ W.T + bias) / temperature). Targets outside [0, V) (the -100 of
-    ignored positions) give log-prob 0 and no gradient. The entropy is computed without gradient."""
+    ignored positions) give log-prob 0 and no gradient. The entropy is computed without gradient.
+    kernels="liger": liger-kernel's Triton cross-entropy where it takes the request (liger_takes),
+    else these plain-torch chunks (`chunk` tokens at a time; Liger picks its own chunks)."""
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     tgt = targets.reshape(-1)
     valid = (tgt >= 0) & (tgt < weight.shape[0])
     tgt = tgt.masked_fill(~valid, 0)
+    if kernels == "liger" and liger_takes(h, temperature, softcap, entropy):
+        lp = _LigerLogps.apply(h, weight, bias, tgt, 1.0 / float(temperature), softcap)
+        return lp.masked_fill(~valid, 0.0).reshape(shape), None
     n = chunk or chunk_tokens(h.shape[0], weight.shape[0])
     lp, ent = _LinearLogps.apply(h, weight, bias, tgt, float(temperature), softcap, entropy, n)
     lp = lp.masked_fill(~valid, 0.0).reshape(shape)

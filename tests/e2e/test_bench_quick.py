@@ -4,6 +4,7 @@ asserted (they run on a shared, busy machine; what the numbers say is the full r
 
     python -m pytest tests/e2e/test_bench_quick.py                                # the CPU ones
     scripts/vllm_env.sh python -m pytest -m vllm tests/e2e/test_bench_quick.py     # the vLLM ones
+    TRITON_INTERPRET=1 scripts/vllm_env.sh python -m pytest -m liger tests/e2e/test_bench_quick.py  # Liger's
 
 The contestants that sample with vLLM (bench_rollout, bench_grpo --vllm, bench_gpu's GRPO step) run
 under the `vllm` marker, where vLLM is installed (CI: in scripts/vllm_env.sh's environment), and skip
@@ -27,6 +28,9 @@ import pytest
 from tests.conftest import REPO
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# Liger's kernels run on a CUDA GPU, or on CPU in Triton's interpreter (TRITON_INTERPRET=1).
+LIGER_RUNS = importlib.util.find_spec("liger_kernel") is not None and (
+    os.path.exists("/proc/driver/nvidia/version") or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Quick:
     # Patterns (re.search, MULTILINE) that the output must contain: the result lines.
     lines: tuple[str, ...]
     vllm: bool = False
+    liger: bool = False
 
 
 QUICK = {
@@ -74,9 +79,12 @@ QUICK = {
         vllm=True),
     "gpu": Quick("bench_gpu.py", (), (
         r"^device: (CPU, \d+ threads .*peak: [\d.]+ [kMGT]?FLOP/s|.* peak dense bf16)", r"^model: random Llama",
-        r"^sft model FLOPs/token: 6 x ", r"^sft: [\d,]+ tokens/s/GPU .* MFU [\d.]+%",
+        r"^sft model FLOPs/token: 6 x ", r"^sft \(torch kernels\): [\d,]+ tokens/s/GPU .* MFU [\d.]+%",
         r"^grpo\+vllm: skipped: vLLM is not installed" if not HAS_VLLM else r"^grpo\+vllm: MFU [\d.]+%",
         r"^reference: torchtitan")),
+    "gpu-liger": Quick("bench_gpu.py", ("--only", "sft", "--kernels", "torch,liger"), (
+        *(rf"^sft \({k} kernels\): [\d,]+ tokens/s/GPU .* MFU [\d.]+%" for k in ("torch", "liger")),
+        r"^sft: liger / torch kernels: [\d.]+x tokens/s"), liger=True),
     "gpu-vllm": Quick("bench_gpu.py", ("--only", "grpo"), (
         r"^grpo\+vllm: a step [\d.]+s \(rollout [\d.]+s", r"^grpo\+vllm: MFU [\d.]+% over the step"), vllm=True),
 }
@@ -90,7 +98,9 @@ def test_every_benchmark_has_a_quick_run():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.vllm, pytest.mark.skipif(
     not HAS_VLLM, reason="vLLM is not installed here (scripts/vllm_env.sh makes an environment with it)")])
-    if q.vllm else n for n, q in QUICK.items()])
+    if q.vllm else pytest.param(n, marks=[pytest.mark.liger, pytest.mark.skipif(
+        not LIGER_RUNS, reason="liger-kernel with CUDA or TRITON_INTERPRET=1 (scripts/vllm_env.sh's environment)")])
+    if q.liger else n for n, q in QUICK.items()])
 def test_quick_run(name):
     q = QUICK[name]
     cmd = [sys.executable, str(REPO / "scripts" / q.script), "--quick", *q.args]
