@@ -59,8 +59,8 @@ def _grads(fn, hidden, weight, bias, targets, upstream):
     (False, 1.0, None), (True, 0.7, None), (False, 1.3, None), (True, 1.0, 3.0)])
 def test_liger_equals_the_plain_loss_and_the_torch_chunks(device, bias, temperature, softcap):
     if softcap is not None and device == "cpu":
-        pytest.skip("Triton's interpreter cannot run Liger's soft-capping (its kernel calls .to on a float "
-                    "argument, which only compiled Triton turns into a tensor); a GPU runs it")
+        pytest.skip("Triton's interpreter cannot run Liger's soft-capping (a float argument's .to, CUDA "
+                    "libdevice's tanh); a GPU runs it")
     args = _pair(device, bias=bias)
     plain = _grads(lambda h, w, b, t: _plain(h, w, t, b, temperature, softcap)[0], *args)
     kw = dict(temperature=temperature, softcap=softcap)
@@ -136,3 +136,20 @@ def test_liger_without_cuda_or_the_interpreter_is_refused_in_one_line(monkeypatc
     assert str(e.value).startswith("stages.sft.deepspeed.kernels=liger: Liger's kernels are Triton's and need a "
                                    "CUDA GPU; there is none here")
     assert str(e.value).endswith("; or set stages.sft.deepspeed.kernels=torch")
+
+
+def test_bf16_weights_as_deepspeed_trains_them_on_a_gpu(device):
+    """DeepSpeed's bf16 on GPUs: bf16 hidden states and head. Liger and the torch chunks agree to
+    bf16 rounding (their float32 log-probs; the gradients in bf16)."""
+    if device != "cuda":
+        pytest.skip("bf16 Triton kernels: a CUDA GPU (the interpreter computes in numpy)")
+    hidden, weight, _, targets, upstream = _pair(device, n=300, h=64, v=1000)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    chunks = _grads(lambda h, w, b, t: linear_logps(h, w, t, chunk=64)[0], hidden, weight, None, targets, upstream)
+    liger = _grads(lambda h, w, b, t: linear_logps(h, w, t, kernels="liger")[0], hidden, weight, None, targets,
+                   upstream)
+    assert liger[0].dtype == torch.float32
+    torch.testing.assert_close(liger[0], chunks[0], atol=2e-2, rtol=2e-2)
+    for mine, theirs in zip(liger[1][:2], chunks[1][:2]):
+        assert mine.dtype == torch.bfloat16
+        torch.testing.assert_close(mine.float(), theirs.float(), atol=5e-2, rtol=5e-2)
