@@ -146,14 +146,14 @@ class _LigerLogps(torch.autograd.Function):
 def _liger(hidden, weight, bias, targets, scale, softcap, cast, grad=None, need_w=False):
     from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
 
-    h, w, b = _cast(hidden.detach(), cast), _cast(weight.detach(), cast), _cast(bias, cast)
+    h, w, b = (_cast(t.detach(), cast) if t is not None else None for t in (hidden, weight, bias))
     if scale != 1.0:
         h = h * scale
         b = b * scale if b is not None else None
     extra = {} if grad is None else dict(token_grad_output=grad, weight_requires_grad=need_w,
                                          accum_dtype=torch.float32)
     return fused_linear_cross_entropy_forward(
-        _input=h.contiguous(), weight=w, target=targets, bias=None if b is None else b.detach(),
+        _input=h.contiguous(), weight=w, target=targets, bias=b,
         reduction="none", softcap=softcap, compute_gradients=grad is not None, **extra)
 
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from posttrain_cli.procs import liger_problem
 from tests.conftest import REPO
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-# Liger's kernels run on a CUDA GPU, or on CPU in Triton's interpreter (TRITON_INTERPRET=1).
-LIGER_RUNS = importlib.util.find_spec("liger_kernel") is not None and (
-    os.path.exists("/proc/driver/nvidia/version") or os.environ.get("TRITON_INTERPRET") == "1")
+# Why Liger's kernels cannot run here (None: a CUDA GPU, or Triton's interpreter, TRITON_INTERPRET=1).
+LIGER_CANNOT = liger_problem(cuda=os.path.exists("/proc/driver/nvidia/version"))
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def test_every_benchmark_has_a_quick_run():
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.vllm, pytest.mark.skipif(
     not HAS_VLLM, reason="vLLM is not installed here (scripts/vllm_env.sh makes an environment with it)")])
     if q.vllm else pytest.param(n, marks=[pytest.mark.liger, pytest.mark.skipif(
-        not LIGER_RUNS, reason="liger-kernel with CUDA or TRITON_INTERPRET=1 (scripts/vllm_env.sh's environment)")])
+        LIGER_CANNOT is not None, reason=str(LIGER_CANNOT))])
     if q.liger else n for n, q in QUICK.items()])
 def test_quick_run(name):
     q = QUICK[name]
